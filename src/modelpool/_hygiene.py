@@ -1,0 +1,257 @@
+"""What a worker does to itself before it loads a model, and the parent's fork-safety check.
+
+Parent side: ``usable_cores``, ``resolve_threads``, ``thread_env``, ``derive_seed``,
+``fork_hazards``. Worker side: ``ignore_sigint``, ``die_with_parent``, ``apply_env``,
+``limit_thread_pools``, ``seed_rngs``. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import math
+import os
+import random
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = [
+    "THREAD_ENV_VARS",
+    "apply_env",
+    "derive_seed",
+    "die_with_parent",
+    "fork_hazards",
+    "ignore_sigint",
+    "limit_thread_pools",
+    "resolve_threads",
+    "seed_rngs",
+    "thread_env",
+    "usable_cores",
+]
+
+#: Environment variables read by native thread pools when they initialise.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
+
+#: Prefix of the names of modelpool's own threads (not counted as fork hazards).
+THREAD_PREFIX = "modelpool-"
+
+_PR_SET_PDEATHSIG = 1
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPU quota of this process's cgroup in cores, or None when unlimited or unknown."""
+    try:  # cgroup v2
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: CPU affinity, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    try:
+        value = int(environ.get(name, ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def resolve_threads(
+    threads_per_worker: int | None, workers: int, environ: Mapping[str, str] | None = None
+) -> int:
+    """Threads each worker may use.
+
+    An explicit ``threads_per_worker`` wins; else an ``OMP_NUM_THREADS`` the user exported;
+    else usable cores // workers, at least 1.
+    """
+    if threads_per_worker is not None:
+        return threads_per_worker
+    exported = _env_int(os.environ if environ is None else environ, "OMP_NUM_THREADS")
+    if exported is not None:
+        return exported
+    return max(1, usable_cores() // max(1, workers))
+
+
+def thread_env(
+    threads: int, *, explicit: bool, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The thread-limit variables a worker sets before importing the model.
+
+    An explicit ``threads_per_worker`` overrides everything; otherwise a variable the user
+    exported is kept as it is.
+    """
+    environ = os.environ if environ is None else environ
+    return {name: str(threads) for name in THREAD_ENV_VARS if explicit or name not in environ}
+
+
+def derive_seed(base: int, index: int, generation: int) -> int:
+    """A 32-bit seed, distinct per (base, worker index, generation) and reproducible."""
+    digest = hashlib.blake2b(f"{base}:{index}:{generation}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _native_threads_beyond_known() -> int:
+    """OS threads that are neither Python threads nor OpenBLAS's fork-safe pthreads pool."""
+    try:
+        tasks = len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+    expected = threading.active_count()
+    if "numpy" in sys.modules:
+        with contextlib.suppress(Exception):
+            from threadpoolctl import threadpool_info
+
+            for info in threadpool_info():
+                if info.get("internal_api") == "openblas" and info.get("threading_layer") == (
+                    "pthreads"
+                ):
+                    expected += max(0, int(info.get("num_threads", 1)) - 1)
+    return max(0, tasks - expected)
+
+
+def fork_hazards() -> list[str]:
+    """Reasons why forking this process now would break its children (empty = safe enough)."""
+    reasons = []
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                reasons.append(
+                    "CUDA is initialised in this process; a forked child cannot use it "
+                    "('Cannot re-initialize CUDA in forked subprocess')"
+                )
+    if "tensorflow" in sys.modules:
+        reasons.append(
+            "TensorFlow is imported; its runtime threads do not survive fork and predict() "
+            "hangs in the children"
+        )
+    others = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.name.startswith(THREAD_PREFIX)
+    ]
+    if others:
+        reasons.append(
+            f"{len(others)} other Python thread(s) are running ({', '.join(others[:5])}); a "
+            "lock one of them holds at fork stays locked forever in the child"
+        )
+    native = _native_threads_beyond_known()
+    if native:
+        reasons.append(
+            f"{native} native thread(s) are running (an OpenMP or other native thread pool, "
+            "e.g. after a torch computation); forked children can hang in its barrier"
+        )
+    return reasons
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def ignore_sigint() -> None:
+    """Ctrl+C belongs to the parent: workers ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def die_with_parent(lifeline: Connection) -> None:
+    """Exit this worker as soon as the pool's process is gone, however it went.
+
+    Two mechanisms: PR_SET_PDEATHSIG (Linux; fires when the OS parent dies, which under
+    forkserver is the fork server, itself gone right after the pool's process), and a thread
+    that waits for end-of-file on ``lifeline``, a pipe whose only writer is the pool's process.
+    """
+    if sys.platform.startswith("linux"):
+        libc_name = ctypes.util.find_library("c")
+        if libc_name:
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(libc_name, use_errno=True)
+                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        with contextlib.suppress(Exception):
+            lifeline.poll(None)  # readable only at EOF: the pool never writes
+        os._exit(70)
+
+    threading.Thread(target=watch, name=f"{THREAD_PREFIX}lifeline", daemon=True).start()
+
+
+def apply_env(env: Mapping[str, str]) -> None:
+    """Set environment variables in this worker (before the model's modules are imported)."""
+    os.environ.update(env)
+
+
+def limit_thread_pools(threads: int) -> None:
+    """Limit thread pools already loaded: BLAS/OpenMP (threadpoolctl), torch, OpenCV."""
+    with contextlib.suppress(Exception):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        with contextlib.suppress(Exception):
+            cv2.setNumThreads(threads)
+
+
+def seed_rngs(seed: int, *, only_new: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Seed ``random``, NumPy's global RNG and torch (when loaded); return what was seeded.
+
+    With ``only_new``, libraries already seeded (named there) are left alone.
+    """
+    seeded = set(only_new)
+    if "random" not in only_new:
+        random.seed(seed)
+        seeded.add("random")
+    numpy: Any = sys.modules.get("numpy")
+    if numpy is not None and "numpy" not in only_new:
+        numpy.random.seed(seed)
+        seeded.add("numpy")
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and "torch" not in only_new:
+        with contextlib.suppress(Exception):
+            torch.manual_seed(seed)
+            seeded.add("torch")
+    return frozenset(seeded)

@@ -1,0 +1,364 @@
+"""``modelpool.Pool``: the public object tying model, supervisor and transport together."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures as cf
+import multiprocessing
+import os
+import pickle
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from . import _hygiene, _transport
+from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
+from ._importer import import_from_string, reference_of
+from ._model import TensorSpec, normalize_inputs
+from ._supervisor import PoolSettings, Supervisor, WorkerStats
+from ._worker import CALL, PREDICT
+
+__all__ = ["Pool", "PoolStats"]
+
+T = TypeVar("T")
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _default_start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if sys.platform.startswith("linux") and "forkserver" in methods else "spawn"
+
+
+def _parse_memory(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"max_memory_per_worker must be bytes (int) or like '2GB', got {value!r}")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1] if text and text[-1] in "KMGT" else ""
+        try:
+            number = int(float(text[: len(text) - len(unit)]))
+        except ValueError:
+            raise ValueError(
+                f"max_memory_per_worker={value!r} is not a size; use bytes or e.g. '512MB', '2GB'"
+            ) from None
+    if number <= 0:
+        raise ValueError(f"max_memory_per_worker must be positive, got {value!r}")
+    return number * _UNITS[unit]
+
+
+def _positive(name: str, value: float | None, *, integer: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        kind = "an int" if integer else "a number of seconds"
+        raise TypeError(f"{name} must be {kind} or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+class PoolStats(dict[str, Any]):
+    """What ``Pool.stats()`` returns: a dict that also reads as attributes.
+
+    Keys: ``model``, ``workers`` (a list of ``WorkerStats``: index, generation, pid, state,
+    served, restarts, last_exit, rss), ``queued``, ``in_flight``, ``start_method``,
+    ``threads_per_worker``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _ByValue:
+    """A function pickled by value (cloudpickle), for objects workers cannot import."""
+
+    __slots__ = ("blob", "name")
+
+    def __init__(self, blob: bytes, name: str) -> None:
+        self.blob = blob
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import cloudpickle
+
+        return cloudpickle.loads(self.blob)(*args, **kwargs)
+
+
+def _portable(fn: Callable[..., Any], start_method: str) -> Any:
+    """``fn`` itself when workers can import it, else a by-value wrapper; or a precise error."""
+    try:
+        reference_of(fn, start_method=start_method)
+        pickle.dumps(fn, protocol=5)
+        return fn
+    except Exception:
+        pass
+    import cloudpickle
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        return _ByValue(cloudpickle.dumps(fn, protocol=5), name)
+    except Exception as exc:
+        raise ModelSpecError(
+            f"cannot send {name!r} to a worker: it cannot be imported there by name, and "
+            f"pickling it by value failed ({type(exc).__name__}: {exc}). It probably captures "
+            "something that cannot be pickled (a lock, a socket, an open file); define it at "
+            "the top level of a module and pass that state as arguments."
+        ) from exc
+
+
+class Pool(cf.Executor):
+    """A supervised pool of worker processes, each running one copy of a model.
+
+    ``model`` is ``"pkg.module:ClassName"`` or an importable class (see ``modelpool.Model``);
+    ``None`` makes a plain, robust process pool for ``submit``. See the README for the safety
+    rules applied automatically (start method, thread limits, seeds, signals, parent death).
+    """
+
+    def __init__(
+        self,
+        model: str | type | None = None,
+        *,
+        workers: int = 1,
+        options: Mapping[str, Any] | None = None,
+        start_method: str | None = None,
+        threads_per_worker: int | None = None,
+        timeout: float | None = None,
+        setup_timeout: float | None = None,
+        max_requests_per_worker: int | None = None,
+        max_memory_per_worker: int | str | None = None,
+        retries: int = 0,
+        seed: int | None = None,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        _positive("workers", workers, integer=True)
+        _positive("threads_per_worker", threads_per_worker, integer=True)
+        _positive("timeout", timeout)
+        _positive("setup_timeout", setup_timeout)
+        _positive("max_requests_per_worker", max_requests_per_worker, integer=True)
+        _positive("drain_timeout", drain_timeout)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        methods = multiprocessing.get_all_start_methods()
+        method = start_method or _default_start_method()
+        if method not in methods:
+            raise ValueError(f"start_method={method!r} is not available here; use one of {methods}")
+        self._start_method = method
+        ref, name, specs = self._resolve_model(model, method)
+        self._model_name = name
+        self._input_specs: tuple[TensorSpec, ...] = specs
+        threads = _hygiene.resolve_threads(threads_per_worker, workers)
+        env = _hygiene.thread_env(threads, explicit=threads_per_worker is not None)
+        self._settings = PoolSettings(
+            model_ref=ref,
+            model_name=name,
+            options=dict(options or {}),
+            workers=workers,
+            threads=threads,
+            env=env,
+            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+            timeout=timeout,
+            setup_timeout=setup_timeout,
+            max_requests_per_worker=max_requests_per_worker,
+            max_memory_per_worker=_parse_memory(max_memory_per_worker),
+            retries=retries,
+            drain_timeout=drain_timeout,
+        )
+        try:
+            pickle.dumps(self._settings.options)
+        except Exception as exc:
+            raise ModelSpecError(
+                f"options for {name!r} must be picklable to reach the workers: {exc}"
+            ) from exc
+        self._supervisor = Supervisor(self._settings, multiprocessing.get_context(method))
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    @staticmethod
+    def _resolve_model(model: Any, method: str) -> tuple[str | None, str, tuple[TensorSpec, ...]]:
+        if model is None:
+            return None, "function pool", ()
+        if isinstance(model, str):
+            cls = import_from_string(model)
+            ref = model
+        else:
+            cls = model
+            ref = None
+        if not isinstance(cls, type):
+            raise ModelSpecError(
+                f"{ref or cls!r} is a {type(cls).__name__}, not a class; pass a class with a "
+                "predict(inputs) method (usually a modelpool.Model subclass)"
+            )
+        predict = getattr(cls, "predict", None)
+        if not callable(predict) or getattr(predict, "__isabstractmethod__", False):
+            raise ModelSpecError(f"{cls.__qualname__} has no predict(inputs) method; define one")
+        if ref is None:
+            ref = reference_of(cls, start_method=method)
+        specs = tuple(getattr(cls, "inputs", ()) or ())
+        if not all(isinstance(s, TensorSpec) for s in specs):
+            raise ModelSpecError(f"{cls.__qualname__}.inputs must be a list of TensorSpec")
+        return ref, cls.__name__, specs
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self, wait: bool = True) -> Pool:
+        """Start the workers. With ``wait``, block until all finished ``setup()``.
+
+        Raises ``ModelSetupError`` when a worker cannot load the model (the pool is then shut
+        down), ``UnsafeForkError`` for ``start_method="fork"`` in a process that cannot fork
+        safely. Any interruption (Ctrl+C) stops and reaps every worker before it propagates.
+        """
+        with self._start_lock:
+            if self._closed:
+                raise PoolClosedError("this pool was shut down; create a new Pool")
+            if not self._started:
+                if self._start_method == "fork":
+                    hazards = _hygiene.fork_hazards()
+                    if hazards:
+                        raise UnsafeForkError(
+                            "start_method='fork' refused: "
+                            + "; ".join(hazards)
+                            + ". Use the default start method (forkserver/spawn), or create "
+                            "the pool before importing or running these."
+                        )
+                _register_atexit(self)
+                self._started = True
+                self._supervisor.start()
+        if wait:
+            try:
+                self._supervisor.wait_ready()
+            except BaseException:
+                self._terminate()
+                raise
+        return self
+
+    def __enter__(self) -> Pool:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work, finish queued and in-flight work (within ``drain_timeout``),
+        run ``teardown()`` in every worker, stop and reap them all.
+
+        With ``cancel_futures``, queued work is cancelled instead of run. With ``wait=False``
+        this returns at once and the shutdown completes in the background.
+        """
+        self._closed = True
+        with self._start_lock:
+            started = self._started
+        self._supervisor.close(cancel_futures=cancel_futures, force=False)
+        if not started:
+            self._supervisor.join()
+            return
+        if wait:
+            try:
+                self._supervisor.join()
+            except BaseException:
+                self._terminate()
+                raise
+
+    def _terminate(self) -> None:
+        """Kill every worker now and reap them (used on errors and interrupts)."""
+        self._closed = True
+        self._supervisor.close(cancel_futures=True, force=True)
+        self._supervisor.join(timeout=30.0)
+
+    # ------------------------------------------------------------------ requests
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            if self._closed:
+                raise PoolClosedError("this pool was shut down; create a new Pool")
+            self.start(wait=False)
+
+    def _request(self, kind: int, payload: Any, timeout: float | None) -> cf.Future[Any]:
+        self._ensure_started()
+        _positive("timeout", timeout)
+        req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
+        req.frame = _transport.encode((kind, req.id, payload))
+        self._supervisor.submit(req)
+        return req.future
+
+    def predict(self, inputs: Any, timeout: float | None = None) -> Any:
+        """Run the model on ``inputs`` in a worker and return its outputs (blocking).
+
+        ``timeout`` (seconds, counted from this call) overrides the pool's; ``None`` uses it.
+        Safe to call from any number of threads.
+        """
+        inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
+        return self._request(PREDICT, inputs, timeout).result()
+
+    async def apredict(self, inputs: Any, timeout: float | None = None) -> Any:
+        """``predict`` for asyncio; works from any event loop. Cancelling it drops the request
+        if it has not started, or its result if it has."""
+        inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
+        return await asyncio.wrap_future(self._request(PREDICT, inputs, timeout))
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
+        """Run ``fn(*args, **kwargs)`` in a worker; ``modelpool.current_model()`` inside it
+        returns that worker's model. Same crash, timeout and retry rules as ``predict``."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {fn!r}")
+        portable = _portable(fn, self._start_method)
+        return self._request(CALL, (portable, args, kwargs), None)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> PoolStats:
+        """A snapshot: per worker pid, state, requests served, restarts, last exit, RSS."""
+        workers: list[WorkerStats] = self._supervisor.stats()
+        return PoolStats(
+            model=self._model_name,
+            workers=workers,
+            start_method=self._start_method,
+            threads_per_worker=self._settings.threads,
+            **self._supervisor.counts(),
+        )
+
+    @property
+    def start_method(self) -> str:
+        return self._start_method
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self._settings.threads
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._started else "new"
+        return (
+            f"<modelpool.Pool {self._model_name!r} workers={self._settings.workers} "
+            f"{self._start_method} {state}>"
+        )
+
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_atexit_registered = False
+_atexit_lock = threading.Lock()
+
+
+def _register_atexit(pool: Pool) -> None:
+    global _atexit_registered
+    with _atexit_lock:
+        _live_pools.add(pool)
+        if not _atexit_registered:
+            atexit.register(_shutdown_live_pools)
+            _atexit_registered = True
+
+
+def _shutdown_live_pools() -> None:
+    for pool in list(_live_pools):
+        pool._terminate()

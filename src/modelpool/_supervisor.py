@@ -1,0 +1,750 @@
+"""The parent side: start workers, hand them requests, watch them, replace them, reap them.
+
+One thread (``modelpool-supervisor``) owns the workers' life cycle. It sleeps in ``epoll`` on
+every worker's connection and process sentinel plus a wake-up pipe, with a timeout set to the
+next deadline; it never polls. Callers hand a request straight to an idle worker from their own
+thread (the fast path); otherwise the request queues and the supervisor dispatches it when a
+worker frees up. Each worker runs one request at a time, so every request has exactly one owner:
+when a worker dies, only its own request fails (or is retried).
+
+All processes are started from the supervisor thread: PR_SET_PDEATHSIG fires when the thread that
+forked a child exits, so children must come from a thread that lives as long as the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import os
+import random
+import selectors
+import signal
+import threading
+import time
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import psutil
+
+from . import _transport
+from ._exceptions import (
+    ModelSetupError,
+    PoolClosedError,
+    RequestTimeoutError,
+    WorkerCrashedError,
+)
+from ._hygiene import THREAD_PREFIX
+from ._worker import ERR, OK, READY, SETUP_FAILED, STOP, WorkerSpec, run_worker
+
+__all__ = ["PoolSettings", "Request", "Supervisor", "WorkerStats", "describe_exit"]
+
+STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
+
+#: Setup failures in a row (no worker became ready in between) after which the pool stops
+#: respawning and fails requests fast.
+MAX_SETUP_FAILURES = 3
+#: Seconds a worker gets to run teardown() and exit before it is killed.
+STOP_GRACE = 10.0
+#: Seconds between RSS checks when max_memory_per_worker is set.
+MEMORY_CHECK_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSettings:
+    """Resolved, validated settings the supervisor runs with."""
+
+    model_ref: str | None
+    model_name: str
+    options: dict[str, Any]
+    workers: int
+    threads: int
+    env: dict[str, str]
+    seed: int
+    timeout: float | None
+    setup_timeout: float | None
+    max_requests_per_worker: int | None
+    max_memory_per_worker: int | None
+    retries: int
+    drain_timeout: float
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    """One worker as ``Pool.stats()`` reports it. Also readable as a mapping (``s["pid"]``)."""
+
+    index: int
+    generation: int
+    pid: int | None
+    state: str
+    served: int
+    restarts: int
+    last_exit: str | None
+    rss: int | None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class Request:
+    """One unit of work: a predict or a function call, with its future and deadline."""
+
+    __slots__ = ("attempts", "deadline", "frame", "future", "id", "worker")
+
+    def __init__(self, rid: int, deadline: float | None) -> None:
+        self.id = rid
+        self.frame: _transport.Frame = (b"", [])
+        self.deadline = deadline
+        self.future: cf.Future[Any] = cf.Future()
+        self.attempts = 0
+        self.worker: _Worker | None = None
+
+
+class _Worker:
+    """Parent-side handle of one worker process (composition, not a Process subclass)."""
+
+    def __init__(self, index: int, generation: int, process: Any, conn: Any, lifeline: Any):
+        self.index = index
+        self.generation = generation
+        self.process = process
+        self.conn = conn
+        self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
+        self.pid: int | None = process.pid
+        self.state = STARTING
+        self.request: Request | None = None
+        self.served = 0
+        self.limit: int | None = None  # recycle after this many requests
+        self.retiring = False
+        self.deadline: float | None = None  # setup or stop deadline
+        self.setup_error: BaseException | None = None
+        self.kill_reason: str | None = None  # set when the pool itself killed the worker
+
+
+_LIKELY = {
+    "SIGKILL": "possibly killed by the out-of-memory killer (check `dmesg`), or by kill -9",
+    "SIGSEGV": "a segmentation fault in native code (a C extension, a driver, or a library "
+    "state that did not survive fork)",
+    "SIGBUS": "a bus error in native code, often a memory-mapped file that shrank",
+    "SIGABRT": "abort() in native code, usually a failed assertion in a C/C++ library",
+    "SIGFPE": "a floating-point exception in native code",
+    "SIGILL": "an illegal instruction: a library built for a newer CPU than this one",
+    "SIGTERM": "terminated by someone else's SIGTERM",
+}
+
+
+def describe_exit(exitcode: int | None) -> tuple[str, str | None, str]:
+    """(short description, signal name or None, likely cause) of a worker's exit code."""
+    if exitcode is None:
+        return "unknown exit", None, "the exit status could not be read"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}", name, _LIKELY.get(name, "killed by a signal")
+    if exitcode == 0:
+        return "exited with code 0", None, "the worker process exited on its own"
+    return (
+        f"exited with code {exitcode}",
+        None,
+        "the model or a library called os._exit() / sys.exit(), or the interpreter failed",
+    )
+
+
+class Supervisor:
+    """Owns the workers and the queue. Thread-safe; see the module docstring."""
+
+    def __init__(self, settings: PoolSettings, ctx: BaseContext) -> None:
+        self.settings = settings
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._workers: list[_Worker] = []
+        self._generation = [-1] * settings.workers
+        self._last_exit: list[str | None] = [None] * settings.workers
+        self._respawn_at: dict[int, float] = {}
+        self._queue: collections.deque[Request] = collections.deque()
+        self._deadlines: list[tuple[float, int, Request]] = []
+        self._ids = itertools.count(1)
+        self._setup_failures = 0
+        self._broken: ModelSetupError | None = None
+        self._closing = False
+        self._force = False
+        self._drain_until: float | None = None
+        self._next_memory_check = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name=f"{THREAD_PREFIX}supervisor", daemon=True
+        )
+        self._crash: BaseException | None = None
+        self._start_failure: ModelSetupError | None = None
+
+    # ------------------------------------------------------------------ caller-facing
+
+    def start(self) -> None:
+        for index in range(self.settings.workers):
+            self._respawn_at[index] = 0.0
+        self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Block until every worker finished setup(); raise ModelSetupError if one cannot."""
+        with self._changed:
+            while True:
+                error = self._broken or self._start_failure or self._crash
+                if error is not None:
+                    raise _fresh(error)
+                if self._closing:
+                    raise PoolClosedError("the pool was shut down while it was starting")
+                ready = sum(1 for w in self._workers if w.state in (IDLE, BUSY))
+                if ready >= self.settings.workers:
+                    return
+                self._changed.wait()
+
+    def new_request(self, timeout: float | None) -> Request:
+        """A request whose deadline counts from now; set its ``frame`` before ``submit``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Request(next(self._ids), deadline)
+
+    def submit(self, req: Request) -> None:
+        """Queue ``req`` or hand it to an idle worker right now."""
+        wake = False
+        with self._lock:
+            if self._closing:
+                raise PoolClosedError(
+                    f"pool of {self.settings.model_name!r} is shut down; create a new Pool"
+                )
+            error = self._broken or self._crash
+            if error is not None:
+                raise _fresh(error)
+            worker = self._idle_worker()
+            if worker is not None:
+                self._assign(worker, req)
+            else:
+                self._queue.append(req)
+                wake = True  # the supervisor may be able to start something
+            if req.deadline is not None:
+                heapq.heappush(self._deadlines, (req.deadline, req.id, req))
+                if self._deadlines[0][2] is req:
+                    wake = True
+        if worker is not None:
+            self._send(worker, req)
+        if wake:
+            self._wake()
+
+    def close(self, *, cancel_futures: bool, force: bool) -> None:
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self._drain_until = time.monotonic() + self.settings.drain_timeout
+            if force:
+                self._force = True
+            if cancel_futures or force:
+                while self._queue:
+                    req = self._queue.popleft()
+                    if not req.future.cancel():
+                        self._fail(req, PoolClosedError("the pool was shut down"))
+        if self._thread.is_alive():
+            self._wake()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:
+            self._cleanup()
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stats(self) -> list[WorkerStats]:
+        with self._lock:
+            workers = list(self._workers)
+            last_exit = list(self._last_exit)
+            generations = list(self._generation)
+        out = []
+        for w in workers:
+            out.append(
+                WorkerStats(
+                    index=w.index,
+                    generation=w.generation,
+                    pid=w.pid,
+                    state="retiring" if w.retiring and w.state != STOPPING else w.state,
+                    served=w.served,
+                    restarts=max(0, generations[w.index]),
+                    last_exit=last_exit[w.index],
+                    rss=_rss(w.pid),
+                )
+            )
+        return sorted(out, key=lambda s: (s.index, s.generation))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "queued": sum(1 for r in self._queue if not r.future.done()),
+                "in_flight": sum(1 for w in self._workers if w.request is not None),
+            }
+
+    # ------------------------------------------------------------------ internals (locked)
+
+    def _idle_worker(self) -> _Worker | None:
+        for w in self._workers:
+            if w.state == IDLE and not (w.retiring and self._has_successor(w)):
+                return w
+        return None
+
+    def _assign(self, worker: _Worker, req: Request) -> None:
+        worker.state = BUSY
+        worker.request = req
+        req.worker = worker
+        req.attempts += 1
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if not req.future.done():
+            with contextlib.suppress(cf.InvalidStateError):
+                if req.future.running() or req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(exc)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def _send(self, worker: _Worker, req: Request) -> None:
+        # a retried request is already running; a fresh one may have been cancelled meanwhile
+        if not (req.future.running() or req.future.set_running_or_notify_cancel()):
+            # cancelled while queued: give the worker back
+            with self._lock:
+                worker.state, worker.request = IDLE, None
+                req.worker = None
+            self._wake()
+            return
+        try:
+            _transport.send_frame(worker.conn, req.frame)
+        except OSError:
+            pass  # the worker died; its sentinel will tell the supervisor
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            while True:
+                timeout = self._tick()
+                if timeout is None:
+                    break
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                    else:
+                        what, worker = key.data
+                        if what == "conn":
+                            self._on_message(worker)
+                        else:
+                            self._on_exit(worker)
+        except BaseException as exc:  # a bug in modelpool: fail loudly, never hang callers
+            error = RuntimeError(f"modelpool supervisor thread crashed: {exc!r}")
+            error.__cause__ = exc
+            with self._changed:
+                self._crash = error
+                self._closing = True
+                self._force = True
+                self._fail_everything(error)
+                self._changed.notify_all()
+        finally:
+            self._kill_all()
+            self._cleanup()
+
+    def _tick(self) -> float | None:
+        """Housekeeping; returns the select timeout, or None when the loop should end."""
+        now = time.monotonic()
+        to_send: list[tuple[_Worker, Request]] = []
+        with self._changed:
+            self._expire(now)
+            if self._closing:
+                if self._shutdown_step(now):
+                    self._changed.notify_all()
+                    return None
+            else:
+                self._respawn(now)
+                self._retire(now)
+                if self.settings.max_memory_per_worker and now >= self._next_memory_check:
+                    self._check_memory()
+                    self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+            to_send = self._dispatch()
+            wake_at = self._next_wake()
+            self._changed.notify_all()
+        for worker, req in to_send:
+            self._send(worker, req)
+        if wake_at is None:
+            return 3600.0  # nothing scheduled: sleep until an event
+        return max(0.0, wake_at - time.monotonic())
+
+    def _next_wake(self) -> float | None:
+        times = [w.deadline for w in self._workers if w.deadline is not None]
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        times.extend(self._respawn_at.values())
+        if self.settings.max_memory_per_worker:
+            times.append(self._next_memory_check)
+        if self._closing and self._drain_until is not None:
+            times.append(self._drain_until)
+        return min(times) if times else None
+
+    def _dispatch(self) -> list[tuple[_Worker, Request]]:
+        out = []
+        while self._queue:
+            if self._queue[0].future.done():
+                self._queue.popleft()
+                continue
+            worker = self._idle_worker()
+            if worker is None:
+                break
+            req = self._queue.popleft()
+            self._assign(worker, req)
+            out.append((worker, req))
+        return out
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, req = heapq.heappop(self._deadlines)
+            if req.future.done():
+                continue
+            limit = f"{self.settings.model_name!r}"
+            worker = req.worker
+            if worker is None or worker.request is not req:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(req)
+                self._fail(
+                    req,
+                    RequestTimeoutError(
+                        f"request to {limit} timed out while waiting for a free worker (all "
+                        f"{self.settings.workers} busy or starting); it was never run. Add "
+                        "workers, or raise the timeout."
+                    ),
+                )
+            else:
+                self._fail(
+                    req,
+                    RequestTimeoutError(
+                        f"request to {limit} timed out while running in worker pid "
+                        f"{worker.pid}; the worker was killed and is being replaced. Raise the "
+                        "timeout if the model is just slow."
+                    ),
+                )
+                worker.request = None
+                self._kill(worker, "killed by modelpool: a request ran past its timeout")
+        for w in list(self._workers):
+            if w.deadline is None or w.deadline > now:
+                continue
+            if w.state == STARTING:
+                w.setup_error = ModelSetupError(
+                    f"worker {w.index} (pid {w.pid}) of {self.settings.model_name!r} did not "
+                    f"finish setup() within setup_timeout={self.settings.setup_timeout} s; it "
+                    "was killed. Raise setup_timeout if loading is just slow."
+                )
+                self._kill(w, "killed by modelpool: setup() ran past setup_timeout")
+            elif w.state == STOPPING:
+                self._kill(w, "killed by modelpool: teardown() did not finish in time")
+
+    def _respawn(self, now: float) -> None:
+        if self._broken is not None:
+            self._respawn_at.clear()
+            return
+        for index, when in sorted(self._respawn_at.items()):
+            if when <= now:
+                del self._respawn_at[index]
+                self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        s = self.settings
+        self._generation[index] += 1
+        generation = self._generation[index]
+        from ._hygiene import derive_seed
+
+        spec = WorkerSpec(
+            model_ref=s.model_ref,
+            model_name=s.model_name,
+            options=s.options,
+            index=index,
+            generation=generation,
+            seed=derive_seed(s.seed, index, generation),
+            threads=s.threads,
+            env=s.env,
+        )
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        lifeline_r, lifeline_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=run_worker,
+            args=(spec, child_conn, lifeline_r),
+            name=f"{THREAD_PREFIX}worker-{index}",
+            daemon=False,
+        )
+        try:
+            process.start()
+        except BaseException:
+            for c in (parent_conn, child_conn, lifeline_r, lifeline_w):
+                c.close()
+            raise
+        child_conn.close()
+        lifeline_r.close()
+        worker = _Worker(index, generation, process, parent_conn, lifeline_w)
+        if s.setup_timeout is not None:
+            worker.deadline = time.monotonic() + s.setup_timeout
+        if s.max_requests_per_worker:
+            jitter = random.randint(0, max(0, s.max_requests_per_worker // 10))
+            worker.limit = s.max_requests_per_worker + jitter
+        self._workers.append(worker)
+        self._selector.register(parent_conn.fileno(), selectors.EVENT_READ, ("conn", worker))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
+
+    def _on_message(self, worker: _Worker) -> bool:
+        """Handle one message from ``worker``; False when its connection is at end of file."""
+        try:
+            kind, _rid, payload = _transport.recv(worker.conn)
+        except (EOFError, OSError):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(worker.conn.fileno())
+            return False  # the exit sentinel follows; _on_exit handles it
+        except _transport.DecodeError as exc:
+            kind, payload = ERR, exc.remote
+        with self._changed:
+            if worker.kill_reason is not None:
+                return True  # being killed: a late answer (its request already failed) is dropped
+            if kind == READY:
+                worker.state = IDLE
+                worker.deadline = None
+                worker.pid = payload
+                self._setup_failures = 0
+                self._changed.notify_all()
+                return True
+            if kind == SETUP_FAILED:
+                cause = payload.rebuild()
+                error = ModelSetupError(
+                    f"setup of {self.settings.model_name!r} failed in worker {worker.index} "
+                    f"(pid {worker.pid}): {type(cause).__name__}: {cause}"
+                )
+                error.__cause__ = cause
+                worker.setup_error = error
+                return True
+            req = worker.request
+            worker.request = None
+            worker.served += 1
+            if worker.state == BUSY:
+                worker.state = IDLE
+            if worker.limit is not None and worker.served >= worker.limit:
+                worker.retiring = True
+        if req is not None:
+            if kind == OK:
+                with contextlib.suppress(cf.InvalidStateError):
+                    req.future.set_result(payload)
+            else:
+                self._fail(req, payload.rebuild())
+        return True
+
+    def _on_exit(self, worker: _Worker) -> None:
+        worker.process.join(1.0)
+        exitcode = worker.process.exitcode
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(worker.process.sentinel)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(worker.conn.fileno())
+        # a message may still sit in the pipe (a result or a setup error written just before
+        # the exit): read it first so nothing is lost
+        with contextlib.suppress(OSError, EOFError):
+            while worker.conn.poll(0) and self._on_message(worker):
+                pass
+        what, signame, likely = describe_exit(exitcode)
+        now = time.monotonic()
+        with self._changed:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            for c in (worker.conn, worker.lifeline):
+                with contextlib.suppress(OSError):
+                    c.close()
+            if worker.process.exitcode is not None:
+                with contextlib.suppress(ValueError):
+                    worker.process.close()
+            reason = worker.kill_reason or what
+            self._last_exit[worker.index] = f"pid {worker.pid}: {reason}"
+            if worker.state == STARTING:
+                self._setup_failed(worker, what, likely, now)
+            elif worker.state != STOPPING:  # died, or killed for a timeout, while serving
+                self._crashed(worker, what, signame, likely, exitcode, now)
+            self._changed.notify_all()
+        self._wake()
+
+    def _setup_failed(self, worker: _Worker, what: str, likely: str, now: float) -> None:
+        error = worker.setup_error
+        if not isinstance(error, ModelSetupError):
+            error = ModelSetupError(
+                f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
+                f"{what} while loading the model ({likely}). If your script creates the Pool at "
+                "import time, guard it with `if __name__ == '__main__':`."
+            )
+            worker.setup_error = error
+        self._start_failure = error
+        if self._closing:
+            return
+        self._setup_failures += 1
+        if self._setup_failures >= MAX_SETUP_FAILURES:
+            broken = ModelSetupError(
+                f"{self.settings.model_name!r} failed to load {self._setup_failures} times in "
+                f"a row; the pool stopped restarting workers. Last error: {error}"
+            )
+            broken.__cause__ = error.__cause__ or error
+            self._broken = broken
+            self._fail_everything(broken)
+            return
+        delay = min(5.0, 0.1 * 2 ** (self._setup_failures - 1))
+        self._respawn_at[worker.index] = now + delay
+
+    def _crashed(
+        self,
+        worker: _Worker,
+        what: str,
+        signame: str | None,
+        likely: str,
+        exitcode: int | None,
+        now: float,
+    ) -> None:
+        req = worker.request
+        worker.request = None
+        replaced = any(
+            w.index == worker.index and w.generation > worker.generation for w in self._workers
+        )
+        if not self._closing and not replaced:
+            self._respawn_at.setdefault(worker.index, now)
+        if req is None or req.future.done():
+            return
+        if req.attempts <= self.settings.retries and not self._closing:
+            req.worker = None
+            self._queue.appendleft(req)
+            return
+        tries = f" (tried {req.attempts} times)" if req.attempts > 1 else ""
+        self._fail(
+            req,
+            WorkerCrashedError(
+                f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
+                f"{what} while running this request{tries}; likely cause: {likely}. The worker "
+                "is being replaced; other requests are unaffected.",
+                pid=worker.pid,
+                exitcode=exitcode,
+                signal_name=signame,
+                likely_cause=likely,
+            ),
+        )
+
+    def _has_successor(self, worker: _Worker) -> bool:
+        return any(
+            w.index == worker.index and w.generation > worker.generation and w.state in (IDLE, BUSY)
+            for w in self._workers
+        )
+
+    def _retire(self, now: float) -> None:
+        for w in list(self._workers):
+            if not w.retiring or w.state == STOPPING:
+                continue
+            newer = [x for x in self._workers if x.index == w.index and x.generation > w.generation]
+            if not newer and w.index not in self._respawn_at:
+                self._respawn_at[w.index] = now  # start the replacement first
+            elif self._has_successor(w) and w.state == IDLE:
+                self._stop(w, now)
+
+    def _check_memory(self) -> None:
+        limit = self.settings.max_memory_per_worker
+        for w in self._workers:
+            if w.state in (IDLE, BUSY) and not w.retiring:
+                rss = _rss(w.pid)
+                if rss is not None and limit is not None and rss > limit:
+                    w.retiring = True
+
+    def _stop(self, worker: _Worker, now: float) -> None:
+        worker.state = STOPPING
+        worker.deadline = now + STOP_GRACE
+        try:
+            _transport.send(worker.conn, (STOP, 0, None))
+        except OSError:
+            pass
+
+    def _kill(self, worker: _Worker, reason: str) -> None:
+        """SIGKILL ``worker``; its exit is handled in ``_on_exit`` by the state it died in."""
+        worker.kill_reason = reason
+        worker.deadline = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            worker.process.kill()
+
+    def _shutdown_step(self, now: float) -> bool:
+        """One step of a staged shutdown; True when everything is stopped and reaped."""
+        self._respawn_at.clear()
+        draining = not self._force and (self._drain_until is None or now < self._drain_until)
+        if not draining:
+            while self._queue:
+                self._fail(self._queue.popleft(), PoolClosedError("the pool was shut down"))
+        for w in list(self._workers):
+            if w.state == STOPPING or w.kill_reason is not None:
+                continue
+            if self._force or w.state == STARTING:
+                self._kill(w, "killed by modelpool: pool shut down")
+            elif w.state == BUSY and not draining:
+                if w.request is not None:
+                    self._fail(
+                        w.request,
+                        PoolClosedError(
+                            "the pool was shut down before this request finished "
+                            f"(drain_timeout={self.settings.drain_timeout} s)"
+                        ),
+                    )
+                    w.request = None
+                self._kill(w, "killed by modelpool: still busy at the end of shutdown")
+            elif w.state == IDLE and not (self._queue and draining):
+                self._stop(w, now)
+        return not self._workers and not self._queue
+
+    def _fail_everything(self, error: BaseException) -> None:
+        while self._queue:
+            self._fail(self._queue.popleft(), error)
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            with contextlib.suppress(Exception):
+                if w.request is not None:
+                    self._fail(w.request, PoolClosedError("the pool was shut down"))
+                w.process.kill()
+        for w in workers:
+            with contextlib.suppress(Exception):
+                w.process.join(5.0)
+            for c in (w.conn, w.lifeline):
+                with contextlib.suppress(Exception):
+                    c.close()
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A new instance of a stored error, so raising it in many threads shares no traceback."""
+    try:
+        clone = type(error)(*error.args)
+    except Exception:
+        return error
+    clone.__cause__ = error.__cause__
+    return clone
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return None

@@ -1,0 +1,45 @@
+"""A built-in demo model that needs no download and no torch.
+
+``IrisClassifier`` classifies iris flowers from four measurements (sepal length, sepal width,
+petal length, petal width, in cm) by their distance to the mean of each species in Fisher's
+Iris data set (the class means are the data it ships). It answers softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._model import Model, TensorSpec
+
+__all__ = ["SPECIES", "IrisClassifier"]
+
+SPECIES = ("setosa", "versicolor", "virginica")
+
+#: Per-species means of Fisher's Iris data (cm): sepal length, sepal width, petal length/width.
+_MEANS = np.array(
+    [
+        [5.006, 3.428, 1.462, 0.246],
+        [5.936, 2.770, 4.260, 1.326],
+        [6.588, 2.974, 5.552, 2.026],
+    ],
+    dtype=np.float32,
+)
+
+
+class IrisClassifier(Model):
+    """Nearest-class-mean classifier over the Iris species, with softmax confidences."""
+
+    inputs = [TensorSpec("INPUT0", "FP32", [-1, 4])]
+    outputs = [TensorSpec("PROBABILITIES", "FP32", [-1, 3]), TensorSpec("LABEL", "INT64", [-1])]
+
+    def setup(self) -> None:
+        self.means = _MEANS.copy()
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["INPUT0"]
+        d2 = ((x[:, None, :] - self.means[None, :, :]) ** 2).sum(axis=-1)
+        logits = -d2
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        return {"PROBABILITIES": p.astype(np.float32), "LABEL": p.argmax(axis=1).astype(np.int64)}

@@ -1,0 +1,180 @@
+"""Models used by the tests. Importable by workers (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+import modelpool
+
+
+class Echo(modelpool.Model):
+    """Returns its inputs, plus facts about the worker that served them."""
+
+    def predict(self, inputs: Any) -> Any:
+        return inputs
+
+
+class Doubler(modelpool.Model):
+    inputs = [modelpool.TensorSpec("x", "FP32", [-1, 4])]
+    outputs = [modelpool.TensorSpec("y", "FP32", [-1, 4])]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"] * 2}
+
+
+class WhoAmI(modelpool.Model):
+    """Answers with the worker's info, RNG draws and thread settings."""
+
+    def __init__(self, **options: Any) -> None:  # deliberately no super().__init__
+        self.opts = options
+
+    def predict(self, inputs: Any) -> Any:
+        info = modelpool.worker_info()
+        out: dict[str, Any] = {
+            "info": info,
+            "pid": os.getpid(),
+            "random": random.random(),
+            "numpy": float(np.random.random()),
+            "env": {
+                k: os.environ.get(k)
+                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            },
+            "options": self.opts,
+        }
+        from threadpoolctl import threadpool_info
+
+        out["pools"] = {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+        if inputs == "torch":
+            import torch
+
+            out["torch"] = float(torch.rand(1))
+            out["torch_threads"] = torch.get_num_threads()
+        if inputs == "sleep":
+            time.sleep(0.2)
+        return out
+
+
+def _die(how: str) -> None:
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "sigsegv":
+        ctypes.string_at(0)  # a real segfault in native code
+    elif how == "exit":
+        os._exit(7)
+    elif how == "raise":
+        raise RuntimeError("boom on purpose")
+    elif how == "hang":
+        time.sleep(3600)
+
+
+class Crashy(modelpool.Model):
+    """Dies in the way and at the stage named by its options / inputs."""
+
+    def __init__(self, **options: Any) -> None:
+        self.stage = options.get("stage")
+        self.how = options.get("how", "raise")
+
+    def setup(self) -> None:
+        if self.stage == "setup":
+            _die(self.how)
+
+    def predict(self, inputs: Any) -> Any:
+        if isinstance(inputs, dict) and "die" in inputs:
+            _die(str(inputs["die"]))
+        if self.stage == "predict":
+            _die(self.how)
+        if self.stage == "encode":
+            return {"out": _DiesWhenPickled(self.how)}
+        return {"pid": os.getpid()}
+
+
+class _DiesWhenPickled:
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __reduce__(self) -> Any:
+        _die(self.how)
+        return (str, ("unreachable",))
+
+
+class SlowSetup(modelpool.Model):
+    def __init__(self, **options: Any) -> None:
+        self.seconds = float(options.get("seconds", 1.0))
+        self.marker = options.get("marker")
+
+    def setup(self) -> None:
+        if self.marker:
+            with open(self.marker, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        time.sleep(self.seconds)
+
+    def predict(self, inputs: Any) -> Any:
+        return os.getpid()
+
+
+class Teardown(modelpool.Model):
+    """Appends to a file on teardown so tests can see it ran."""
+
+    def __init__(self, **options: Any) -> None:
+        self.path = options["path"]
+
+    def predict(self, inputs: Any) -> Any:
+        if inputs == "slow":
+            time.sleep(0.5)
+        return os.getpid()
+
+    def teardown(self) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class Leaky(modelpool.Model):
+    """Grows its RSS by ``mb`` MiB per request."""
+
+    def setup(self) -> None:
+        self.hoard: list[bytearray] = []
+
+    def predict(self, inputs: Any) -> Any:
+        self.hoard.append(bytearray(int(inputs) * 1024 * 1024))
+        return os.getpid()
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # rebuilt with one arg: fails to unpickle
+        super().__init__(f"{a}-{b}")
+
+
+class Raiser(modelpool.Model):
+    def predict(self, inputs: Any) -> Any:
+        if inputs == "value":
+            raise ValueError("bad value 42")
+        if inputs == "unpicklable":
+            raise Unpicklable(1, 2)
+        if inputs == "lock":
+            import threading
+
+            return {"lock": threading.Lock()}
+        return "ok"
+
+
+class TorchModel(modelpool.Model):
+    def setup(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.layer = torch.nn.Linear(4, 2)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = torch.from_numpy(inputs["x"])  # warns if the array is read-only
+        x.add_(1)  # in place: needs a writable buffer
+        with torch.no_grad():
+            y = self.layer(x)
+        return {"y": y.numpy(), "threads": np.array(torch.get_num_threads())}

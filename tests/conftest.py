@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+# Children that the standard library keeps for the life of the test process: the forkserver
+# and the resource tracker. They are not the pool's workers and are excluded from leak checks.
+_STDLIB_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
+def pool_children() -> list[psutil.Process]:
+    """Live (non-zombie counts too) descendants of this process, minus stdlib helpers."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            cmd = ""
+        except psutil.AccessDenied:
+            cmd = ""
+        if any(h in cmd for h in _STDLIB_HELPERS):
+            continue
+        out.append(child)
+    return out
+
+
+def wait_no_children(timeout: float = 10.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    left = pool_children()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in pool_children() if p.is_running()]
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_children() -> Iterator[None]:
+    """Every test must leave no worker process (alive or zombie) behind."""
+    before = {p.pid for p in pool_children()}
+    yield
+    left = [p for p in wait_no_children() if p.pid not in before]
+    assert not left, f"leaked child processes: {[(p.pid, p.status()) for p in left]}"
+
+
+def shm_segments() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
