@@ -86,12 +86,18 @@ class Crashy(modelpool.Model):
             _die(self.how)
 
     def predict(self, inputs: Any) -> Any:
-        if isinstance(inputs, dict) and "die" in inputs:
-            _die(str(inputs["die"]))
+        if isinstance(inputs, dict):
+            if "die" in inputs:
+                _die(str(inputs["die"]))
+            if "die_encode" in inputs:
+                return {"out": _DiesWhenPickled(str(inputs["die_encode"]))}
+            if "die_once" in inputs:  # crash the first worker that sees this marker path
+                path = str(inputs["die_once"])
+                if not os.path.exists(path):
+                    open(path, "w").close()
+                    _die("sigkill")
         if self.stage == "predict":
             _die(self.how)
-        if self.stage == "encode":
-            return {"out": _DiesWhenPickled(self.how)}
         return {"pid": os.getpid()}
 
 

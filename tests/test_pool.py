@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 import pytest
-from _models import Doubler, Echo, Raiser, WhoAmI
 
 import modelpool
+from _models import Doubler, Echo, Raiser, WhoAmI
 
 
 def test_predict_roundtrip_and_writable_results() -> None:
@@ -79,8 +79,12 @@ def test_worker_info_and_stats() -> None:
         stats = pool.stats()
         assert [w.index for w in stats.workers] == [0, 1]
         for w in stats.workers:
-            assert w.pid and w.state == "idle" and w.restarts == 0 and w.last_exit is None
-            assert w.rss and w.rss > 1_000_000
+            assert w.pid
+            assert w.state == "idle"
+            assert w.restarts == 0
+            assert w.last_exit is None
+            assert w.rss
+            assert w.rss > 1_000_000
             assert w["pid"] == w.pid  # also readable as a mapping
         assert sum(w.served for w in stats.workers) == 1
         assert stats["queued"] == 0
@@ -120,7 +124,8 @@ def test_user_exception_keeps_type_and_remote_traceback() -> None:
             pool.predict("value")
         cause = info.value.__cause__
         assert isinstance(cause, modelpool.RemoteTraceback)
-        assert "bad value 42" in cause.tb and "_models.py" in cause.tb
+        assert "bad value 42" in cause.tb
+        assert "_models.py" in cause.tb
         assert pool.predict("fine") == "ok"  # the worker is still serving
 
 

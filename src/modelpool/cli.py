@@ -41,7 +41,9 @@ def demo(workers: int, n: int) -> None:
         for _ in range(n):
             pool.predict({"INPUT0": flowers[:1]})
         elapsed = time.perf_counter() - t0
-        click.echo(f"{n} sequential requests: {n / elapsed:.0f} req/s, {elapsed / n * 1e6:.0f} us each")
+        click.echo(
+            f"{n} sequential requests: {n / elapsed:.0f} req/s, {elapsed / n * 1e6:.0f} us each"
+        )
         for w in pool.stats().workers:
             click.echo(f"  worker {w.index}: pid {w.pid}, {w.state}, served {w.served}")
     click.echo("pool shut down; all workers reaped")

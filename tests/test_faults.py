@@ -1,0 +1,326 @@
+"""Faults: crashes, timeouts, retries, setup failures, recycling, shutdown. Nothing hangs,
+nothing is silently lost, nothing leaks (the autouse fixture in conftest checks children)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelpool
+from _models import Crashy, Echo, Leaky, SlowSetup, Teardown
+
+HOW = ["sigkill", "sigsegv", "exit", "raise"]
+EXPECTED_EXIT = {"sigkill": "SIGKILL", "sigsegv": "SIGSEGV", "exit": "code 7"}
+
+
+def _pids(pool: modelpool.Pool) -> set[int]:
+    return {w.pid for w in pool.stats().workers if w.pid is not None}
+
+
+def _wait_for(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- the crash matrix
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_crash_during_setup_fails_start_with_model_setup_error(how: str) -> None:
+    pool = modelpool.Pool(Crashy, options={"stage": "setup", "how": how}, workers=2)
+    started = time.monotonic()
+    with pytest.raises(modelpool.ModelSetupError) as info:
+        pool.start()
+    assert time.monotonic() - started < 15
+    message = str(info.value)
+    assert "Crashy" in message
+    if how == "raise":
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert "boom on purpose" in str(info.value.__cause__)
+        assert isinstance(info.value.__cause__.__cause__, modelpool.RemoteTraceback)
+    else:
+        assert EXPECTED_EXIT[how] in message
+    with pytest.raises(modelpool.PoolClosedError):  # start() failing shut the pool down
+        pool.predict({})
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("stage", ["predict", "encode"])
+def test_crash_while_serving_fails_only_that_request(stage: str, how: str) -> None:
+    key = "die" if stage == "predict" else "die_encode"
+    with modelpool.Pool(Crashy, workers=1) as pool:
+        first_pid = pool.predict({})["pid"]
+        if how == "raise":
+            expected: type[BaseException] = RuntimeError if stage == "predict" else TypeError
+            with pytest.raises(expected):
+                pool.predict({key: how})
+            assert pool.predict({})["pid"] == first_pid  # same worker, still serving
+            return
+        with pytest.raises(modelpool.WorkerCrashedError) as info:
+            pool.predict({key: how})
+        err = info.value
+        assert err.pid == first_pid
+        assert EXPECTED_EXIT[how] in str(err)
+        if how == "exit":
+            assert err.exitcode == 7
+            assert err.signal_name is None
+        else:
+            assert err.signal_name == EXPECTED_EXIT[how]
+            assert err.exitcode is not None
+            assert err.exitcode < 0
+        assert err.likely_cause
+        if how == "sigkill":
+            assert "out-of-memory" in str(err)
+        # replaced and serving again
+        assert pool.predict({})["pid"] != first_pid
+        (w,) = pool.stats().workers
+        assert w.restarts == 1
+        assert w.last_exit is not None
+        assert str(first_pid) in w.last_exit
+
+
+def test_crash_does_not_disturb_concurrent_requests() -> None:
+    with modelpool.Pool(Crashy, workers=2) as pool:
+        innocent = [pool.submit(time.sleep, 0.3) for _ in range(2)]
+        time.sleep(0.05)
+        doomed = pool.submit(os._exit, 9)
+        assert [f.result(timeout=10) for f in innocent] == [None, None]
+        with pytest.raises(modelpool.WorkerCrashedError, match="code 9"):
+            doomed.result(timeout=10)
+        assert pool.predict({})["pid"] > 0
+
+
+def test_recovery_after_crash_is_prompt() -> None:
+    with modelpool.Pool(Crashy, workers=1) as pool:
+        with pytest.raises(modelpool.WorkerCrashedError):
+            pool.predict({"die": "sigkill"})
+        started = time.monotonic()
+        pool.predict({})
+        assert time.monotonic() - started < 10  # generous bound; the benchmark measures it
+
+
+def test_external_sigkill_of_idle_worker_is_replaced() -> None:
+    with modelpool.Pool(Echo, workers=1) as pool:
+        (pid,) = _pids(pool)
+        os.kill(pid, 9)
+        _wait_for(lambda: _pids(pool) - {pid} and pool.stats().workers[0].state == "idle")
+        assert pool.predict({"a": np.array(1)})["a"] == 1
+        assert "SIGKILL" in (pool.stats().workers[0].last_exit or "")
+
+
+# ---------------------------------------------------------------- retries
+
+
+def test_retry_reruns_on_another_worker(tmp_path: Path) -> None:
+    with modelpool.Pool(Crashy, workers=2, retries=1) as pool:
+        out = pool.predict({"die_once": str(tmp_path / "marker")})
+        assert out["pid"] > 0
+        assert sum(w.restarts for w in pool.stats().workers) == 1
+
+
+def test_poison_request_is_not_retried_forever() -> None:
+    with modelpool.Pool(Crashy, workers=2, retries=2) as pool:
+        with pytest.raises(modelpool.WorkerCrashedError, match="tried 3 times"):
+            pool.predict({"die": "sigkill"})
+        assert pool.predict({})["pid"] > 0
+        assert sum(w.restarts for w in pool.stats().workers) == 3
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+def test_timeout_kills_and_replaces_stuck_worker() -> None:
+    with modelpool.Pool(Crashy, workers=1, timeout=0.5) as pool:
+        (pid,) = _pids(pool)
+        started = time.monotonic()
+        with pytest.raises(modelpool.RequestTimeoutError, match="killed") as info:
+            pool.predict({"die": "hang"})
+        assert isinstance(info.value, TimeoutError)
+        assert 0.4 < time.monotonic() - started < 5
+        assert pool.predict({})["pid"] != pid
+        assert "timeout" in (pool.stats().workers[0].last_exit or "")
+
+
+def test_per_call_timeout_overrides_pool_default() -> None:
+    with modelpool.Pool(Crashy, workers=1, timeout=60) as pool:
+        started = time.monotonic()
+        with pytest.raises(modelpool.RequestTimeoutError):
+            pool.predict({"die": "hang"}, timeout=0.3)
+        assert time.monotonic() - started < 5
+
+
+def test_queued_request_expires_without_running(tmp_path: Path) -> None:
+    with modelpool.Pool(Crashy, workers=1) as pool:
+        blocker = pool.submit(time.sleep, 1.0)
+        time.sleep(0.1)
+        marker = tmp_path / "ran"
+        with pytest.raises(modelpool.RequestTimeoutError, match="never run"):
+            pool.predict({"die_once": str(marker)}, timeout=0.3)
+        assert blocker.result(timeout=10) is None
+        time.sleep(0.2)
+        assert not marker.exists()
+
+
+def test_setup_timeout_bounds_loading() -> None:
+    pool = modelpool.Pool(SlowSetup, options={"seconds": 60}, setup_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(modelpool.ModelSetupError, match="setup_timeout"):
+        pool.start()
+    assert time.monotonic() - started < 10
+
+
+# ---------------------------------------------------------------- setup failures after start
+
+
+def test_repeated_setup_failures_trip_the_breaker() -> None:
+    pool = modelpool.Pool(Crashy, options={"stage": "setup", "how": "raise"}).start(wait=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(modelpool.ModelSetupError) as info:
+            pool.predict({}, timeout=30)
+        assert "3 times in a row" in str(info.value)
+        assert "boom on purpose" in str(info.value)
+        assert time.monotonic() - started < 15
+        fast = time.monotonic()
+        with pytest.raises(modelpool.ModelSetupError):  # fails fast now, no respawn loop
+            pool.predict({})
+        assert time.monotonic() - fast < 0.5
+        assert pool.stats().workers == []
+    finally:
+        pool.shutdown()
+
+
+# ---------------------------------------------------------------- recycling
+
+
+def test_recycle_after_max_requests_without_losing_requests() -> None:
+    """The old worker keeps serving while its replacement loads, then stops; no request fails
+    and there is always a worker to serve."""
+    with modelpool.Pool(Echo, workers=1, max_requests_per_worker=5) as pool:
+        served_by: set[int] = set()
+        deadline = time.monotonic() + 20
+        i = 0
+        while len(served_by) < 3:
+            assert time.monotonic() < deadline, f"only saw workers {served_by}"
+            out = pool.submit(os.getpid).result(timeout=10)
+            served_by.add(out)
+            assert pool.predict({"i": np.array(i)})["i"] == i
+            i += 1
+            states = [w.state for w in pool.stats().workers]
+            assert any(s in ("idle", "busy", "retiring") for s in states), states
+        assert pool.stats().workers[-1].restarts >= 2
+
+
+def test_recycle_when_memory_limit_exceeded() -> None:
+    with modelpool.Pool(Leaky, workers=1, max_memory_per_worker="200MB") as pool:
+        first = pool.predict(0)
+        for _ in range(4):
+            pool.predict(60)
+
+        def replaced() -> bool:
+            return pool.predict(0) != first
+
+        _wait_for(replaced, timeout=10)
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+def test_shutdown_runs_teardown_in_every_worker(tmp_path: Path) -> None:
+    path = tmp_path / "teardown.txt"
+    with modelpool.Pool(Teardown, workers=2, options={"path": str(path)}) as pool:
+        pids = _pids(pool)
+    assert {int(line) for line in path.read_text().split()} == pids
+
+
+def test_shutdown_finishes_in_flight_work(tmp_path: Path) -> None:
+    pool = modelpool.Pool(Teardown, workers=1, options={"path": str(tmp_path / "t")}).start()
+    futures = [pool.submit(time.sleep, 0.2) for _ in range(3)]
+    pool.shutdown(wait=True)
+    assert [f.result(timeout=0) for f in futures] == [None, None, None]
+
+
+def test_shutdown_meets_its_deadline_and_fails_the_stuck() -> None:
+    pool = modelpool.Pool(Crashy, workers=1, drain_timeout=0.5).start()
+    stuck = pool.submit(time.sleep, 3600)
+    time.sleep(0.1)
+    started = time.monotonic()
+    pool.shutdown(wait=True)
+    assert time.monotonic() - started < 5
+    with pytest.raises(modelpool.PoolClosedError):
+        stuck.result(timeout=0)
+
+
+def test_shutdown_cancel_futures_cancels_queued() -> None:
+    pool = modelpool.Pool(Echo, workers=1).start()
+    running = pool.submit(time.sleep, 0.3)
+    time.sleep(0.05)
+    queued = [pool.submit(time.sleep, 0.3) for _ in range(3)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert running.result(timeout=0) is None
+    assert all(f.cancelled() for f in queued)
+
+
+def test_shutdown_wait_false_returns_at_once_and_completes() -> None:
+    pool = modelpool.Pool(Echo, workers=2).start()
+    pool.submit(time.sleep, 0.3)
+    started = time.monotonic()
+    pool.shutdown(wait=False)
+    assert time.monotonic() - started < 0.2
+    assert pool._supervisor.join(timeout=10)
+
+
+def test_no_leftover_threads_after_shutdown() -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with modelpool.Pool(Echo, workers=2) as pool:
+        pool.predict({})
+    time.sleep(0.1)
+    new = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert new == []
+
+
+# ---------------------------------------------------------------- misuse, before any process
+
+
+def test_class_defined_in_a_function_is_refused() -> None:
+    class Local(modelpool.Model):
+        def predict(self, inputs: object) -> object:
+            return inputs
+
+    with pytest.raises(modelpool.ModelSpecError, match="defined inside a function"):
+        modelpool.Pool(Local)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("_models", "must have the form"),
+        ("no_such_module_xyz:Model", "no module named 'no_such_module_xyz'"),
+        ("_models:NoSuchModel", "has no attribute 'NoSuchModel'"),
+        ("_models:_die", "not a class"),
+        ("modelpool:Model", "no predict"),
+    ],
+)
+def test_bad_import_strings(spec: str, match: str) -> None:
+    with pytest.raises(modelpool.ModelSpecError, match=match):
+        modelpool.Pool(spec)
+
+
+def test_fork_refused_with_live_threads() -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="someone-elses-thread")
+    thread.start()
+    try:
+        pool = modelpool.Pool(Echo, start_method="fork")
+        with pytest.raises(modelpool.UnsafeForkError, match="someone-elses-thread"):
+            pool.start()
+    finally:
+        stop.set()
+        thread.join()
