@@ -184,3 +184,25 @@ class TorchModel(modelpool.Model):
         with torch.no_grad():
             y = self.layer(x)
         return {"y": y.numpy(), "threads": np.array(torch.get_num_threads())}
+
+
+class FailSlot(modelpool.Model):
+    """setup() fails in worker slot ``bad_index``, or once overall (``fail_once`` marker)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def setup(self) -> None:
+        info = modelpool.worker_info()
+        assert info is not None
+        if info.index == self.options.get("bad_index"):
+            raise RuntimeError(f"slot {info.index} cannot load")
+        marker = self.options.get("fail_once")
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("transient failure")
+
+    def predict(self, inputs: Any) -> Any:
+        info = modelpool.worker_info()
+        assert info is not None
+        return info.index

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import modelpool
-from _models import Crashy, Echo, Leaky, SlowSetup, Teardown
+from _models import Crashy, Echo, FailSlot, Leaky, SlowSetup, Teardown
 
 HOW = ["sigkill", "sigsegv", "exit", "raise"]
 EXPECTED_EXIT = {"sigkill": "SIGKILL", "sigsegv": "SIGSEGV", "exit": "code 7"}
@@ -192,7 +192,10 @@ def test_repeated_setup_failures_trip_the_breaker() -> None:
         with pytest.raises(modelpool.ModelSetupError):  # fails fast now, no respawn loop
             pool.predict({})
         assert time.monotonic() - fast < 0.5
-        assert pool.stats().workers == []
+        (slot,) = pool.stats().workers  # the slot is still reported, with why it is empty
+        assert slot.state == "failed"
+        assert slot.pid is None
+        assert "code 3" in (slot.last_exit or "")
     finally:
         pool.shutdown()
 
@@ -324,3 +327,94 @@ def test_fork_refused_with_live_threads() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_breaker_leaves_healthy_workers_serving() -> None:
+    """One slot that cannot load must not shut out the workers that did."""
+    pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
+    try:
+        deadline = time.monotonic() + 20
+        while pool.stats().workers[1].state != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(5):
+            assert pool.predict({}) == 0  # served by slot 0
+    finally:
+        pool.shutdown()
+
+
+def test_an_old_setup_failure_does_not_fail_a_later_start(tmp_path: Path) -> None:
+    marker = tmp_path / "failed-once"
+    pool = modelpool.Pool(FailSlot, options={"fail_once": str(marker)}).start(wait=False)
+    try:
+        assert pool.predict({}, timeout=20) == 0  # recovered after one failure
+        pool.start()  # must not re-raise the failure that was already survived
+        assert pool.predict({}) == 0
+    finally:
+        pool.shutdown()
+
+
+def test_submit_then_shutdown_at_once_finishes_the_work() -> None:
+    """Workers still loading are not killed while queued work waits for them."""
+    pool = modelpool.Pool(SlowSetup, options={"seconds": 0.3})
+    futures = [pool.submit(os.getpid) for _ in range(3)]
+    pool.shutdown(wait=True)
+    assert all(f.result(timeout=0) > 0 for f in futures)
+
+
+def test_drain_timeout_none_waits_for_work() -> None:
+    pool = modelpool.Pool(Echo, drain_timeout=None).start()
+    future = pool.submit(time.sleep, 0.3)
+    pool.shutdown()
+    assert future.result(timeout=0) is None
+
+
+def test_load_is_spread_over_idle_workers() -> None:
+    with modelpool.Pool(Echo, workers=2) as pool:
+        for _ in range(20):
+            pool.predict({})
+        assert sorted(w.served for w in pool.stats().workers) == [10, 10]
+
+
+def test_predict_on_a_pool_without_model_fails_in_the_caller() -> None:
+    with modelpool.Pool(workers=1) as pool:
+        with pytest.raises(modelpool.ModelSpecError, match="without a model"):
+            pool.predict({})
+        assert pool.submit(os.getpid).result() > 0
+
+
+def test_dropped_pool_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
+    script = tmp_path / "drop.py"
+    script.write_text(
+        "import modelpool, os\n"
+        "if __name__ == '__main__':\n"
+        "    pool = modelpool.Pool(workers=2).start()\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    del pool\n"
+    )
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    worker = int(done.stdout.split()[0])
+    _wait_for(lambda: not _alive(worker), timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1.5GB", int(1.5 * 1024**3)), ("512MiB", 512 * 1024**2), (1000, 1000)]
+)
+def test_memory_limits_parse(text: object, size: int) -> None:
+    pool = modelpool.Pool(Echo, max_memory_per_worker=text)  # type: ignore[arg-type]
+    assert pool._settings.max_memory_per_worker == size

@@ -115,13 +115,27 @@ def resolve_threads(
 def thread_env(
     threads: int, *, explicit: bool, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The thread-limit variables a worker sets before importing the model.
+    """All thread-limit variables a worker sets before importing the model.
 
-    An explicit ``threads_per_worker`` overrides everything; otherwise a variable the user
-    exported is kept as it is.
+    An explicit ``threads_per_worker`` overrides everything; otherwise a value the user exported
+    is passed on as it is (explicitly: a forkserver's workers inherit the environment the fork
+    server had when it started, not the pool's current one).
     """
     environ = os.environ if environ is None else environ
-    return {name: str(threads) for name in THREAD_ENV_VARS if explicit or name not in environ}
+    env = {}
+    for name in THREAD_ENV_VARS:
+        exported = _env_int(environ, name)
+        env[name] = str(threads if explicit or exported is None else exported)
+    return env
+
+
+#: threadpoolctl library (internal API) -> the variable that sets its size.
+_POOL_VARS = {
+    "openmp": "OMP_NUM_THREADS",
+    "openblas": "OPENBLAS_NUM_THREADS",
+    "mkl": "MKL_NUM_THREADS",
+    "blis": "BLIS_NUM_THREADS",
+}
 
 
 def derive_seed(base: int, index: int, generation: int) -> int:
@@ -130,23 +144,23 @@ def derive_seed(base: int, index: int, generation: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _native_threads_beyond_known() -> int:
-    """OS threads that are neither Python threads nor OpenBLAS's fork-safe pthreads pool."""
+def _native_threads() -> int:
+    """OS threads of this process that are not Python threads."""
     try:
         tasks = len(os.listdir("/proc/self/task"))
     except OSError:
         return 0
-    expected = threading.active_count()
-    if "numpy" in sys.modules:
-        with contextlib.suppress(Exception):
-            from threadpoolctl import threadpool_info
+    return max(0, tasks - threading.active_count())
 
-            for info in threadpool_info():
-                if info.get("internal_api") == "openblas" and info.get("threading_layer") == (
-                    "pthreads"
-                ):
-                    expected += max(0, int(info.get("num_threads", 1)) - 1)
-    return max(0, tasks - expected)
+
+def _openmp_loaded() -> bool:
+    if not any(name in sys.modules for name in ("numpy", "torch", "sklearn", "cv2")):
+        return False
+    with contextlib.suppress(Exception):
+        from threadpoolctl import threadpool_info
+
+        return any(info.get("user_api") == "openmp" for info in threadpool_info())
+    return False
 
 
 def fork_hazards() -> list[str]:
@@ -175,11 +189,14 @@ def fork_hazards() -> list[str]:
             f"{len(others)} other Python thread(s) are running ({', '.join(others[:5])}); a "
             "lock one of them holds at fork stays locked forever in the child"
         )
-    native = _native_threads_beyond_known()
-    if native:
+    native = _native_threads()
+    if native and _openmp_loaded():
+        # We cannot tell OpenMP's threads from others (OpenBLAS's are fork-safe), so with an
+        # OpenMP runtime loaded, any native thread counts: a false alarm costs a start method,
+        # a miss costs a hang (GCC bug 60035, pytorch#17199).
         reasons.append(
-            f"{native} native thread(s) are running (an OpenMP or other native thread pool, "
-            "e.g. after a torch computation); forked children can hang in its barrier"
+            f"an OpenMP runtime is loaded and {native} native thread(s) are running (e.g. "
+            "after a torch computation); forked children can hang in its thread barrier"
         )
     return reasons
 
@@ -219,21 +236,68 @@ def apply_env(env: Mapping[str, str]) -> None:
     os.environ.update(env)
 
 
-def limit_thread_pools(threads: int) -> None:
-    """Limit thread pools already loaded: BLAS/OpenMP (threadpoolctl), torch, OpenCV."""
+def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
+    """Limit thread pools already loaded: BLAS/OpenMP (threadpoolctl, each by its own variable
+    in ``env``), torch (by ``OMP_NUM_THREADS``), OpenCV (by ``threads``)."""
+    limits = {api: int(env.get(var, threads)) for api, var in _POOL_VARS.items()}
     with contextlib.suppress(Exception):
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
 
-        threadpool_limits(limits=threads)
+        controller = ThreadpoolController()
+        for api, n in limits.items():
+            selected = controller.select(internal_api=api)
+            if selected:
+                selected.limit(limits=n)
     torch = sys.modules.get("torch")
     if torch is not None:
         with contextlib.suppress(Exception):
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            if torch.get_num_threads() != limits["openmp"]:
+                torch.set_num_threads(limits["openmp"])
     cv2 = sys.modules.get("cv2")
     if cv2 is not None:
         with contextlib.suppress(Exception):
             cv2.setNumThreads(threads)
+
+
+class _AfterImport:
+    """A meta-path finder that runs ``after(module)`` right after ``name`` is imported."""
+
+    def __init__(self, name: str, after: Any) -> None:
+        self.name = name
+        self.after = after
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if spec is None or exec_module is None:
+            return spec
+        after = self.after
+
+        def exec_then(module: Any) -> None:
+            exec_module(module)
+            after(module)
+
+        loader.exec_module = exec_then  # type: ignore[union-attr]
+        return spec
+
+
+def seed_torch_when_imported(seed: int, threads: int, env: Mapping[str, str]) -> None:
+    """If torch is imported later (in predict, in a task), seed and limit it at once."""
+    if "torch" in sys.modules:
+        return
+
+    def after(torch: Any) -> None:
+        with contextlib.suppress(Exception):
+            torch.manual_seed(seed)
+            torch.set_num_threads(int(env.get("OMP_NUM_THREADS", threads)))
+
+    sys.meta_path.insert(0, _AfterImport("torch", after))
 
 
 def seed_rngs(seed: int, *, only_new: frozenset[str] = frozenset()) -> frozenset[str]:

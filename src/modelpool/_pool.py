@@ -39,19 +39,20 @@ def _parse_memory(value: int | str | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise TypeError(f"max_memory_per_worker must be bytes (int) or like '2GB', got {value!r}")
     if isinstance(value, int):
-        number, unit = value, ""
+        number, unit = float(value), ""
     else:
-        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        text = value.strip().upper().removesuffix("IB").removesuffix("B").strip()
         unit = text[-1] if text and text[-1] in "KMGT" else ""
         try:
-            number = int(float(text[: len(text) - len(unit)]))
+            number = float(text[: len(text) - len(unit)])
         except ValueError:
             raise ValueError(
-                f"max_memory_per_worker={value!r} is not a size; use bytes or e.g. '512MB', '2GB'"
+                f"max_memory_per_worker={value!r} is not a size; use bytes or e.g. '512MB', '1.5GB'"
             ) from None
-    if number <= 0:
+    size = int(number * _UNITS[unit])
+    if size <= 0:
         raise ValueError(f"max_memory_per_worker must be positive, got {value!r}")
-    return number * _UNITS[unit]
+    return size
 
 
 def _positive(name: str, value: float | None, *, integer: bool = False) -> None:
@@ -138,7 +139,7 @@ class Pool(cf.Executor):
         max_memory_per_worker: int | str | None = None,
         retries: int = 0,
         seed: int | None = None,
-        drain_timeout: float = 30.0,
+        drain_timeout: float | None = 30.0,
     ) -> None:
         _positive("workers", workers, integer=True)
         _positive("threads_per_worker", threads_per_worker, integer=True)
@@ -146,8 +147,10 @@ class Pool(cf.Executor):
         _positive("setup_timeout", setup_timeout)
         _positive("max_requests_per_worker", max_requests_per_worker, integer=True)
         _positive("drain_timeout", drain_timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int >= 0, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         methods = multiprocessing.get_all_start_methods()
@@ -185,6 +188,8 @@ class Pool(cf.Executor):
         self._start_lock = threading.Lock()
         self._started = False
         self._closed = False
+        # a pool dropped without shutdown() still stops its workers (supervisor != self)
+        weakref.finalize(self, self._supervisor.close, cancel_futures=True, force=False)
 
     @staticmethod
     def _resolve_model(model: Any, method: str) -> tuple[str | None, str, tuple[TensorSpec, ...]]:
@@ -223,6 +228,7 @@ class Pool(cf.Executor):
         with self._start_lock:
             if self._closed:
                 raise PoolClosedError("this pool was shut down; create a new Pool")
+            since = self._supervisor.failure_seq
             if not self._started:
                 if self._start_method == "fork":
                     hazards = _hygiene.fork_hazards()
@@ -233,12 +239,12 @@ class Pool(cf.Executor):
                             + ". Use the default start method (forkserver/spawn), or create "
                             "the pool before importing or running these."
                         )
-                _register_atexit(self)
+                _register_atexit(self._supervisor)
                 self._started = True
                 self._supervisor.start()
         if wait:
             try:
-                self._supervisor.wait_ready()
+                self._supervisor.wait_ready(since)
             except BaseException:
                 self._terminate()
                 raise
@@ -286,12 +292,19 @@ class Pool(cf.Executor):
             self.start(wait=False)
 
     def _request(self, kind: int, payload: Any, timeout: float | None) -> cf.Future[Any]:
-        self._ensure_started()
         _positive("timeout", timeout)
+        self._ensure_started()
         req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
         req.frame = _transport.encode((kind, req.id, payload))
         self._supervisor.submit(req)
         return req.future
+
+    def _call(self, kind: int, payload: Any, timeout: float | None) -> Any:
+        _positive("timeout", timeout)
+        self._ensure_started()
+        req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
+        req.frame = _transport.encode((kind, req.id, payload))
+        return self._supervisor.call(req)
 
     def predict(self, inputs: Any, timeout: float | None = None) -> Any:
         """Run the model on ``inputs`` in a worker and return its outputs (blocking).
@@ -299,12 +312,21 @@ class Pool(cf.Executor):
         ``timeout`` (seconds, counted from this call) overrides the pool's; ``None`` uses it.
         Safe to call from any number of threads.
         """
+        self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
-        return self._request(PREDICT, inputs, timeout).result()
+        return self._call(PREDICT, inputs, timeout)
+
+    def _check_has_model(self) -> None:
+        if self._settings.model_ref is None:
+            raise ModelSpecError(
+                "this pool was created without a model, so it has no predict(); pass a model "
+                "(Pool('pkg.module:Model', ...)) or use submit() to run functions"
+            )
 
     async def apredict(self, inputs: Any, timeout: float | None = None) -> Any:
         """``predict`` for asyncio; works from any event loop. Cancelling it drops the request
         if it has not started, or its result if it has."""
+        self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         return await asyncio.wrap_future(self._request(PREDICT, inputs, timeout))
 
@@ -345,20 +367,25 @@ class Pool(cf.Executor):
         )
 
 
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+# Supervisors (not pools: a pool may be garbage already) still running at interpreter exit are
+# stopped then, before multiprocessing's own exit handler would wait for their workers forever.
+_running: set[Supervisor] = set()
 _atexit_registered = False
 _atexit_lock = threading.Lock()
 
 
-def _register_atexit(pool: Pool) -> None:
+def _register_atexit(supervisor: Supervisor) -> None:
     global _atexit_registered
     with _atexit_lock:
-        _live_pools.add(pool)
+        _running.add(supervisor)
+        supervisor.on_done = _running.discard
         if not _atexit_registered:
-            atexit.register(_shutdown_live_pools)
+            atexit.register(_stop_running)
             _atexit_registered = True
 
 
-def _shutdown_live_pools() -> None:
-    for pool in list(_live_pools):
-        pool._terminate()
+def _stop_running() -> None:
+    for supervisor in list(_running):
+        supervisor.close(cancel_futures=True, force=True)
+    for supervisor in list(_running):
+        supervisor.join(timeout=30.0)

@@ -25,19 +25,22 @@ import selectors
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
 import psutil
 
-from . import _transport
+from . import _shm, _transport
 from ._exceptions import (
+    ModelpoolError,
     ModelSetupError,
     PoolClosedError,
     RequestTimeoutError,
+    UnsafeForkError,
     WorkerCrashedError,
 )
-from ._hygiene import THREAD_PREFIX
+from ._hygiene import THREAD_PREFIX, derive_seed, fork_hazards
 from ._worker import ERR, OK, READY, SETUP_FAILED, STOP, WorkerSpec, run_worker
 
 __all__ = ["PoolSettings", "Request", "Supervisor", "WorkerStats", "describe_exit"]
@@ -69,7 +72,7 @@ class PoolSettings:
     max_requests_per_worker: int | None
     max_memory_per_worker: int | None
     retries: int
-    drain_timeout: float
+    drain_timeout: float | None
 
 
 @dataclasses.dataclass
@@ -92,11 +95,12 @@ class WorkerStats:
 class Request:
     """One unit of work: a predict or a function call, with its future and deadline."""
 
-    __slots__ = ("attempts", "deadline", "frame", "future", "id", "worker")
+    __slots__ = ("attempts", "deadline", "direct", "frame", "future", "id", "worker")
 
     def __init__(self, rid: int, deadline: float | None) -> None:
         self.id = rid
-        self.frame: _transport.Frame = (b"", [])
+        self.frame = _transport.Encoded(b"", [])
+        self.direct = False  # True while the calling thread itself reads the answer
         self.deadline = deadline
         self.future: cf.Future[Any] = cf.Future()
         self.attempts = 0
@@ -106,11 +110,21 @@ class Request:
 class _Worker:
     """Parent-side handle of one worker process (composition, not a Process subclass)."""
 
-    def __init__(self, index: int, generation: int, process: Any, conn: Any, lifeline: Any):
+    def __init__(
+        self,
+        index: int,
+        generation: int,
+        process: Any,
+        channel: _transport.Channel,
+        lifeline: Any,
+    ) -> None:
         self.index = index
         self.generation = generation
         self.process = process
-        self.conn = conn
+        self.channel = channel
+        self.watched = False  # the supervisor's selector reads this worker's answers
+        self.reader_active = False  # a caller thread is reading this worker's answer
+        self.exited = False
         self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
         self.pid: int | None = process.pid
         self.state = STARTING
@@ -162,11 +176,8 @@ class Supervisor:
         self._ctx = ctx
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector = selectors.DefaultSelector()  # its epoll fd is made lazily, at start
+        self._wake_r = self._wake_w = -1
         self._workers: list[_Worker] = []
         self._generation = [-1] * settings.workers
         self._last_exit: list[str | None] = [None] * settings.workers
@@ -174,8 +185,10 @@ class Supervisor:
         self._queue: collections.deque[Request] = collections.deque()
         self._deadlines: list[tuple[float, int, Request]] = []
         self._ids = itertools.count(1)
-        self._setup_failures = 0
-        self._broken: ModelSetupError | None = None
+        self._setup_failures = 0  # in a row
+        self.failure_seq = 0  # setup failures ever; start() raises on one newer than its call
+        self._last_setup_error: ModelSetupError | None = None
+        self._broken: ModelpoolError | None = None
         self._closing = False
         self._force = False
         self._drain_until: float | None = None
@@ -184,20 +197,28 @@ class Supervisor:
             target=self._run, name=f"{THREAD_PREFIX}supervisor", daemon=True
         )
         self._crash: BaseException | None = None
-        self._start_failure: ModelSetupError | None = None
+        self._done = threading.Event()
+        self.on_done: Callable[[Supervisor], object] | None = None
 
     # ------------------------------------------------------------------ caller-facing
 
     def start(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         for index in range(self.settings.workers):
             self._respawn_at[index] = 0.0
         self._thread.start()
 
-    def wait_ready(self) -> None:
-        """Block until every worker finished setup(); raise ModelSetupError if one cannot."""
+    def wait_ready(self, since: int) -> None:
+        """Block until every worker finished setup(); raise ModelSetupError if a setup fails
+        after failure number ``since`` (see ``failure_seq``)."""
         with self._changed:
             while True:
-                error = self._broken or self._start_failure or self._crash
+                error = self._broken or self._crash
+                if error is None and self.failure_seq > since:
+                    error = self._last_setup_error
                 if error is not None:
                     raise _fresh(error)
                 if self._closing:
@@ -213,18 +234,79 @@ class Supervisor:
         return Request(next(self._ids), deadline)
 
     def submit(self, req: Request) -> None:
-        """Queue ``req`` or hand it to an idle worker right now."""
+        """Queue ``req`` or hand it to an idle worker now; its future gets the answer."""
+        worker = self._admit(req, direct=False)
+        if worker is not None:
+            self._send(worker, req)
+
+    def call(self, req: Request) -> Any:
+        """Run ``req`` and return its answer, blocking. The fast path: when a worker is idle,
+        this thread sends the request and reads the answer itself (no thread handoff)."""
+        worker = self._admit(req, direct=True)
+        if worker is None:
+            return req.future.result()
+        kind, payload, answered = ERR, None, False
+        try:
+            req.future.set_running_or_notify_cancel()
+            worker.channel.send_encoded(req.frame)
+            kind, _rid, payload = worker.channel.recv()
+            answered = True
+        except (EOFError, OSError):
+            pass  # the worker died: the supervisor settles the request
+        except _transport.DecodeError as exc:
+            kind, payload, answered = ERR, exc.remote, True
+        except BaseException as exc:
+            # interrupted mid-exchange (Ctrl+C), or the inputs did not fit in shared memory:
+            # the stream may be out of step, so the worker goes; the caller sees the error
+            with self._lock:
+                if worker.request is req:
+                    worker.request = None
+                    self._kill(worker, "killed by modelpool: its caller was interrupted")
+                self._release_reader(worker)
+            self._fail(req, exc)
+            self._wake()
+            raise
+        follow = None
+        with self._lock:
+            mine = answered and worker.request is req and worker.kill_reason is None
+            if mine:
+                self._complete(worker)
+                follow = self._dispatch_to(worker)
+            self._release_reader(worker)
+        if not mine:  # timed out or crashed meanwhile: the supervisor decided
+            return req.future.result()
+        if follow is not None:
+            self._send(worker, follow)
+        if worker.retiring:
+            self._wake()
+        if kind == OK:
+            return payload
+        assert isinstance(payload, _transport.RemoteException)
+        raise payload.rebuild()
+
+    def _release_reader(self, worker: _Worker) -> None:
+        """The calling thread is done with ``worker``'s connection (lock held)."""
+        worker.reader_active = False
+        if worker.exited:  # _on_exit left the channel open for us
+            worker.channel.close()
+
+    def _admit(self, req: Request, *, direct: bool) -> _Worker | None:
+        """Take ``req`` in: assign it to an idle worker (returned) or queue it."""
         wake = False
         with self._lock:
             if self._closing:
                 raise PoolClosedError(
                     f"pool of {self.settings.model_name!r} is shut down; create a new Pool"
                 )
-            error = self._broken or self._crash
+            error = self._crash or (None if self._capacity() else self._broken)
             if error is not None:
                 raise _fresh(error)
             worker = self._idle_worker()
             if worker is not None:
+                req.direct = direct
+                if direct:
+                    self._watch(worker, False)
+                    worker.reader_active = True
                 self._assign(worker, req)
             else:
                 self._queue.append(req)
@@ -233,16 +315,16 @@ class Supervisor:
                 heapq.heappush(self._deadlines, (req.deadline, req.id, req))
                 if self._deadlines[0][2] is req:
                     wake = True
-        if worker is not None:
-            self._send(worker, req)
         if wake:
             self._wake()
+        return worker
 
     def close(self, *, cancel_futures: bool, force: bool) -> None:
         with self._lock:
             if not self._closing:
                 self._closing = True
-                self._drain_until = time.monotonic() + self.settings.drain_timeout
+                if self.settings.drain_timeout is not None:
+                    self._drain_until = time.monotonic() + self.settings.drain_timeout
             if force:
                 self._force = True
             if cancel_futures or force:
@@ -250,22 +332,38 @@ class Supervisor:
                     req = self._queue.popleft()
                     if not req.future.cancel():
                         self._fail(req, PoolClosedError("the pool was shut down"))
-        if self._thread.is_alive():
-            self._wake()
+        self._wake()  # (not guarded by is_alive(): an interrupted join() can make it lie)
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the supervisor to finish; True when it has (or never started)."""
         if self._thread.ident is None:
-            self._cleanup()
             return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._done.wait(timeout)
 
     def stats(self) -> list[WorkerStats]:
         with self._lock:
             workers = list(self._workers)
             last_exit = list(self._last_exit)
             generations = list(self._generation)
+            pending = set(self._respawn_at)
+            broken = self._broken is not None
         out = []
+        live = {w.index for w in workers}
+        for index in range(self.settings.workers):
+            if index not in live:  # a slot with no process right now: say why
+                state = "restarting" if index in pending else "failed" if broken else "stopped"
+                out.append(
+                    WorkerStats(
+                        index,
+                        max(0, generations[index]),
+                        None,
+                        state,
+                        0,
+                        max(0, generations[index]),
+                        last_exit[index],
+                        None,
+                    )
+                )
         for w in workers:
             out.append(
                 WorkerStats(
@@ -291,10 +389,17 @@ class Supervisor:
     # ------------------------------------------------------------------ internals (locked)
 
     def _idle_worker(self) -> _Worker | None:
+        """The idle worker that has served least (spreads load and recycling evenly)."""
+        best = None
         for w in self._workers:
-            if w.state == IDLE and not (w.retiring and self._has_successor(w)):
-                return w
-        return None
+            usable = w.state == IDLE and not (w.retiring and self._has_successor(w))
+            if usable and (best is None or w.served < best.served):
+                best = w
+        return best
+
+    def _capacity(self) -> bool:
+        """Some worker is loaded (or loading) and able to serve."""
+        return any(w.state in (IDLE, BUSY, STARTING) and not w.kill_reason for w in self._workers)
 
     def _assign(self, worker: _Worker, req: Request) -> None:
         worker.state = BUSY
@@ -321,10 +426,52 @@ class Supervisor:
                 req.worker = None
             self._wake()
             return
+        with self._lock:
+            self._watch(worker, True)
         try:
-            _transport.send_frame(worker.conn, req.frame)
+            worker.channel.send_encoded(req.frame)
         except OSError:
             pass  # the worker died; its sentinel will tell the supervisor
+        except BaseException as exc:  # e.g. no room for the inputs in shared memory
+            with self._lock:
+                if worker.request is req:
+                    self._complete(worker)
+            self._fail(req, exc)
+            self._wake()
+
+    def _watch(self, worker: _Worker, on: bool) -> None:
+        """(Un)register ``worker``'s connection with the selector (caller holds the lock)."""
+        if worker.watched == on or (on and (worker.kill_reason or worker.exited)):
+            return
+        if on:
+            self._selector.register(worker.channel.fileno(), selectors.EVENT_READ, ("conn", worker))
+        else:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(worker.channel.fileno())
+        worker.watched = on
+
+    def _complete(self, worker: _Worker) -> None:
+        """``worker`` answered its request (caller holds the lock)."""
+        worker.request = None
+        worker.served += 1
+        if worker.state == BUSY:
+            worker.state = IDLE
+        if worker.limit is not None and worker.served >= worker.limit:
+            worker.retiring = True
+
+    def _dispatch_to(self, worker: _Worker) -> Request | None:
+        """Give ``worker`` (just freed) the oldest queued request, if any (lock held)."""
+        while (
+            self._queue
+            and worker.state == IDLE
+            and not (worker.retiring and self._has_successor(worker))
+        ):
+            req = self._queue.popleft()
+            if req.future.done():
+                continue
+            self._assign(worker, req)
+            return req
+        return None
 
     # ------------------------------------------------------------------ the loop
 
@@ -356,6 +503,9 @@ class Supervisor:
         finally:
             self._kill_all()
             self._cleanup()
+            self._done.set()
+            if self.on_done is not None:
+                self.on_done(self)
 
     def _tick(self) -> float | None:
         """Housekeeping; returns the select timeout, or None when the loop should end."""
@@ -417,12 +567,14 @@ class Supervisor:
             if worker is None or worker.request is not req:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(req)
+                loading = sum(1 for w in self._workers if w.state == STARTING)
+                busy = sum(1 for w in self._workers if w.state == BUSY)
                 self._fail(
                     req,
                     RequestTimeoutError(
-                        f"request to {limit} timed out while waiting for a free worker (all "
-                        f"{self.settings.workers} busy or starting); it was never run. Add "
-                        "workers, or raise the timeout."
+                        f"request to {limit} timed out while waiting for a free worker "
+                        f"({busy} busy, {loading} still loading the model); it was never run. "
+                        "Add workers, or raise the timeout."
                     ),
                 )
             else:
@@ -452,18 +604,27 @@ class Supervisor:
     def _respawn(self, now: float) -> None:
         if self._broken is not None:
             self._respawn_at.clear()
+            if not self._capacity():
+                self._fail_everything(self._broken)
             return
         for index, when in sorted(self._respawn_at.items()):
             if when <= now:
                 del self._respawn_at[index]
+                if self._ctx.get_start_method() == "fork":
+                    hazards = fork_hazards()
+                    if hazards:  # the parent changed since start(): forking now would break
+                        self._broken = UnsafeForkError(
+                            f"cannot start a replacement worker for {self.settings.model_name!r}"
+                            " with start_method='fork': " + "; ".join(hazards) + ". Use the "
+                            "default start method (forkserver) for a pool that must heal."
+                        )
+                        return
                 self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         s = self.settings
         self._generation[index] += 1
         generation = self._generation[index]
-        from ._hygiene import derive_seed
-
         spec = WorkerSpec(
             model_ref=s.model_ref,
             model_name=s.model_name,
@@ -476,37 +637,52 @@ class Supervisor:
         )
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         lifeline_r, lifeline_w = self._ctx.Pipe(duplex=False)
+        to_worker = to_parent = None
+        if _shm.arenas_supported():
+            to_worker = _shm.Arena.create(f"w{index}-in")
+            to_parent = _shm.Arena.create(f"w{index}-out")
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=run_worker,
-            args=(spec, child_conn, lifeline_r),
+            args=(
+                spec,
+                child_conn,
+                lifeline_r,
+                to_worker and _shm.FdHandle(to_worker.fd),
+                to_parent and _shm.FdHandle(to_parent.fd),
+            ),
             name=f"{THREAD_PREFIX}worker-{index}",
             daemon=False,
         )
+        channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
         try:
             process.start()
         except BaseException:
-            for c in (parent_conn, child_conn, lifeline_r, lifeline_w):
+            for c in (child_conn, lifeline_r, lifeline_w):
                 c.close()
+            channel.close()
             raise
         child_conn.close()
         lifeline_r.close()
-        worker = _Worker(index, generation, process, parent_conn, lifeline_w)
+        worker = _Worker(index, generation, process, channel, lifeline_w)
         if s.setup_timeout is not None:
             worker.deadline = time.monotonic() + s.setup_timeout
         if s.max_requests_per_worker:
             jitter = random.randint(0, max(0, s.max_requests_per_worker // 10))
             worker.limit = s.max_requests_per_worker + jitter
         self._workers.append(worker)
-        self._selector.register(parent_conn.fileno(), selectors.EVENT_READ, ("conn", worker))
+        self._watch(worker, True)  # for its READY (or why it could not start)
         self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
     def _on_message(self, worker: _Worker) -> bool:
-        """Handle one message from ``worker``; False when its connection is at end of file."""
+        """Handle one message from ``worker``; False when there is nothing for us to read."""
+        with self._lock:
+            if not worker.watched or worker.reader_active:
+                return False  # a stale event: a calling thread owns this connection now
         try:
-            kind, _rid, payload = _transport.recv(worker.conn)
+            kind, _rid, payload = worker.channel.recv()
         except (EOFError, OSError):
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(worker.conn.fileno())
+            with self._lock:
+                self._watch(worker, False)
             return False  # the exit sentinel follows; _on_exit handles it
         except _transport.DecodeError as exc:
             kind, payload = ERR, exc.remote
@@ -517,6 +693,7 @@ class Supervisor:
                 worker.state = IDLE
                 worker.deadline = None
                 worker.pid = payload
+                self._watch(worker, False)
                 self._setup_failures = 0
                 self._changed.notify_all()
                 return True
@@ -530,12 +707,7 @@ class Supervisor:
                 worker.setup_error = error
                 return True
             req = worker.request
-            worker.request = None
-            worker.served += 1
-            if worker.state == BUSY:
-                worker.state = IDLE
-            if worker.limit is not None and worker.served >= worker.limit:
-                worker.retiring = True
+            self._complete(worker)
         if req is not None:
             if kind == OK:
                 with contextlib.suppress(cf.InvalidStateError):
@@ -549,21 +721,22 @@ class Supervisor:
         exitcode = worker.process.exitcode
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.process.sentinel)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(worker.conn.fileno())
         # a message may still sit in the pipe (a result or a setup error written just before
         # the exit): read it first so nothing is lost
         with contextlib.suppress(OSError, EOFError):
-            while worker.conn.poll(0) and self._on_message(worker):
+            while worker.channel.conn.poll(0) and self._on_message(worker):
                 pass
         what, signame, likely = describe_exit(exitcode)
         now = time.monotonic()
         with self._changed:
             if worker in self._workers:
                 self._workers.remove(worker)
-            for c in (worker.conn, worker.lifeline):
-                with contextlib.suppress(OSError):
-                    c.close()
+            self._watch(worker, False)
+            worker.exited = True
+            if not worker.reader_active:  # else the reading caller closes it when done
+                worker.channel.close()
+            with contextlib.suppress(OSError):
+                worker.lifeline.close()
             if worker.process.exitcode is not None:
                 with contextlib.suppress(ValueError):
                     worker.process.close()
@@ -585,20 +758,23 @@ class Supervisor:
                 "import time, guard it with `if __name__ == '__main__':`."
             )
             worker.setup_error = error
-        self._start_failure = error
+        self._last_setup_error = error
+        self.failure_seq += 1
         if self._closing:
             return
         self._setup_failures += 1
         if self._setup_failures >= MAX_SETUP_FAILURES:
             broken = ModelSetupError(
                 f"{self.settings.model_name!r} failed to load {self._setup_failures} times in "
-                f"a row; the pool stopped restarting workers. Last error: {error}"
+                f"a row; the pool stopped starting workers (those already loaded keep "
+                f"serving). Last error: {error}"
             )
             broken.__cause__ = error.__cause__ or error
             self._broken = broken
-            self._fail_everything(broken)
+            if not self._capacity():
+                self._fail_everything(broken)
             return
-        delay = min(5.0, 0.1 * 2 ** (self._setup_failures - 1))
+        delay = min(5.0, 0.5 * 2 ** (self._setup_failures - 1))
         self._respawn_at[worker.index] = now + delay
 
     def _crashed(
@@ -621,6 +797,7 @@ class Supervisor:
             return
         if req.attempts <= self.settings.retries and not self._closing:
             req.worker = None
+            req.direct = False  # the supervisor reads the retry's answer
             self._queue.appendleft(req)
             return
         tries = f" (tried {req.attempts} times)" if req.attempts > 1 else ""
@@ -657,17 +834,15 @@ class Supervisor:
         limit = self.settings.max_memory_per_worker
         for w in self._workers:
             if w.state in (IDLE, BUSY) and not w.retiring:
-                rss = _rss(w.pid)
-                if rss is not None and limit is not None and rss > limit:
+                private = _private_memory(w.pid)
+                if private is not None and limit is not None and private > limit:
                     w.retiring = True
 
     def _stop(self, worker: _Worker, now: float) -> None:
         worker.state = STOPPING
         worker.deadline = now + STOP_GRACE
-        try:
-            _transport.send(worker.conn, (STOP, 0, None))
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            worker.channel.send((STOP, 0, None))
 
     def _kill(self, worker: _Worker, reason: str) -> None:
         """SIGKILL ``worker``; its exit is handled in ``_on_exit`` by the state it died in."""
@@ -686,7 +861,7 @@ class Supervisor:
         for w in list(self._workers):
             if w.state == STOPPING or w.kill_reason is not None:
                 continue
-            if self._force or w.state == STARTING:
+            if self._force or (w.state == STARTING and not (draining and self._queue)):
                 self._kill(w, "killed by modelpool: pool shut down")
             elif w.state == BUSY and not draining:
                 if w.request is not None:
@@ -718,9 +893,11 @@ class Supervisor:
         for w in workers:
             with contextlib.suppress(Exception):
                 w.process.join(5.0)
-            for c in (w.conn, w.lifeline):
+            with contextlib.suppress(Exception):
+                w.lifeline.close()
+            if not w.reader_active:
                 with contextlib.suppress(Exception):
-                    c.close()
+                    w.channel.close()
 
     def _cleanup(self) -> None:
         with contextlib.suppress(Exception):
@@ -739,6 +916,18 @@ def _fresh(error: BaseException) -> BaseException:
         return error
     clone.__cause__ = error.__cause__
     return clone
+
+
+def _private_memory(pid: int | None) -> int | None:
+    """Resident memory of ``pid`` that is its own: RSS minus shared pages (libraries, and the
+    shared-memory arenas, which hold the data in flight, not leaks)."""
+    if pid is None:
+        return None
+    try:
+        info = psutil.Process(pid).memory_info()
+    except (psutil.Error, OSError):
+        return None
+    return int(info.rss - getattr(info, "shared", 0))
 
 
 def _rss(pid: int | None) -> int | None:

@@ -1,38 +1,48 @@
-"""What crosses the pipe between the pool and a worker, and how.
+"""What crosses between the pool and a worker, and how.
 
-A message is a small pickle (protocol 5) plus the raw buffers of the arrays in it, sent out of
-band so they are never copied into the pickle. The receiver reads each buffer into fresh memory
-it owns, so every array it rebuilds is writable (no "array is not writeable" surprise in torch).
+A message is a small pickle (protocol 5) plus the raw buffers of the arrays in it, kept out of
+band so they are never copied into the pickle. Small buffers follow the pickle on the pipe; large
+ones (>= ``_shm.THRESHOLD``) are copied once into the sender's shared-memory arena and only their
+offsets travel (see ``_shm``). The receiver rebuilds arrays over memory it owns: fresh buffers
+for small ones, arena regions no one else will touch for large ones. Either way every array it
+gets is writable (no "array is not writeable" surprise in torch).
 
-Frame on the wire (each part one ``Connection.send_bytes``)::
+Torch CPU tensors travel as their NumPy view (no storage pickling) and are rebuilt as tensors.
 
-    header:  uint32 n | n x uint64 buffer sizes | pickle bytes
-    then n buffers, in order
+One message is one ``send_bytes`` (a second write would wake the peer a second time)::
+
+    u32 n_buffers | u32 n_released | u64 sender's arena size | u64 pickle length
+    n_buffers x (u64 size, i64 arena offset or -1 = inline)
+    n_released x u64 offsets of the peer's arena regions the sender is done with
+    pickle bytes
+    inline buffers, back to back
 
 Exceptions cross as ``RemoteException``: the pickled exception when it survives a round trip,
-always with its type name, message and traceback text, so the parent can rebuild it or fall back
-to ``RemoteError``.
+always with its type name, message and traceback text, so the other side can rebuild it or fall
+back to ``RemoteError``.
 """
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
+import io
 import pickle
 import struct
+import sys
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import _shm
 from ._exceptions import RemoteError, RemoteTraceback
 
-__all__ = ["DecodeError", "Frame", "RemoteException", "encode", "recv", "send", "send_frame"]
+__all__ = ["Channel", "DecodeError", "Encoded", "RemoteException", "encode"]
 
-_COUNT = struct.Struct("<I")
-_SIZE = struct.Struct("<Q")
-
-
-#: An encoded message: the header (counts, sizes, pickle) and the out-of-band buffers.
-Frame = tuple[bytes, list[memoryview]]
+_HEAD = struct.Struct("<IIQQ")
+_BUF = struct.Struct("<Qq")
+_REL = struct.Struct("<Q")
+_INLINE = -1
 
 
 class DecodeError(Exception):
@@ -43,67 +53,198 @@ class DecodeError(Exception):
         self.remote = remote
 
 
-def encode(message: Any) -> Frame:
+@dataclasses.dataclass
+class Encoded:
+    """A pickled message whose out-of-band buffers are not yet placed anywhere."""
+
+    body: bytes
+    buffers: list[memoryview]
+
+
+# ---------------------------------------------------------------------- torch tensors
+
+
+def _rebuild_tensor(array: Any, dtype_name: str | None) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(array)
+    return tensor.view(getattr(torch, dtype_name)) if dtype_name else tensor
+
+
+def _reduce_tensor(tensor: Any) -> tuple[Any, ...]:
+    import torch
+
+    if tensor.device.type != "cpu" or tensor.is_sparse or tensor.is_quantized:
+        return tensor.__reduce_ex__(5)  # type: ignore[no-any-return]
+    t = tensor.detach().contiguous()
+    if t.dtype in (torch.bfloat16,):
+        return (_rebuild_tensor, (t.view(torch.int16).numpy(), "bfloat16"))
+    try:
+        return (_rebuild_tensor, (t.numpy(), None))
+    except (TypeError, RuntimeError):
+        return tensor.__reduce_ex__(5)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------- read-only arrays
+
+
+def _rebuild_writable(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
+    """Rebuild an array that was read-only at the sender as a writable one.
+
+    Pickle marks the buffer of a read-only array read-only, but the memory under it is the
+    receiver's own (a fresh bytearray or an arena region), so the array is made over that.
+    """
+    import numpy as np
+
+    view = memoryview(buf)
+    if view.readonly and view.obj is not None:
+        view = memoryview(view.obj).cast("B")[: view.nbytes]
+    return np.frombuffer(view, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+
+def _reduce_array(array: Any) -> Any:
+    if array.flags.writeable or array.dtype.hasobject or array.size == 0:
+        return array.__reduce_ex__(5)
+    if array.flags.c_contiguous:
+        order = "C"
+    elif array.flags.f_contiguous:
+        order = "F"
+    else:
+        return array.__reduce_ex__(5)  # copied in band: arrives as an owned, writable copy
+    return (_rebuild_writable, (pickle.PickleBuffer(array), array.dtype, array.shape, order))
+
+
+def _dispatch_table() -> dict[type, Any]:
+    table: dict[type, Any] = dict(copyreg.dispatch_table)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        table[numpy.ndarray] = _reduce_array
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        table[torch.Tensor] = _reduce_tensor
+    return table
+
+
+def encode(message: Any) -> Encoded:
     """Pickle ``message``, keeping contiguous buffers out of band (not copied).
 
     Raises whatever pickle raises; nothing has been written anywhere yet when it does.
     """
     buffers: list[pickle.PickleBuffer] = []
-    body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    if not buffers:
-        return b"\x00\x00\x00\x00" + body, []
-    raws = [b.raw() for b in buffers]
-    head = _COUNT.pack(len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
-    return head + body, raws
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=5, buffer_callback=buffers.append)
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump(message)
+    return Encoded(out.getvalue(), [b.raw() for b in buffers])
 
 
-def send_frame(conn: Connection, frame: Frame) -> None:
-    """Write an encoded message."""
-    head, raws = frame
-    conn.send_bytes(head)
-    for raw in raws:
-        conn.send_bytes(raw)
+# ---------------------------------------------------------------------- the channel
 
 
-def send(conn: Connection, message: Any) -> None:
-    """Encode and write ``message``."""
-    send_frame(conn, encode(message))
+class Channel:
+    """One end of a worker's connection with its two arenas (either may be ``None``)."""
+
+    def __init__(
+        self, conn: Connection, out_arena: _shm.Arena | None, in_arena: _shm.Arena | None
+    ) -> None:
+        self.conn = conn
+        self.out_arena = out_arena
+        self.in_arena = in_arena
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def close(self) -> None:
+        self.conn.close()
+        for arena in (self.out_arena, self.in_arena):
+            if arena is not None:
+                arena.close()
+
+    def send(self, message: Any) -> None:
+        self.send_encoded(encode(message))
+
+    def send_encoded(self, enc: Encoded) -> None:
+        """Place large buffers in the arena, then write the header and the small buffers."""
+        placed: list[tuple[int, int]] = []
+        inline: list[memoryview] = []
+        arena = self.out_arena
+        try:
+            for raw in enc.buffers:
+                if arena is not None and raw.nbytes >= _shm.THRESHOLD:
+                    placed.append((raw.nbytes, arena.write(raw)))
+                else:
+                    placed.append((raw.nbytes, _INLINE))
+                    inline.append(raw)
+        except BaseException:
+            for _, offset in placed:  # e.g. no room to grow: nothing was sent, free it all
+                if arena is not None and offset != _INLINE:
+                    arena.free(offset)
+            raise
+        released = self._drain_released()
+        size = arena.size if arena is not None else 0
+        if not placed and not released:  # the common small message
+            self.conn.send_bytes(_HEAD.pack(0, 0, size, len(enc.body)) + enc.body)
+            return
+        parts: list[Any] = [_HEAD.pack(len(placed), len(released), size, len(enc.body))]
+        parts.extend(_BUF.pack(n, offset) for n, offset in placed)
+        parts.extend(_REL.pack(offset) for offset in released)
+        parts.append(enc.body)
+        parts.extend(inline)
+        self.conn.send_bytes(b"".join(parts))
+
+    def _drain_released(self) -> list[int]:
+        arena = self.in_arena
+        if arena is None or not arena.released:
+            return []
+        out = []
+        released = arena.released
+        while released:
+            out.append(released.popleft())
+        return out
+
+    def recv(self) -> Any:
+        """Receive one message.
+
+        Raises ``EOFError``/``OSError`` when the peer is gone, ``DecodeError`` when a whole
+        message arrived but cannot be unpickled (the stream stays in step).
+        """
+        head = memoryview(self.conn.recv_bytes())
+        n_buf, n_rel, writer_size, body_len = _HEAD.unpack_from(head)
+        pos = _HEAD.size
+        specs = []
+        for _ in range(n_buf):
+            specs.append(_BUF.unpack_from(head, pos))
+            pos += _BUF.size
+        if n_rel:
+            arena = self.out_arena
+            for _ in range(n_rel):
+                (offset,) = _REL.unpack_from(head, pos)
+                pos += _REL.size
+                if arena is not None:
+                    arena.free(offset)
+        body = head[pos : pos + body_len]
+        pos += body_len
+        buffers: list[Any] = []
+        for size, offset in specs:
+            if offset == _INLINE:
+                buffers.append(bytearray(head[pos : pos + size]))  # writable, owned
+                pos += size
+            else:
+                if self.in_arena is None:
+                    raise OSError("peer sent shared memory but this side has no arena")
+                buffers.append(self.in_arena.read(offset, size, writer_size))
+        try:
+            return pickle.loads(body, buffers=buffers)
+        except Exception as exc:
+            raise DecodeError(RemoteException.capture(exc)) from exc
 
 
-def recv(conn: Connection) -> Any:
-    """Receive one message; buffers land in memory owned by the receiver (writable).
-
-    Raises ``EOFError``/``OSError`` when the peer is gone, ``DecodeError`` when a whole message
-    arrived but cannot be unpickled (the stream stays in step).
-    """
-    head = conn.recv_bytes()
-    (count,) = _COUNT.unpack_from(head)
-    if count == 0:
-        return _loads(memoryview(head)[4:], ())
-    offset = 4
-    buffers = []
-    for _ in range(count):
-        (size,) = _SIZE.unpack_from(head, offset)
-        offset += 8
-        buf = bytearray(size)
-        if size:
-            conn.recv_bytes_into(buf)
-        else:
-            conn.recv_bytes()
-        buffers.append(buf)
-    return _loads(memoryview(head)[offset:], buffers)
-
-
-def _loads(body: memoryview, buffers: Any) -> Any:
-    try:
-        return pickle.loads(body, buffers=buffers)
-    except Exception as exc:
-        raise DecodeError(RemoteException.capture(exc)) from exc
+# ---------------------------------------------------------------------- exceptions
 
 
 @dataclasses.dataclass
 class RemoteException:
-    """An exception raised in a worker, in a form that always crosses the pipe."""
+    """An exception raised on the other side, in a form that always crosses the pipe."""
 
     pickled: bytes | None
     type_name: str

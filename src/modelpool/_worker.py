@@ -14,8 +14,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _hygiene, _transport
-from ._exceptions import ModelpoolError
+from . import _hygiene, _shm, _transport
+from ._exceptions import ModelSpecError
 
 __all__ = [
     "CALL",
@@ -83,89 +83,112 @@ def worker_info() -> WorkerInfo | None:
 def current_model() -> Any:
     """The model loaded in this worker, for functions run with ``Pool.submit``."""
     if _INFO is None:
-        raise ModelpoolError(
+        raise ModelSpecError(
             "current_model() was called outside a modelpool worker; call it from code that "
             "runs in a worker (a model method or a function passed to Pool.submit)"
         )
     if _MODEL is None:
-        raise ModelpoolError(
+        raise ModelSpecError(
             "this pool has no model (it was created without one); pass a model to Pool(...) "
             "to use current_model()"
         )
     return _MODEL
 
 
+_SEEDED: frozenset[str] = frozenset()
+
+
 def _load(spec: WorkerSpec) -> Any:
-    seeded = _hygiene.seed_rngs(spec.seed)
+    global _SEEDED
+    _SEEDED = _hygiene.seed_rngs(spec.seed)
     if spec.model_ref is None:
+        _hygiene.seed_torch_when_imported(spec.seed, spec.threads, spec.env)
         return None
     from ._importer import import_from_string
 
     cls = import_from_string(spec.model_ref)
-    seeded = _hygiene.seed_rngs(spec.seed, only_new=seeded)  # e.g. torch, imported just now
-    _hygiene.limit_thread_pools(spec.threads)
+    _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)  # e.g. torch, imported just now
+    _hygiene.limit_thread_pools(spec.threads, spec.env)
     model = cls(**spec.options)
     setup = getattr(model, "setup", None)
     if setup is not None:
         setup()
-    _hygiene.seed_rngs(spec.seed, only_new=seeded)
-    _hygiene.limit_thread_pools(spec.threads)
+    _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
+    _hygiene.limit_thread_pools(spec.threads, spec.env)
+    _hygiene.seed_torch_when_imported(spec.seed, spec.threads, spec.env)
     return model
 
 
-def run_worker(spec: WorkerSpec, conn: Connection, lifeline: Connection) -> None:
+def run_worker(
+    spec: WorkerSpec,
+    conn: Connection,
+    lifeline: Connection,
+    to_worker: _shm.FdHandle | None,
+    to_parent: _shm.FdHandle | None,
+) -> None:
     """Entry point of a worker process."""
     global _INFO, _MODEL
     _hygiene.ignore_sigint()
     _hygiene.die_with_parent(lifeline)
+    channel = _transport.Channel(
+        conn,
+        out_arena=_shm.Arena(to_parent.fd) if to_parent is not None else None,
+        in_arena=_shm.Arena(to_worker.fd) if to_worker is not None else None,
+    )
     _hygiene.apply_env(spec.env)
-    _hygiene.limit_thread_pools(spec.threads)  # pools loaded before us (forkserver, __main__)
+    _hygiene.limit_thread_pools(spec.threads, spec.env)  # loaded before us (forkserver)
     _INFO = WorkerInfo(spec.index, spec.generation, os.getpid(), spec.seed, spec.threads)
     try:
         _MODEL = _load(spec)
     except BaseException as exc:
-        _transport.send(conn, (SETUP_FAILED, 0, _transport.RemoteException.capture(exc)))
-        conn.close()
+        channel.send((SETUP_FAILED, 0, _transport.RemoteException.capture(exc)))
+        channel.close()
         os._exit(EXIT_SETUP_FAILED)
-    _transport.send(conn, (READY, 0, os.getpid()))
-    _serve(conn, _MODEL)
-    conn.close()
+    channel.send((READY, 0, os.getpid()))
+    _serve(channel, _MODEL)
+    channel.close()
 
 
-def _serve(conn: Connection, model: Any) -> None:
+def _serve(channel: _transport.Channel, model: Any) -> None:
     predict = getattr(model, "predict", None)
     while True:
         try:
-            kind, rid, payload = _transport.recv(conn)
+            kind, rid, payload = channel.recv()
         except (EOFError, OSError):
             return  # the pool is gone
+        except _transport.DecodeError as exc:
+            channel.send((ERR, 0, exc.remote))
+            continue
         if kind == STOP:
             _teardown(model)
             return
+        reply = _handle(kind, rid, payload, predict)
+        del payload  # inputs no longer referenced are released with this reply
         try:
-            if kind == PREDICT:
-                if predict is None:
-                    raise ModelpoolError("this pool has no model; use submit() to run functions")
-                result = predict(payload)
-            else:
-                fn, args, kwargs = payload
-                result = fn(*args, **kwargs)
-            reply: tuple[int, int, Any] = (OK, rid, result)
-        except Exception as exc:
-            reply = (ERR, rid, _transport.RemoteException.capture(exc))
-        try:
-            _transport.send(conn, reply)
+            channel.send(reply)
         except (BrokenPipeError, ConnectionResetError):
             return
-        except Exception as exc:  # the result could not be encoded
+        except Exception as exc:  # the result could not be encoded or placed
             what = "predict" if kind == PREDICT else "the function"
             err = TypeError(
                 f"{what} returned a result that cannot be sent back to the caller: "
                 f"{type(exc).__name__}: {exc}. Return NumPy arrays, torch tensors or other "
                 "picklable values."
             )
-            _transport.send(conn, (ERR, rid, _transport.RemoteException.capture(err)))
-        del reply, payload
+            channel.send((ERR, rid, _transport.RemoteException.capture(err)))
+        del reply
+
+
+def _handle(kind: int, rid: int, payload: Any, predict: Any) -> tuple[int, int, Any]:
+    try:
+        if kind == PREDICT:
+            if predict is None:
+                raise ModelSpecError("this pool has no model; use submit() to run functions")
+            return (OK, rid, predict(payload))
+        fn, args, kwargs = payload
+        return (OK, rid, fn(*args, **kwargs))
+    except Exception as exc:
+        return (ERR, rid, _transport.RemoteException.capture(exc))
 
 
 def _teardown(model: Any) -> None:
