@@ -7,13 +7,17 @@ starts, and says precisely what to change when it is not.
 
 from __future__ import annotations
 
+import collections
 import importlib
+import pickle
 import sys
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import ModelSpecError
 
-__all__ = ["import_from_string", "reference_of"]
+__all__ = ["ByValue", "import_from_string", "portable", "reference_of"]
 
 
 def import_from_string(spec: str) -> Any:
@@ -101,3 +105,68 @@ def reference_of(obj: Any, *, start_method: str) -> str:
             "pass an import string."
         )
     return f"{module_name}:{qualname}"
+
+
+class ByValue:
+    """A callable pickled by value (cloudpickle), for one workers cannot import by name.
+
+    Workers keep the last few they rebuilt, so a lambda submitted many times is unpickled once.
+    """
+
+    __slots__ = ("blob", "name")
+    _rebuilt: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+
+    def __init__(self, blob: bytes, name: str) -> None:
+        self.blob = blob
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = ByValue._rebuilt
+        fn = cache.get(self.blob)
+        if fn is None:
+            import cloudpickle
+
+            fn = cache[self.blob] = cloudpickle.loads(self.blob)
+            if len(cache) > 64:
+                cache.popitem(last=False)
+        return fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.name} (by value)>"
+
+
+_portable_cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def portable(fn: Callable[..., Any], start_method: str) -> Any:
+    """``fn`` itself when workers can import it by name, else a ``ByValue`` copy.
+
+    Raises ``ModelSpecError`` naming the object and what to change when neither works.
+    """
+    try:
+        return _portable_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        reference_of(fn, start_method=start_method)
+        pickle.dumps(fn, protocol=5)
+        result: Any = fn
+    except Exception:
+        import cloudpickle
+
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        try:
+            result = ByValue(cloudpickle.dumps(fn, protocol=5), name)
+        except Exception as exc:
+            raise ModelSpecError(
+                f"cannot send {name!r} to a worker: workers cannot import it by name, and "
+                f"pickling it by value failed ({type(exc).__name__}: {exc}). It probably "
+                "captures something that cannot be pickled (a lock, a socket, an open file, a "
+                "pool); define it at the top level of a module and pass that state as "
+                "arguments instead."
+            ) from exc
+    try:
+        _portable_cache[fn] = result
+    except TypeError:
+        pass  # not weakly referenceable (e.g. a builtin): nothing to cache
+    return result

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import functools
+import itertools
 import multiprocessing
 import os
 import pickle
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from . import _hygiene, _transport
 from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
-from ._importer import import_from_string, reference_of
+from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
 from ._supervisor import PoolSettings, Supervisor, WorkerStats
 from ._worker import CALL, PREDICT
@@ -24,6 +26,16 @@ from ._worker import CALL, PREDICT
 __all__ = ["Pool", "PoolStats"]
 
 T = TypeVar("T")
+
+
+def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
+    return [fn(*args) for args in chunk]
+
+
+def _chunked(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -80,43 +92,6 @@ class PoolStats(dict[str, Any]):
             raise AttributeError(name) from None
 
 
-class _ByValue:
-    """A function pickled by value (cloudpickle), for objects workers cannot import."""
-
-    __slots__ = ("blob", "name")
-
-    def __init__(self, blob: bytes, name: str) -> None:
-        self.blob = blob
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import cloudpickle
-
-        return cloudpickle.loads(self.blob)(*args, **kwargs)
-
-
-def _portable(fn: Callable[..., Any], start_method: str) -> Any:
-    """``fn`` itself when workers can import it, else a by-value wrapper; or a precise error."""
-    try:
-        reference_of(fn, start_method=start_method)
-        pickle.dumps(fn, protocol=5)
-        return fn
-    except Exception:
-        pass
-    import cloudpickle
-
-    name = getattr(fn, "__qualname__", repr(fn))
-    try:
-        return _ByValue(cloudpickle.dumps(fn, protocol=5), name)
-    except Exception as exc:
-        raise ModelSpecError(
-            f"cannot send {name!r} to a worker: it cannot be imported there by name, and "
-            f"pickling it by value failed ({type(exc).__name__}: {exc}). It probably captures "
-            "something that cannot be pickled (a lock, a socket, an open file); define it at "
-            "the top level of a module and pass that state as arguments."
-        ) from exc
-
-
 class Pool(cf.Executor):
     """A supervised pool of worker processes, each running one copy of a model.
 
@@ -140,6 +115,8 @@ class Pool(cf.Executor):
         retries: int = 0,
         seed: int | None = None,
         drain_timeout: float | None = 30.0,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
     ) -> None:
         _positive("workers", workers, integer=True)
         _positive("threads_per_worker", threads_per_worker, integer=True)
@@ -161,6 +138,15 @@ class Pool(cf.Executor):
         ref, name, specs = self._resolve_model(model, method)
         self._model_name = name
         self._input_specs: tuple[TensorSpec, ...] = specs
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {initializer!r}")
+        init = None
+        if initializer is not None:
+            init = (portable(initializer, method), tuple(initargs))
+            try:
+                pickle.dumps(init[1])
+            except Exception as exc:
+                raise ModelSpecError(f"initargs must be picklable: {exc}") from exc
         threads = _hygiene.resolve_threads(threads_per_worker, workers)
         env = _hygiene.thread_env(threads, explicit=threads_per_worker is not None)
         self._settings = PoolSettings(
@@ -177,6 +163,7 @@ class Pool(cf.Executor):
             max_memory_per_worker=_parse_memory(max_memory_per_worker),
             retries=retries,
             drain_timeout=drain_timeout,
+            initializer=init,
         )
         try:
             pickle.dumps(self._settings.options)
@@ -335,8 +322,26 @@ class Pool(cf.Executor):
         returns that worker's model. Same crash, timeout and retry rules as ``predict``."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r}")
-        portable = _portable(fn, self._start_method)
-        return self._request(CALL, (portable, args, kwargs), None)
+        return self._request(CALL, (portable(fn, self._start_method), args, kwargs), None)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``concurrent.futures.Executor.map``: results in order, ``timeout`` (seconds)
+        for the whole map. ``chunksize`` > 1 sends items in chunks (fewer round trips); a
+        crash or timeout then fails the whole chunk it was in."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunk_fn = functools.partial(_run_chunk, portable(fn, self._start_method))
+        chunks = _chunked(zip(*iterables, strict=False), chunksize)
+        results = super().map(chunk_fn, chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
 
     # ------------------------------------------------------------------ introspection
 

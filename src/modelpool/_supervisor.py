@@ -73,6 +73,7 @@ class PoolSettings:
     max_memory_per_worker: int | None
     retries: int
     drain_timeout: float | None
+    initializer: tuple[Any, tuple[Any, ...]] | None = None
 
 
 @dataclasses.dataclass
@@ -634,6 +635,7 @@ class Supervisor:
             seed=derive_seed(s.seed, index, generation),
             threads=s.threads,
             env=s.env,
+            initializer=s.initializer,
         )
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         lifeline_r, lifeline_w = self._ctx.Pipe(duplex=False)

@@ -114,14 +114,21 @@ def _reduce_array(array: Any) -> Any:
     return (_rebuild_writable, (pickle.PickleBuffer(array), array.dtype, array.shape, order))
 
 
+_TABLES: dict[tuple[bool, bool, int], dict[type, Any]] = {}
+
+
 def _dispatch_table() -> dict[type, Any]:
-    table: dict[type, Any] = dict(copyreg.dispatch_table)
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        table[numpy.ndarray] = _reduce_array
     torch = sys.modules.get("torch")
-    if torch is not None:
-        table[torch.Tensor] = _reduce_tensor
+    key = (numpy is not None, torch is not None, len(copyreg.dispatch_table))
+    table = _TABLES.get(key)
+    if table is None:
+        table = dict(copyreg.dispatch_table)
+        if numpy is not None:
+            table[numpy.ndarray] = _reduce_array
+        if torch is not None:
+            table[torch.Tensor] = _reduce_tensor
+        _TABLES[key] = table
     return table
 
 

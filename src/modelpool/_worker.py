@@ -69,6 +69,7 @@ class WorkerSpec:
     seed: int
     threads: int
     env: dict[str, str]
+    initializer: tuple[Any, tuple[Any, ...]] | None = None
 
 
 _INFO: WorkerInfo | None = None
@@ -101,6 +102,10 @@ _SEEDED: frozenset[str] = frozenset()
 def _load(spec: WorkerSpec) -> Any:
     global _SEEDED
     _SEEDED = _hygiene.seed_rngs(spec.seed)
+    if spec.initializer is not None:
+        initializer, initargs = spec.initializer
+        initializer(*initargs)
+        _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
     if spec.model_ref is None:
         _hygiene.seed_torch_when_imported(spec.seed, spec.threads, spec.env)
         return None
