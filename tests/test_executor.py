@@ -229,3 +229,24 @@ def test_no_shared_memory_left_after_crash_or_shutdown() -> None:
             threading.Event().wait(0.02)
         assert pool.predict(None)["pid"] != pid
     assert shm_segments() == before  # arenas are memfds: nothing named, nothing to leak
+
+
+def test_script_read_from_stdin_can_use_a_pool() -> None:
+    """H9 variant: ``python - < script.py`` has ``__main__.__file__ == '<stdin>'``, which
+    multiprocessing would try to re-run in every worker (FileNotFoundError)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import modelpool\n"
+        "def double(x):\n"
+        "    return 2 * x\n"
+        "with modelpool.Pool(workers=2) as pool:\n"
+        "    print(list(pool.map(double, range(4))), pool.submit(lambda: 7).result())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 2, 4, 6] 7"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import os
 import pickle
 import sys
 import weakref
@@ -62,8 +63,12 @@ def import_from_string(spec: str) -> Any:
 
 
 def _main_is_importable() -> bool:
+    """Can a fresh worker re-create ``__main__`` (a script file or ``python -m``)?"""
     main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None)) or bool(getattr(main, "__spec__", None))
+    if getattr(main, "__spec__", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path)  # not "<stdin>", not a notebook
 
 
 def reference_of(obj: Any, *, start_method: str) -> str:

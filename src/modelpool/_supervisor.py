@@ -23,9 +23,10 @@ import os
 import random
 import selectors
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -299,7 +300,9 @@ class Supervisor:
                 raise PoolClosedError(
                     f"pool of {self.settings.model_name!r} is shut down; create a new Pool"
                 )
-            error = self._crash or (None if self._capacity() else self._broken)
+            error = self._crash
+            if error is None and self._broken is not None and not self._capacity():
+                error = self._broken
             if error is not None:
                 raise _fresh(error)
             worker = self._idle_worker()
@@ -657,7 +660,8 @@ class Supervisor:
         )
         channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
         try:
-            process.start()
+            with _main_path_workers_can_use(self._ctx.get_start_method()):
+                process.start()
         except BaseException:
             for c in (child_conn, lifeline_r, lifeline_w):
                 c.close()
@@ -726,7 +730,7 @@ class Supervisor:
         # a message may still sit in the pipe (a result or a setup error written just before
         # the exit): read it first so nothing is lost
         with contextlib.suppress(OSError, EOFError):
-            while worker.channel.conn.poll(0) and self._on_message(worker):
+            while worker.channel.readable() and self._on_message(worker):
                 pass
         what, signame, likely = describe_exit(exitcode)
         now = time.monotonic()
@@ -908,6 +912,28 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+@contextlib.contextmanager
+def _main_path_workers_can_use(method: str) -> Iterator[None]:
+    """Hide a ``__main__.__file__`` that names no file while a worker starts.
+
+    Under spawn/forkserver, multiprocessing re-runs the parent's main script in the child (and
+    in the fork server) from ``__main__.__file__``. For a script read from standard input that
+    is ``'<stdin>'``, and every worker would die at start with FileNotFoundError. Without the
+    attribute, multiprocessing skips the step, as it does for ``python -c``.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if method == "fork" or path is None or spec is not None or os.path.exists(path):
+        yield
+        return
+    del main.__file__  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        main.__file__ = path  # type: ignore[union-attr]
 
 
 def _fresh(error: BaseException) -> BaseException:
