@@ -142,6 +142,8 @@ def _plain(obj: Any, depth: int) -> bool:
     kind = type(obj)
     if kind in _PLAIN:
         return True
+    if kind is tuple and depth > 0:  # the message itself: (kind, id, payload)
+        return all(type(item) in _PLAIN or _plain(item, depth - 1) for item in obj)
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
         return bool(obj.flags.writeable)
     if depth <= 0:
@@ -183,10 +185,16 @@ class _Wire:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._pending = bytearray()  # bytes read past the end of the last message
+        self._buf = bytearray(_CHUNK)  # reused for every message that fits
+        self._have = 0  # bytes of self._buf already read
 
     def send(self, parts: list[Any]) -> None:
-        total = sum(memoryview(p).nbytes for p in parts)
+        total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+        if total < _CHUNK:  # small: one joined write beats building the iovec
+            data = memoryview(b"".join([_LEN.pack(total), *parts]))
+            while data:
+                data = data[os.write(self.fd, data) :]
+            return
         views = [memoryview(_LEN.pack(total))] + [memoryview(p).cast("B") for p in parts]
         while views:
             sent = os.writev(self.fd, views)
@@ -198,34 +206,44 @@ class _Wire:
 
     def readable(self) -> bool:
         """A message (or end of file) is waiting."""
-        if self._pending:
+        if self._have:
             return True
         import select
 
         return bool(select.select([self.fd], [], [], 0)[0])
 
     def recv(self) -> memoryview:
-        data = self._pending
-        while len(data) < _LEN.size:
-            chunk = os.read(self.fd, _CHUNK)
-            if not chunk:
+        """The next message. A small one is a view into a buffer reused by the next call, so
+        the caller must be done with it (decoded, inline buffers copied) before calling again."""
+        buf, have = self._buf, self._have
+        while have < _LEN.size:
+            n = os.readv(self.fd, [memoryview(buf)[have:]])
+            if not n:
                 raise EOFError("the other process closed the connection")
-            data += chunk
-        (size,) = _LEN.unpack_from(data)
+            have += n
+        (size,) = _LEN.unpack_from(buf)
         end = _LEN.size + size
-        if len(data) >= end:
-            self._pending = data[end:]
-            return memoryview(data)[_LEN.size : end]
-        message = bytearray(size)
-        have = len(data) - _LEN.size
-        message[:have] = data[_LEN.size :]
-        self._pending = bytearray()
-        view = memoryview(message)
-        while have < size:
-            n = os.readv(self.fd, [view[have:]])
+        if end <= len(buf):
+            while have < end:
+                n = os.readv(self.fd, [memoryview(buf)[have:]])
+                if not n:
+                    raise EOFError("the other process closed the connection mid-message")
+                have += n
+            message = memoryview(buf)[_LEN.size : end]
+            if have > end:  # the start of the next message: keep it, in a fresh buffer
+                self._buf = bytearray(buf[end:have]) + bytearray(_CHUNK)
+            self._have = have - end
+            return message if have <= end else memoryview(bytes(message))
+        big = bytearray(size)  # larger than the buffer: read straight into its own memory
+        first = have - _LEN.size
+        big[:first] = buf[_LEN.size : have]
+        self._have = 0
+        view = memoryview(big)
+        while first < size:
+            n = os.readv(self.fd, [view[first:]])
             if not n:
                 raise EOFError("the other process closed the connection mid-message")
-            have += n
+            first += n
         return view
 
 
