@@ -95,18 +95,34 @@ class WorkerStats:
 
 
 class Request:
-    """One unit of work: a predict or a function call, with its future and deadline."""
+    """One unit of work: a predict or a function call, with its future and deadline.
 
-    __slots__ = ("attempts", "deadline", "direct", "frame", "future", "id", "worker")
+    The future is made on first use: a blocking call answered on the fast path never needs
+    one (it costs a Condition and an RLock). Made under a lock, so the caller thread and the
+    supervisor thread always share the same one.
+    """
+
+    __slots__ = ("_future", "attempts", "deadline", "direct", "frame", "id", "worker")
+    _make_lock = threading.Lock()
 
     def __init__(self, rid: int, deadline: float | None) -> None:
         self.id = rid
         self.frame = _transport.Encoded(b"", [])
         self.direct = False  # True while the calling thread itself reads the answer
         self.deadline = deadline
-        self.future: cf.Future[Any] = cf.Future()
+        self._future: cf.Future[Any] | None = None
         self.attempts = 0
         self.worker: _Worker | None = None
+
+    @property
+    def future(self) -> cf.Future[Any]:
+        future = self._future
+        if future is None:
+            with Request._make_lock:
+                future = self._future
+                if future is None:
+                    future = self._future = cf.Future()
+        return future
 
 
 class _Worker:
@@ -249,8 +265,10 @@ class Supervisor:
             return req.future.result()
         kind, payload, answered = ERR, None, False
         try:
-            req.future.set_running_or_notify_cancel()
-            worker.channel.send_encoded(req.frame)
+            if req.frame.buffers:
+                worker.channel.send_encoded(req.frame)
+            else:
+                worker.channel.send_small(req.frame.body)
             kind, _rid, payload = worker.channel.recv()
             answered = True
         except (EOFError, OSError):

@@ -271,7 +271,28 @@ class Channel:
                 arena.close()
 
     def send(self, message: Any) -> None:
+        """Encode and send ``message`` (one ``os.write`` for the common small one)."""
+        if _plain(message, 3) and not (self.in_arena is not None and self.in_arena.released):
+            buffers: list[pickle.PickleBuffer] = []
+            body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            if not buffers:
+                self.send_small(body)
+            else:
+                self.send_encoded(Encoded(body, [b.raw() for b in buffers]))
+            return
         self.send_encoded(encode(message))
+
+    def send_small(self, body: bytes) -> None:
+        """Send an encoded message with no out-of-band buffers (one ``os.write``)."""
+        released = self.in_arena is not None and self.in_arena.released
+        if released or len(body) >= _CHUNK:
+            self.send_encoded(Encoded(body, []))
+            return
+        size = self.out_arena.size if self.out_arena is not None else 0
+        head = _HEAD.pack(0, 0, size, len(body))
+        data = memoryview(b"".join((_LEN.pack(len(head) + len(body)), head, body)))
+        while data:
+            data = data[os.write(self.wire.fd, data) :]
 
     def send_encoded(self, enc: Encoded) -> None:
         """Place large buffers in the arena, then write the header and the small buffers."""
