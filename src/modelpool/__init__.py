@@ -17,9 +17,9 @@ from ._exceptions import (
     WorkerCrashedError,
     WorkerError,
 )
+from ._handle import WorkerStats
 from ._model import Model, TensorSpec
 from ._pool import Pool, PoolStats
-from ._supervisor import WorkerStats
 from ._worker import WorkerInfo, current_model, worker_info
 
 __version__ = "0.1.0"

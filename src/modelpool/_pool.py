@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 from . import _hygiene, _transport
 from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
+from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
-from ._supervisor import PoolSettings, Supervisor, WorkerStats
+from ._supervisor import PoolSettings, Supervisor
 from ._worker import CALL, PREDICT
 
 __all__ = ["Pool", "PoolStats"]

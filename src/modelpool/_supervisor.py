@@ -22,17 +22,13 @@ import itertools
 import os
 import random
 import selectors
-import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
-import psutil
-
-from . import _shm, _transport
+from . import _transport
 from ._exceptions import (
     ModelpoolError,
     ModelSetupError,
@@ -41,12 +37,23 @@ from ._exceptions import (
     UnsafeForkError,
     WorkerCrashedError,
 )
+from ._handle import (
+    BUSY,
+    IDLE,
+    STARTING,
+    STOPPING,
+    WorkerHandle,
+    WorkerStats,
+    describe_exit,
+    launch,
+    private_memory,
+    rss,
+)
 from ._hygiene import THREAD_PREFIX, derive_seed, fork_hazards
-from ._worker import ERR, OK, READY, SETUP_FAILED, STOP, WorkerSpec, run_worker
+from ._worker import ERR, OK, READY, SETUP_FAILED, STOP, WorkerSpec
 
 __all__ = ["PoolSettings", "Request", "Supervisor", "WorkerStats", "describe_exit"]
 
-STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
 
 #: Setup failures in a row (no worker became ready in between) after which the pool stops
 #: respawning and fails requests fast.
@@ -77,23 +84,6 @@ class PoolSettings:
     initializer: tuple[Any, tuple[Any, ...]] | None = None
 
 
-@dataclasses.dataclass
-class WorkerStats:
-    """One worker as ``Pool.stats()`` reports it. Also readable as a mapping (``s["pid"]``)."""
-
-    index: int
-    generation: int
-    pid: int | None
-    state: str
-    served: int
-    restarts: int
-    last_exit: str | None
-    rss: int | None
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-
 class Request:
     """One unit of work: a predict or a function call, with its future and deadline.
 
@@ -112,7 +102,7 @@ class Request:
         self.deadline = deadline
         self._future: cf.Future[Any] | None = None
         self.attempts = 0
-        self.worker: _Worker | None = None
+        self.worker: WorkerHandle | None = None
 
     @property
     def future(self) -> cf.Future[Any]:
@@ -125,67 +115,6 @@ class Request:
         return future
 
 
-class _Worker:
-    """Parent-side handle of one worker process (composition, not a Process subclass)."""
-
-    def __init__(
-        self,
-        index: int,
-        generation: int,
-        process: Any,
-        channel: _transport.Channel,
-        lifeline: Any,
-    ) -> None:
-        self.index = index
-        self.generation = generation
-        self.process = process
-        self.channel = channel
-        self.watched = False  # the supervisor's selector reads this worker's answers
-        self.reader_active = False  # a caller thread is reading this worker's answer
-        self.exited = False
-        self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
-        self.pid: int | None = process.pid
-        self.state = STARTING
-        self.request: Request | None = None
-        self.served = 0
-        self.limit: int | None = None  # recycle after this many requests
-        self.retiring = False
-        self.deadline: float | None = None  # setup or stop deadline
-        self.setup_error: BaseException | None = None
-        self.kill_reason: str | None = None  # set when the pool itself killed the worker
-
-
-_LIKELY = {
-    "SIGKILL": "possibly killed by the out-of-memory killer (check `dmesg`), or by kill -9",
-    "SIGSEGV": "a segmentation fault in native code (a C extension, a driver, or a library "
-    "state that did not survive fork)",
-    "SIGBUS": "a bus error in native code, often a memory-mapped file that shrank",
-    "SIGABRT": "abort() in native code, usually a failed assertion in a C/C++ library",
-    "SIGFPE": "a floating-point exception in native code",
-    "SIGILL": "an illegal instruction: a library built for a newer CPU than this one",
-    "SIGTERM": "terminated by someone else's SIGTERM",
-}
-
-
-def describe_exit(exitcode: int | None) -> tuple[str, str | None, str]:
-    """(short description, signal name or None, likely cause) of a worker's exit code."""
-    if exitcode is None:
-        return "unknown exit", None, "the exit status could not be read"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"killed by {name}", name, _LIKELY.get(name, "killed by a signal")
-    if exitcode == 0:
-        return "exited with code 0", None, "the worker process exited on its own"
-    return (
-        f"exited with code {exitcode}",
-        None,
-        "the model or a library called os._exit() / sys.exit(), or the interpreter failed",
-    )
-
-
 class Supervisor:
     """Owns the workers and the queue. Thread-safe; see the module docstring."""
 
@@ -196,7 +125,7 @@ class Supervisor:
         self._changed = threading.Condition(self._lock)
         self._selector = selectors.DefaultSelector()  # its epoll fd is made lazily, at start
         self._wake_r = self._wake_w = -1
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._generation = [-1] * settings.workers
         self._last_exit: list[str | None] = [None] * settings.workers
         self._respawn_at: dict[int, float] = {}
@@ -304,13 +233,13 @@ class Supervisor:
         assert isinstance(payload, _transport.RemoteException)
         raise payload.rebuild()
 
-    def _release_reader(self, worker: _Worker) -> None:
+    def _release_reader(self, worker: WorkerHandle) -> None:
         """The calling thread is done with ``worker``'s connection (lock held)."""
         worker.reader_active = False
         if worker.exited:  # _on_exit left the channel open for us
             worker.channel.close()
 
-    def _admit(self, req: Request, *, direct: bool) -> _Worker | None:
+    def _admit(self, req: Request, *, direct: bool) -> WorkerHandle | None:
         """Take ``req`` in: assign it to an idle worker (returned) or queue it."""
         wake = False
         with self._lock:
@@ -396,7 +325,7 @@ class Supervisor:
                     served=w.served,
                     restarts=max(0, generations[w.index]),
                     last_exit=last_exit[w.index],
-                    rss=_rss(w.pid),
+                    rss=rss(w.pid),
                 )
             )
         return sorted(out, key=lambda s: (s.index, s.generation))
@@ -410,7 +339,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ internals (locked)
 
-    def _idle_worker(self) -> _Worker | None:
+    def _idle_worker(self) -> WorkerHandle | None:
         """The idle worker that has served least (spreads load and recycling evenly)."""
         best = None
         for w in self._workers:
@@ -423,7 +352,7 @@ class Supervisor:
         """Some worker is loaded (or loading) and able to serve."""
         return any(w.state in (IDLE, BUSY, STARTING) and not w.kill_reason for w in self._workers)
 
-    def _assign(self, worker: _Worker, req: Request) -> None:
+    def _assign(self, worker: WorkerHandle, req: Request) -> None:
         worker.state = BUSY
         worker.request = req
         req.worker = worker
@@ -439,7 +368,7 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
-    def _send(self, worker: _Worker, req: Request) -> None:
+    def _send(self, worker: WorkerHandle, req: Request) -> None:
         # a retried request is already running; a fresh one may have been cancelled meanwhile
         if not (req.future.running() or req.future.set_running_or_notify_cancel()):
             # cancelled while queued: give the worker back
@@ -461,7 +390,7 @@ class Supervisor:
             self._fail(req, exc)
             self._wake()
 
-    def _watch(self, worker: _Worker, on: bool) -> None:
+    def _watch(self, worker: WorkerHandle, on: bool) -> None:
         """(Un)register ``worker``'s connection with the selector (caller holds the lock)."""
         if worker.watched == on or (on and (worker.kill_reason or worker.exited)):
             return
@@ -472,7 +401,7 @@ class Supervisor:
                 self._selector.unregister(worker.channel.fileno())
         worker.watched = on
 
-    def _complete(self, worker: _Worker) -> None:
+    def _complete(self, worker: WorkerHandle) -> None:
         """``worker`` answered its request (caller holds the lock)."""
         worker.request = None
         worker.served += 1
@@ -481,7 +410,7 @@ class Supervisor:
         if worker.limit is not None and worker.served >= worker.limit:
             worker.retiring = True
 
-    def _dispatch_to(self, worker: _Worker) -> Request | None:
+    def _dispatch_to(self, worker: WorkerHandle) -> Request | None:
         """Give ``worker`` (just freed) the oldest queued request, if any (lock held)."""
         while (
             self._queue
@@ -532,7 +461,7 @@ class Supervisor:
     def _tick(self) -> float | None:
         """Housekeeping; returns the select timeout, or None when the loop should end."""
         now = time.monotonic()
-        to_send: list[tuple[_Worker, Request]] = []
+        to_send: list[tuple[WorkerHandle, Request]] = []
         with self._changed:
             self._expire(now)
             if self._closing:
@@ -565,7 +494,7 @@ class Supervisor:
             times.append(self._drain_until)
         return min(times) if times else None
 
-    def _dispatch(self) -> list[tuple[_Worker, Request]]:
+    def _dispatch(self) -> list[tuple[WorkerHandle, Request]]:
         out = []
         while self._queue:
             if self._queue[0].future.done():
@@ -658,36 +587,7 @@ class Supervisor:
             env=s.env,
             initializer=s.initializer,
         )
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        lifeline_r, lifeline_w = self._ctx.Pipe(duplex=False)
-        to_worker = to_parent = None
-        if _shm.arenas_supported():
-            to_worker = _shm.Arena.create(f"w{index}-in")
-            to_parent = _shm.Arena.create(f"w{index}-out")
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=run_worker,
-            args=(
-                spec,
-                child_conn,
-                lifeline_r,
-                to_worker and _shm.FdHandle(to_worker.fd),
-                to_parent and _shm.FdHandle(to_parent.fd),
-            ),
-            name=f"{THREAD_PREFIX}worker-{index}",
-            daemon=False,
-        )
-        channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
-        try:
-            with _main_path_workers_can_use(self._ctx.get_start_method()):
-                process.start()
-        except BaseException:
-            for c in (child_conn, lifeline_r, lifeline_w):
-                c.close()
-            channel.close()
-            raise
-        child_conn.close()
-        lifeline_r.close()
-        worker = _Worker(index, generation, process, channel, lifeline_w)
+        worker = launch(self._ctx, spec)
         if s.setup_timeout is not None:
             worker.deadline = time.monotonic() + s.setup_timeout
         if s.max_requests_per_worker:
@@ -695,9 +595,9 @@ class Supervisor:
             worker.limit = s.max_requests_per_worker + jitter
         self._workers.append(worker)
         self._watch(worker, True)  # for its READY (or why it could not start)
-        self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
+        self._selector.register(worker.process.sentinel, selectors.EVENT_READ, ("exit", worker))
 
-    def _on_message(self, worker: _Worker) -> bool:
+    def _on_message(self, worker: WorkerHandle) -> bool:
         """Handle one message from ``worker``; False when there is nothing for us to read."""
         with self._lock:
             if not worker.watched or worker.reader_active:
@@ -740,7 +640,7 @@ class Supervisor:
                 self._fail(req, payload.rebuild())
         return True
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: WorkerHandle) -> None:
         worker.process.join(1.0)
         exitcode = worker.process.exitcode
         with contextlib.suppress(KeyError, ValueError):
@@ -773,7 +673,7 @@ class Supervisor:
             self._changed.notify_all()
         self._wake()
 
-    def _setup_failed(self, worker: _Worker, what: str, likely: str, now: float) -> None:
+    def _setup_failed(self, worker: WorkerHandle, what: str, likely: str, now: float) -> None:
         error = worker.setup_error
         if not isinstance(error, ModelSetupError):
             error = ModelSetupError(
@@ -803,7 +703,7 @@ class Supervisor:
 
     def _crashed(
         self,
-        worker: _Worker,
+        worker: WorkerHandle,
         what: str,
         signame: str | None,
         likely: str,
@@ -838,7 +738,7 @@ class Supervisor:
             ),
         )
 
-    def _has_successor(self, worker: _Worker) -> bool:
+    def _has_successor(self, worker: WorkerHandle) -> bool:
         return any(
             w.index == worker.index and w.generation > worker.generation and w.state in (IDLE, BUSY)
             for w in self._workers
@@ -858,17 +758,17 @@ class Supervisor:
         limit = self.settings.max_memory_per_worker
         for w in self._workers:
             if w.state in (IDLE, BUSY) and not w.retiring:
-                private = _private_memory(w.pid)
+                private = private_memory(w.pid)
                 if private is not None and limit is not None and private > limit:
                     w.retiring = True
 
-    def _stop(self, worker: _Worker, now: float) -> None:
+    def _stop(self, worker: WorkerHandle, now: float) -> None:
         worker.state = STOPPING
         worker.deadline = now + STOP_GRACE
         with contextlib.suppress(OSError):
             worker.channel.send((STOP, 0, None))
 
-    def _kill(self, worker: _Worker, reason: str) -> None:
+    def _kill(self, worker: WorkerHandle, reason: str) -> None:
         """SIGKILL ``worker``; its exit is handled in ``_on_exit`` by the state it died in."""
         worker.kill_reason = reason
         worker.deadline = None
@@ -932,28 +832,6 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
 
 
-@contextlib.contextmanager
-def _main_path_workers_can_use(method: str) -> Iterator[None]:
-    """Hide a ``__main__.__file__`` that names no file while a worker starts.
-
-    Under spawn/forkserver, multiprocessing re-runs the parent's main script in the child (and
-    in the fork server) from ``__main__.__file__``. For a script read from standard input that
-    is ``'<stdin>'``, and every worker would die at start with FileNotFoundError. Without the
-    attribute, multiprocessing skips the step, as it does for ``python -c``.
-    """
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    spec = getattr(main, "__spec__", None)
-    if method == "fork" or path is None or spec is not None or os.path.exists(path):
-        yield
-        return
-    del main.__file__  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        main.__file__ = path  # type: ignore[union-attr]
-
-
 def _fresh(error: BaseException) -> BaseException:
     """A new instance of a stored error, so raising it in many threads shares no traceback."""
     try:
@@ -962,24 +840,3 @@ def _fresh(error: BaseException) -> BaseException:
         return error
     clone.__cause__ = error.__cause__
     return clone
-
-
-def _private_memory(pid: int | None) -> int | None:
-    """Resident memory of ``pid`` that is its own: RSS minus shared pages (libraries, and the
-    shared-memory arenas, which hold the data in flight, not leaks)."""
-    if pid is None:
-        return None
-    try:
-        info = psutil.Process(pid).memory_info()
-    except (psutil.Error, OSError):
-        return None
-    return int(info.rss - getattr(info, "shared", 0))
-
-
-def _rss(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except (psutil.Error, OSError):
-        return None
