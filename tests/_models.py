@@ -88,7 +88,7 @@ class Crashy(modelpool.Model):
     def predict(self, inputs: Any) -> Any:
         if isinstance(inputs, dict):
             if "die" in inputs:
-                _die(str(inputs["die"]))
+                _die(str(np.asarray(inputs["die"]).ravel()[0]))
             if "die_encode" in inputs:
                 return {"out": _DiesWhenPickled(str(inputs["die_encode"]))}
             if "die_once" in inputs:  # crash the first worker that sees this marker path
@@ -206,3 +206,30 @@ class FailSlot(modelpool.Model):
         info = modelpool.worker_info()
         assert info is not None
         return info.index
+
+
+class BatchProbe(modelpool.Model):
+    """y = 2x, plus, per row, the size and dtype of the batch that row ran in."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        n = x.shape[0]
+        if float(x.sum()) < 0:  # a negative input: sleep that many tenths of a second
+            time.sleep(-float(x.min()) / 10)
+        return {
+            "y": x * 2,
+            "batch": np.full(n, n),
+            "dtype": np.full(n, x.dtype.str),
+        }
+
+
+class WrongRows(modelpool.Model):
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"][:-1]}  # one row short
+
+
+class Limited(modelpool.Model):
+    max_batch_size = 4
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"n": np.full(inputs["x"].shape[0], inputs["x"].shape[0])}

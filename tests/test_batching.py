@@ -95,7 +95,7 @@ def test_merge_and_split_round_trip() -> None:
 @pytest.mark.parametrize(
     ("outputs", "match"),
     [
-        ({"y": np.zeros((5, 2))}, r"output 'y' with shape \[5, 2\] for a batch of 6 rows"),
+        ({"y": np.zeros((5, 2))}, r"output 'y' as shape \[5, 2\] for a batch of 6 rows"),
         ({"y": np.float32(1)}, "first dimension"),
         (np.zeros((6, 2)), "returned ndarray"),
     ],

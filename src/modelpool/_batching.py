@@ -20,13 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-__all__ = ["BatchError", "Item", "merge", "select", "signature", "split"]
+__all__ = ["BatchError", "Batchable", "Item", "merge", "select", "signature", "split"]
 
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+class Batchable(Protocol):
+    """What the batcher reads of a queued request."""
+
+    arrival: float
+    rows: int
+    signature: Signature | None
+
+
+T = TypeVar("T", bound=Batchable)
 
 
 class BatchError(ValueError):
@@ -61,18 +72,18 @@ def signature(inputs: Any) -> tuple[Signature | None, int]:
 
 
 def select(
-    queue: Iterable[Item],
+    queue: Iterable[T],
     now: float,
     max_batch_size: int,
     max_batch_delay: float,
     *,
-    is_live: Callable[[Item], bool] = lambda item: True,
+    is_live: Callable[[T], bool] = lambda item: True,
     scan_limit: int = 1024,
-) -> tuple[list[Item], float | None]:
+) -> tuple[list[T], float | None]:
     """The batch to run now (possibly empty) and, if empty, when to look again (or None)."""
-    batch: list[Item] = []
+    batch: list[T] = []
     rows = 0
-    head: Item | None = None
+    head: T | None = None
     for scanned, item in enumerate(queue):
         if scanned >= scan_limit:
             break
@@ -119,9 +130,9 @@ def split(outputs: Any, rows: Sequence[int], model_name: str) -> list[Any]:
     for name, value in outputs.items():
         shape = getattr(value, "shape", None)
         if not shape or shape[0] != total:
+            got = f"shape {list(shape)}" if shape is not None else f"a {type(value).__name__}"
             raise BatchError(
-                f"model {model_name!r} returned output {name!r} with shape "
-                f"{list(shape) if shape is not None else type(value).__name__} for a batch of "
+                f"model {model_name!r} returned output {name!r} as {got} for a batch of "
                 f"{total} rows (from {len(rows)} requests); with batching on, every output's "
                 "first dimension must equal the batch size"
             )

@@ -112,6 +112,9 @@ class Model(abc.ABC):
 
     inputs: ClassVar[Sequence[TensorSpec]] = ()
     outputs: ClassVar[Sequence[TensorSpec]] = ()
+    #: The most rows (axis 0) one predict call accepts, if the model has a hard limit. A pool
+    #: never batches beyond it, and refuses a single request larger than it.
+    max_batch_size: ClassVar[int | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options

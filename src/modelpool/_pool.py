@@ -16,8 +16,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from . import _hygiene, _transport
-from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
+from . import _batching, _hygiene, _transport
+from ._exceptions import InputValidationError, ModelSpecError, PoolClosedError, UnsafeForkError
 from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
@@ -118,8 +118,17 @@ class Pool(cf.Executor):
         drain_timeout: float | None = 30.0,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        max_batch_size: int = 1,
+        max_batch_delay: float = 0.005,
+        max_queue: int | None = None,
     ) -> None:
         _positive("workers", workers, integer=True)
+        _positive("max_batch_size", max_batch_size, integer=True)
+        _positive("max_queue", max_queue, integer=True)
+        if isinstance(max_batch_delay, bool) or not isinstance(max_batch_delay, int | float):
+            raise TypeError(f"max_batch_delay must be seconds (a number), got {max_batch_delay!r}")
+        if max_batch_delay < 0:
+            raise ValueError(f"max_batch_delay must be >= 0, got {max_batch_delay!r}")
         _positive("threads_per_worker", threads_per_worker, integer=True)
         _positive("timeout", timeout)
         _positive("setup_timeout", setup_timeout)
@@ -136,9 +145,12 @@ class Pool(cf.Executor):
         if method not in methods:
             raise ValueError(f"start_method={method!r} is not available here; use one of {methods}")
         self._start_method = method
-        ref, name, specs = self._resolve_model(model, method)
+        ref, name, specs, model_limit = self._resolve_model(model, method)
         self._model_name = name
         self._input_specs: tuple[TensorSpec, ...] = specs
+        self._model_limit = model_limit  # rows the model accepts at most (its own declaration)
+        if model_limit is not None:
+            max_batch_size = min(max_batch_size, model_limit)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         init = None
@@ -165,6 +177,9 @@ class Pool(cf.Executor):
             retries=retries,
             drain_timeout=drain_timeout,
             initializer=init,
+            max_batch_size=max_batch_size,
+            max_batch_delay=float(max_batch_delay),
+            max_queue=max_queue,
         )
         try:
             pickle.dumps(self._settings.options)
@@ -180,9 +195,11 @@ class Pool(cf.Executor):
         weakref.finalize(self, self._supervisor.close, cancel_futures=True, force=False)
 
     @staticmethod
-    def _resolve_model(model: Any, method: str) -> tuple[str | None, str, tuple[TensorSpec, ...]]:
+    def _resolve_model(
+        model: Any, method: str
+    ) -> tuple[str | None, str, tuple[TensorSpec, ...], int | None]:
         if model is None:
-            return None, "function pool", ()
+            return None, "function pool", (), None
         if isinstance(model, str):
             cls = import_from_string(model)
             ref = model
@@ -202,7 +219,12 @@ class Pool(cf.Executor):
         specs = tuple(getattr(cls, "inputs", ()) or ())
         if not all(isinstance(s, TensorSpec) for s in specs):
             raise ModelSpecError(f"{cls.__qualname__}.inputs must be a list of TensorSpec")
-        return ref, cls.__name__, specs
+        limit = getattr(cls, "max_batch_size", None)
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ModelSpecError(f"{cls.__qualname__}.max_batch_size must be an int >= 1 or None")
+        return ref, cls.__name__, specs, limit
 
     # ------------------------------------------------------------------ life cycle
 
@@ -283,9 +305,26 @@ class Pool(cf.Executor):
         _positive("timeout", timeout)
         self._ensure_started()
         req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
-        req.frame = _transport.encode((kind, req.id, payload))
+        signature, rows = (None, 1)
+        if kind == PREDICT and self._settings.max_batch_size > 1:
+            signature, rows = _batching.signature(payload)
+        if signature is not None:  # merged with others at dispatch
+            req.inputs, req.signature, req.rows = payload, signature, rows
+        else:
+            req.frame = _transport.encode((kind, req.id, payload))
         self._supervisor.submit(req)
         return req.future
+
+    def _check_rows(self, inputs: Any) -> None:
+        """A request larger than the model's own declared limit is refused, never cut."""
+        if self._model_limit is None:
+            return
+        _, rows = _batching.signature(inputs)
+        if rows > self._model_limit:
+            raise InputValidationError(
+                f"model {self._model_name!r} accepts at most {self._model_limit} rows per call "
+                f"(its max_batch_size), and this request has {rows}; split it"
+            )
 
     def _call(self, kind: int, payload: Any, timeout: float | None) -> Any:
         _positive("timeout", timeout)
@@ -302,6 +341,9 @@ class Pool(cf.Executor):
         """
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
+        self._check_rows(inputs)
+        if self._settings.max_batch_size > 1:
+            return self._request(PREDICT, inputs, timeout).result()
         return self._call(PREDICT, inputs, timeout)
 
     def _check_has_model(self) -> None:
@@ -316,6 +358,7 @@ class Pool(cf.Executor):
         if it has not started, or its result if it has."""
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
+        self._check_rows(inputs)
         return await asyncio.wrap_future(self._request(PREDICT, inputs, timeout))
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:

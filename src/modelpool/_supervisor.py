@@ -28,11 +28,12 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import _transport
+from . import _batching, _transport
 from ._exceptions import (
     ModelpoolError,
     ModelSetupError,
     PoolClosedError,
+    PoolOverloadedError,
     RequestTimeoutError,
     UnsafeForkError,
     WorkerCrashedError,
@@ -50,7 +51,7 @@ from ._handle import (
     rss,
 )
 from ._hygiene import THREAD_PREFIX, derive_seed, fork_hazards
-from ._worker import ERR, OK, READY, SETUP_FAILED, STOP, WorkerSpec
+from ._worker import ERR, OK, PREDICT, READY, SETUP_FAILED, STOP, WorkerSpec
 
 __all__ = ["PoolSettings", "Request", "Supervisor", "WorkerStats", "describe_exit"]
 
@@ -82,6 +83,9 @@ class PoolSettings:
     retries: int
     drain_timeout: float | None
     initializer: tuple[Any, tuple[Any, ...]] | None = None
+    max_batch_size: int = 1
+    max_batch_delay: float = 0.0
+    max_queue: int | None = None
 
 
 class Request:
@@ -92,10 +96,23 @@ class Request:
     supervisor thread always share the same one.
     """
 
-    __slots__ = ("_future", "attempts", "deadline", "direct", "frame", "id", "worker")
+    __slots__ = (
+        "_future",
+        "arrival",
+        "attempts",
+        "batch",
+        "deadline",
+        "direct",
+        "frame",
+        "id",
+        "inputs",
+        "rows",
+        "signature",
+        "worker",
+    )
     _make_lock = threading.Lock()
 
-    def __init__(self, rid: int, deadline: float | None) -> None:
+    def __init__(self, rid: int, deadline: float | None, arrival: float = 0.0) -> None:
         self.id = rid
         self.frame = _transport.Encoded(b"", [])
         self.direct = False  # True while the calling thread itself reads the answer
@@ -103,6 +120,17 @@ class Request:
         self._future: cf.Future[Any] | None = None
         self.attempts = 0
         self.worker: WorkerHandle | None = None
+        # batching: the inputs to merge (None = send ``frame`` as it is), what the batcher reads
+        self.inputs: Any = None
+        self.arrival = arrival
+        self.rows = 1
+        self.signature: _batching.Signature | None = None
+        self.batch: Batch | None = None  # the batch this request runs in
+
+    @property
+    def members(self) -> tuple[Request, ...]:
+        """The requests whose answers this one carries (itself, or a batch's members)."""
+        return (self,)
 
     @property
     def future(self) -> cf.Future[Any]:
@@ -113,6 +141,20 @@ class Request:
                 if future is None:
                     future = self._future = cf.Future()
         return future
+
+
+class Batch(Request):
+    """Requests run together as one predict; the answer is split back per member."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, rid: int, parts: list[Request]) -> None:
+        super().__init__(rid, None)
+        self.parts = parts
+
+    @property
+    def members(self) -> tuple[Request, ...]:
+        return tuple(self.parts)
 
 
 class Supervisor:
@@ -145,6 +187,8 @@ class Supervisor:
         )
         self._crash: BaseException | None = None
         self._done = threading.Event()
+        self._batching = settings.max_batch_size > 1
+        self._batch_due: float | None = None  # when the batcher wants to look again
         self.on_done: Callable[[Supervisor], object] | None = None
 
     # ------------------------------------------------------------------ caller-facing
@@ -177,8 +221,8 @@ class Supervisor:
 
     def new_request(self, timeout: float | None) -> Request:
         """A request whose deadline counts from now; set its ``frame`` before ``submit``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return Request(next(self._ids), deadline)
+        now = time.monotonic()
+        return Request(next(self._ids), None if timeout is None else now + timeout, now)
 
     def submit(self, req: Request) -> None:
         """Queue ``req`` or hand it to an idle worker now; its future gets the answer."""
@@ -252,7 +296,16 @@ class Supervisor:
                 error = self._broken
             if error is not None:
                 raise _fresh(error)
-            worker = self._idle_worker()
+            limit = self.settings.max_queue
+            if limit is not None and len(self._queue) >= limit:
+                self._queue = collections.deque(r for r in self._queue if not r.future.done())
+                if len(self._queue) >= limit:
+                    raise PoolOverloadedError(
+                        f"pool of {self.settings.model_name!r} is overloaded: {len(self._queue)}"
+                        f" requests are already waiting (max_queue={limit}). Retry later, add "
+                        "workers, or raise max_queue."
+                    )
+            worker = None if self._batching else self._idle_worker()
             if worker is not None:
                 req.direct = direct
                 if direct:
@@ -261,7 +314,7 @@ class Supervisor:
                 self._assign(worker, req)
             else:
                 self._queue.append(req)
-                wake = True  # the supervisor may be able to start something
+                wake = True  # the supervisor may be able to start something, or batch
             if req.deadline is not None:
                 heapq.heappush(self._deadlines, (req.deadline, req.id, req))
                 if self._deadlines[0][2] is req:
@@ -356,7 +409,9 @@ class Supervisor:
         worker.state = BUSY
         worker.request = req
         req.worker = worker
-        req.attempts += 1
+        for member in req.members:
+            member.attempts += 1
+            member.worker = worker
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if not req.future.done():
@@ -369,8 +424,20 @@ class Supervisor:
             os.write(self._wake_w, b"x")
 
     def _send(self, worker: WorkerHandle, req: Request) -> None:
+        if isinstance(req, Batch):
+            try:  # merging copies rows: done here, outside the lock
+                merged = _batching.merge([part.inputs for part in req.parts])
+                req.frame = _transport.encode((PREDICT, req.id, merged))
+            except BaseException as exc:
+                with self._lock:
+                    if worker.request is req:
+                        self._complete(worker)
+                for part in req.parts:
+                    self._fail(part, exc)
+                self._wake()
+                return
         # a retried request is already running; a fresh one may have been cancelled meanwhile
-        if not (req.future.running() or req.future.set_running_or_notify_cancel()):
+        elif not (req.future.running() or req.future.set_running_or_notify_cancel()):
             # cancelled while queued: give the worker back
             with self._lock:
                 worker.state, worker.request = IDLE, None
@@ -412,6 +479,8 @@ class Supervisor:
 
     def _dispatch_to(self, worker: WorkerHandle) -> Request | None:
         """Give ``worker`` (just freed) the oldest queued request, if any (lock held)."""
+        if self._batching:
+            return None  # the supervisor forms batches
         while (
             self._queue
             and worker.state == IDLE
@@ -490,11 +559,15 @@ class Supervisor:
         times.extend(self._respawn_at.values())
         if self.settings.max_memory_per_worker:
             times.append(self._next_memory_check)
+        if self._batch_due is not None:
+            times.append(self._batch_due)
         if self._closing and self._drain_until is not None:
             times.append(self._drain_until)
         return min(times) if times else None
 
     def _dispatch(self) -> list[tuple[WorkerHandle, Request]]:
+        if self._batching:
+            return self._dispatch_batches(time.monotonic())
         out = []
         while self._queue:
             if self._queue[0].future.done():
@@ -508,6 +581,43 @@ class Supervisor:
             out.append((worker, req))
         return out
 
+    def _dispatch_batches(self, now: float) -> list[tuple[WorkerHandle, Request]]:
+        """Form batches for idle workers (lock held); see ``_batching``."""
+        out: list[tuple[WorkerHandle, Request]] = []
+        self._batch_due = None
+        while self._queue:
+            worker = self._idle_worker()
+            if worker is None:
+                break
+            chosen, due = _batching.select(
+                self._queue,
+                now,
+                self.settings.max_batch_size,
+                self.settings.max_batch_delay,
+                is_live=lambda r: not r.future.done(),
+            )
+            if not chosen:
+                self._batch_due = due
+                break
+            picked = {id(r) for r in chosen}
+            self._queue = collections.deque(
+                r for r in self._queue if id(r) not in picked and not r.future.done()
+            )
+            parts = [
+                r for r in chosen if r.future.running() or r.future.set_running_or_notify_cancel()
+            ]
+            if not parts:
+                continue  # all cancelled meanwhile
+            if len(parts) == 1 and parts[0].inputs is None:
+                unit: Request = parts[0]  # not batchable (a function call, odd inputs)
+            else:
+                unit = Batch(next(self._ids), parts)
+                for part in parts:
+                    part.batch = unit
+            self._assign(worker, unit)
+            out.append((worker, unit))
+        return out
+
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, req = heapq.heappop(self._deadlines)
@@ -515,7 +625,22 @@ class Supervisor:
                 continue
             limit = f"{self.settings.model_name!r}"
             worker = req.worker
-            if worker is None or worker.request is not req:
+            batch = req.batch
+            if batch is not None and worker is not None and worker.request is batch:
+                # in a running batch: this request fails alone; the worker is killed only
+                # when no member still waits for the answer
+                self._fail(
+                    req,
+                    RequestTimeoutError(
+                        f"request to {limit} timed out while running in a batch of "
+                        f"{len(batch.parts)} requests in worker pid {worker.pid}. Raise the "
+                        "timeout if the model is just slow."
+                    ),
+                )
+                if all(part.future.done() for part in batch.parts):
+                    worker.request = None
+                    self._kill(worker, "killed by modelpool: a batch ran past its timeout")
+            elif worker is None or worker.request is not req:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(req)
                 loading = sum(1 for w in self._workers if w.state == STARTING)
@@ -632,13 +757,32 @@ class Supervisor:
                 return True
             req = worker.request
             self._complete(worker)
-        if req is not None:
+        if isinstance(req, Batch):
+            self._deliver_batch(req, kind, payload)
+        elif req is not None:
             if kind == OK:
                 with contextlib.suppress(cf.InvalidStateError):
                     req.future.set_result(payload)
             else:
                 self._fail(req, payload.rebuild())
         return True
+
+    def _deliver_batch(self, batch: Batch, kind: int, payload: Any) -> None:
+        if kind != OK:
+            for part in batch.parts:
+                self._fail(part, payload.rebuild())  # a fresh exception for each caller
+            return
+        try:
+            answers = _batching.split(
+                payload, [part.rows for part in batch.parts], self.settings.model_name
+            )
+        except _batching.BatchError as exc:
+            for part in batch.parts:
+                self._fail(part, _batching.BatchError(*exc.args))
+            return
+        for part, answer in zip(batch.parts, answers, strict=True):
+            with contextlib.suppress(cf.InvalidStateError):  # cancelled: answer dropped
+                part.future.set_result(answer)
 
     def _on_exit(self, worker: WorkerHandle) -> None:
         worker.process.join(1.0)
@@ -717,26 +861,32 @@ class Supervisor:
         )
         if not self._closing and not replaced:
             self._respawn_at.setdefault(worker.index, now)
-        if req is None or req.future.done():
+        if req is None:
             return
-        if req.attempts <= self.settings.retries and not self._closing:
-            req.worker = None
-            req.direct = False  # the supervisor reads the retry's answer
-            self._queue.appendleft(req)
-            return
-        tries = f" (tried {req.attempts} times)" if req.attempts > 1 else ""
-        self._fail(
-            req,
-            WorkerCrashedError(
-                f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
-                f"{what} while running this request{tries}; likely cause: {likely}. The worker "
-                "is being replaced; other requests are unaffected.",
-                pid=worker.pid,
-                exitcode=exitcode,
-                signal_name=signame,
-                likely_cause=likely,
-            ),
-        )
+        members = req.members
+        for member in reversed(members):  # retries go back to the front, in their order
+            if member.future.done():
+                continue
+            member.batch = None
+            if member.attempts <= self.settings.retries and not self._closing:
+                member.worker = None
+                member.direct = False  # the supervisor reads the retry's answer
+                self._queue.appendleft(member)
+                continue
+            tries = f" (tried {member.attempts} times)" if member.attempts > 1 else ""
+            shared = f" in a batch of {len(members)}" if len(members) > 1 else ""
+            self._fail(
+                member,
+                WorkerCrashedError(
+                    f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
+                    f"{what} while running this request{shared}{tries}; likely cause: {likely}."
+                    " The worker is being replaced; other requests are unaffected.",
+                    pid=worker.pid,
+                    exitcode=exitcode,
+                    signal_name=signame,
+                    likely_cause=likely,
+                ),
+            )
 
     def _has_successor(self, worker: WorkerHandle) -> bool:
         return any(
@@ -789,13 +939,14 @@ class Supervisor:
                 self._kill(w, "killed by modelpool: pool shut down")
             elif w.state == BUSY and not draining:
                 if w.request is not None:
-                    self._fail(
-                        w.request,
-                        PoolClosedError(
-                            "the pool was shut down before this request finished "
-                            f"(drain_timeout={self.settings.drain_timeout} s)"
-                        ),
-                    )
+                    for member in w.request.members:
+                        self._fail(
+                            member,
+                            PoolClosedError(
+                                "the pool was shut down before this request finished "
+                                f"(drain_timeout={self.settings.drain_timeout} s)"
+                            ),
+                        )
                     w.request = None
                 self._kill(w, "killed by modelpool: still busy at the end of shutdown")
             elif w.state == IDLE and not (self._queue and draining):
@@ -812,7 +963,8 @@ class Supervisor:
         for w in workers:
             with contextlib.suppress(Exception):
                 if w.request is not None:
-                    self._fail(w.request, PoolClosedError("the pool was shut down"))
+                    for member in w.request.members:
+                        self._fail(member, PoolClosedError("the pool was shut down"))
                 w.process.kill()
         for w in workers:
             with contextlib.suppress(Exception):

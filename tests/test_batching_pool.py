@@ -1,0 +1,149 @@
+"""Dynamic batching, backpressure and deadlines with real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelpool
+from _models import BatchProbe, Crashy, Limited, WrongRows
+
+
+def _gather(pool: modelpool.Pool, inputs: list[dict[str, np.ndarray]], **kw: float) -> list:
+    async def run() -> list:
+        return await asyncio.gather(*(pool.apredict(x, **kw) for x in inputs))
+
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_are_batched_and_split_back() -> None:
+    inputs = [{"x": np.full((1, 3), i, np.float32)} for i in range(16)]
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.05) as pool:
+        outs = _gather(pool, inputs)
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2 * i, np.float32))
+        assert out["y"].flags.writeable
+    sizes = [int(out["batch"][0]) for out in outs]
+    assert max(sizes) > 1, sizes
+    assert all(s <= 8 for s in sizes)
+
+
+def test_requests_of_different_shapes_or_dtypes_never_mix() -> None:
+    inputs = []
+    for i in range(12):
+        dtype = np.float32 if i % 2 else np.float64
+        width = 3 if i % 3 else 4
+        inputs.append({"x": np.full((1, width), i, dtype)})
+    with modelpool.Pool(BatchProbe, max_batch_size=16, max_batch_delay=0.05) as pool:
+        outs = _gather(pool, inputs)
+    for x, out in zip(inputs, outs, strict=True):
+        assert out["dtype"][0] == x["x"].dtype.str  # the whole batch had this dtype
+        assert out["y"].shape == x["x"].shape
+
+
+def test_a_request_bigger_than_max_batch_size_runs_alone_and_whole() -> None:
+    with modelpool.Pool(BatchProbe, max_batch_size=4, max_batch_delay=0.01) as pool:
+        out = pool.predict({"x": np.ones((10, 2), np.float32)})
+    assert out["y"].shape == (10, 2)
+    assert int(out["batch"][0]) == 10
+
+
+def test_model_declared_limit_is_respected() -> None:
+    with modelpool.Pool(Limited, max_batch_size=64, max_batch_delay=0.02) as pool:
+        with pytest.raises(modelpool.InputValidationError, match="at most 4 rows"):
+            pool.predict({"x": np.ones((5, 2))})
+        outs = _gather(pool, [{"x": np.ones((1, 2))} for _ in range(12)])
+    assert max(int(o["n"][0]) for o in outs) <= 4
+
+
+def test_wrong_output_rows_is_a_clear_error_and_the_pool_keeps_serving() -> None:
+    with modelpool.Pool(WrongRows, max_batch_size=8, max_batch_delay=0.05) as pool:
+
+        async def run() -> list:
+            return await asyncio.gather(
+                *(pool.apredict({"x": np.ones((1, 2))}) for _ in range(4)),
+                return_exceptions=True,
+            )
+
+        results = asyncio.run(run())
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert errors, results
+        for err in errors:
+            assert isinstance(err, ValueError)
+            assert "'WrongRows'" in str(err)
+            assert "first dimension must equal the batch size" in str(err)
+        alone = pool.predict({"x": np.ones((3, 2))})  # alone, no split: the model's own answer
+        assert alone["y"].shape == (2, 2)
+
+
+def test_batching_off_by_default_and_fifo() -> None:
+    with modelpool.Pool(BatchProbe) as pool:
+        outs = _gather(pool, [{"x": np.full((1, 1), i, np.float32)} for i in range(6)])
+    assert [int(o["batch"][0]) for o in outs] == [1] * 6
+
+
+def test_overload_is_refused_at_once() -> None:
+    with modelpool.Pool(Crashy, max_queue=2) as pool:
+        blocker = pool.submit(time.sleep, 0.5)
+        time.sleep(0.1)
+        queued = [pool.submit(time.sleep, 0) for _ in range(2)]
+        started = time.monotonic()
+        with pytest.raises(modelpool.PoolOverloadedError, match="max_queue=2"):
+            pool.predict({})
+        assert time.monotonic() - started < 0.1
+        assert blocker.result(timeout=10) is None
+        assert [f.result(timeout=10) for f in queued] == [None, None]
+        assert pool.predict({})["pid"] > 0  # room again
+
+
+def test_cancelled_queued_request_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    async def run() -> None:
+        with modelpool.Pool(Crashy, workers=1) as pool:
+            blocker = asyncio.ensure_future(asyncio.wrap_future(pool.submit(time.sleep, 0.5)))
+            await asyncio.sleep(0.1)
+            doomed = asyncio.ensure_future(pool.apredict({"die_once": str(marker)}))
+            await asyncio.sleep(0.05)
+            doomed.cancel()
+            await blocker
+            assert (await pool.apredict({}))["pid"] > 0
+
+    asyncio.run(run())
+    assert not marker.exists()
+
+
+def test_a_member_timing_out_inside_a_batch_disturbs_no_one() -> None:
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.05) as pool:
+
+        async def run() -> list:
+            slow = {"x": np.full((1, 1), -5, np.float32)}  # the batch sleeps 0.5 s
+            calls = [pool.apredict(slow, timeout=0.2)]
+            calls += [pool.apredict({"x": np.ones((1, 1), np.float32)}) for _ in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        pid = pool.stats().workers[0].pid
+        results = asyncio.run(run())
+        assert isinstance(results[0], modelpool.RequestTimeoutError)
+        assert "in a batch" in str(results[0])
+        for r in results[1:]:
+            assert not isinstance(r, Exception), r
+        assert pool.stats().workers[0].pid == pid  # not killed: others still wanted the answer
+
+
+def test_a_crash_fails_every_member_of_the_batch_with_a_clear_error() -> None:
+    with modelpool.Pool(Crashy, max_batch_size=8, max_batch_delay=0.05) as pool:
+
+        async def run() -> list:
+            return await asyncio.gather(
+                *(pool.apredict({"die": np.array(["sigkill"])}) for _ in range(3)),
+                return_exceptions=True,
+            )
+
+        results = asyncio.run(run())
+        assert all(isinstance(r, modelpool.WorkerCrashedError) for r in results), results
+        assert pool.predict({})["pid"] > 0
