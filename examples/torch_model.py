@@ -32,8 +32,8 @@ class TorchLinear(modelpool.Model):
         self.layer.eval()
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Each input array arrives in memory this worker owns (writable when the caller's array
-        # was), so torch.from_numpy can share it without a copy and without a warning.
+        # Each input array arrives writable, in memory this worker owns, so torch.from_numpy
+        # can share it without a copy and without a warning.
         x = torch.from_numpy(inputs["x"])
         with torch.inference_mode():
             y = self.layer(x)

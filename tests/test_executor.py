@@ -250,3 +250,44 @@ def test_script_read_from_stdin_can_use_a_pool() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 2, 4, 6] 7"
+
+
+def test_closures_are_pickled_with_their_current_state() -> None:
+    state = {"n": 1}
+
+    def read() -> int:
+        return state["n"]
+
+    with modelpool.Pool(workers=1) as pool:
+        assert pool.submit(read).result() == 1
+        state["n"] = 11
+        assert pool.submit(read).result() == 11
+
+
+def _current_model_in_setup() -> None:
+    modelpool.current_model()
+
+
+def test_current_model_while_loading_says_so() -> None:
+    pool = modelpool.Pool(Echo, initializer=_current_model_in_setup)
+    with pytest.raises(modelpool.ModelSetupError, match="still loading"):
+        pool.start()
+
+
+def test_arena_that_cannot_grow_fails_the_request_not_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modelpool import _shm
+
+    with modelpool.Pool(Echo) as pool:
+        pid = pool.stats().workers[0].pid
+
+        def no_room(self: object, needed: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(_shm.Arena, "_grow", no_room)
+        with pytest.raises(MemoryError, match="shared memory"):
+            pool.predict({"x": np.ones(1_000_000)})
+        monkeypatch.undo()
+        assert pool.predict({"x": np.ones(3)})["x"].sum() == 3
+        assert pool.stats().workers[0].pid == pid

@@ -418,3 +418,35 @@ def _alive(pid: int) -> bool:
 def test_memory_limits_parse(text: object, size: int) -> None:
     pool = modelpool.Pool(Echo, max_memory_per_worker=text)  # type: ignore[arg-type]
     assert pool._settings.max_memory_per_worker == size
+
+
+def test_shutdown_with_a_model_that_cannot_load_fails_queued_work_promptly() -> None:
+    pool = modelpool.Pool(Crashy, options={"stage": "setup", "how": "raise"}, drain_timeout=None)
+    future = pool.submit(os.getpid)
+    started = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - started < 10
+    with pytest.raises(modelpool.ModelSetupError, match="boom on purpose"):
+        future.result(timeout=0)
+
+
+def test_start_again_does_not_tear_down_a_serving_pool() -> None:
+    pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
+    try:
+        deadline = time.monotonic() + 20
+        while pool.stats().workers[1].state != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(modelpool.ModelSetupError):
+            pool.start()  # it cannot get every worker ready...
+        assert pool.predict({}) == 0  # ...but the pool keeps serving with the one it has
+    finally:
+        pool.shutdown()
+
+
+def test_environment_at_spawn_reaches_forkserver_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    with modelpool.Pool(workers=1) as pool:  # makes sure the fork server is running already
+        pool.submit(os.getpid).result()
+    monkeypatch.setenv("MODELPOOL_TEST_LATE_VAR", "late")
+    with modelpool.Pool(workers=1) as pool:
+        assert pool.submit(os.environ.get, "MODELPOOL_TEST_LATE_VAR").result() == "late"

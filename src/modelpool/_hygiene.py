@@ -232,7 +232,9 @@ def die_with_parent(lifeline: Connection) -> None:
 
 
 def apply_env(env: Mapping[str, str]) -> None:
-    """Set environment variables in this worker (before the model's modules are imported)."""
+    """Make this worker's environment ``env`` exactly (before the model's modules import)."""
+    for name in [n for n in os.environ if n not in env]:
+        del os.environ[name]
     os.environ.update(env)
 
 

@@ -8,6 +8,7 @@ starts, and says precisely what to change when it is not.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
 import pickle
@@ -94,9 +95,10 @@ def reference_of(obj: Any, *, start_method: str) -> str:
         )
     if module_name == "__main__" and start_method != "fork" and not _main_is_importable():
         raise ModelSpecError(
-            f"{name} is defined in an interactive session (__main__ has no file), and "
-            f"'{start_method}' workers start fresh and cannot import it. Put it in a .py module "
-            "and import it from there."
+            f"{name} is defined in a __main__ that workers cannot re-import (an interactive "
+            "session, a notebook, `python -c`, or a script read from standard input), and "
+            f"'{start_method}' workers start fresh. Put it in a .py module and import it from "
+            "there."
         )
     module = sys.modules.get(module_name)
     found: Any = module
@@ -140,7 +142,8 @@ class ByValue:
         return f"<{self.name} (by value)>"
 
 
-_portable_cache: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: function -> whether workers can import it by name (that does not change for an object)
+_by_name_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def portable(fn: Callable[..., Any], start_method: str) -> Any:
@@ -148,30 +151,30 @@ def portable(fn: Callable[..., Any], start_method: str) -> Any:
 
     Raises ``ModelSpecError`` naming the object and what to change when neither works.
     """
-    try:
-        return _portable_cache[fn]
-    except (KeyError, TypeError):
-        pass
-    try:
-        reference_of(fn, start_method=start_method)
-        pickle.dumps(fn, protocol=5)
-        result: Any = fn
-    except Exception:
-        import cloudpickle
-
-        name = getattr(fn, "__qualname__", None) or repr(fn)
+    by_name = None
+    with contextlib.suppress(KeyError, TypeError):
+        by_name = _by_name_cache[fn]
+    if by_name is None:
         try:
-            result = ByValue(cloudpickle.dumps(fn, protocol=5), name)
-        except Exception as exc:
-            raise ModelSpecError(
-                f"cannot send {name!r} to a worker: workers cannot import it by name, and "
-                f"pickling it by value failed ({type(exc).__name__}: {exc}). It probably "
-                "captures something that cannot be pickled (a lock, a socket, an open file, a "
-                "pool); define it at the top level of a module and pass that state as "
-                "arguments instead."
-            ) from exc
+            reference_of(fn, start_method=start_method)
+            pickle.dumps(fn, protocol=5)
+            by_name = True
+        except Exception:
+            by_name = False
+        with contextlib.suppress(TypeError):  # not weakly referenceable: decide each time
+            _by_name_cache[fn] = by_name
+    if by_name:
+        return fn
+    # by value, pickled now: a closure's captured state may have changed since the last call
+    import cloudpickle
+
+    name = getattr(fn, "__qualname__", None) or repr(fn)
     try:
-        _portable_cache[fn] = result
-    except TypeError:
-        pass  # not weakly referenceable (e.g. a builtin): nothing to cache
-    return result
+        return ByValue(cloudpickle.dumps(fn, protocol=5), name)
+    except Exception as exc:
+        raise ModelSpecError(
+            f"cannot send {name!r} to a worker: workers cannot import it by name, and pickling "
+            f"it by value failed ({type(exc).__name__}: {exc}). It probably captures something "
+            "that cannot be pickled (a lock, a socket, an open file, a pool); define it at the "
+            "top level of a module and pass that state as arguments instead."
+        ) from exc

@@ -239,7 +239,8 @@ class Pool(cf.Executor):
             if self._closed:
                 raise PoolClosedError("this pool was shut down; create a new Pool")
             since = self._supervisor.failure_seq
-            if not self._started:
+            first = not self._started
+            if first:
                 if self._start_method == "fork":
                     hazards = _hygiene.fork_hazards()
                     if hazards:
@@ -256,7 +257,8 @@ class Pool(cf.Executor):
             try:
                 self._supervisor.wait_ready(since)
             except BaseException:
-                self._terminate()
+                if first:  # a pool that never got going leaves nothing behind
+                    self._terminate()
                 raise
         return self
 

@@ -244,6 +244,15 @@ class Supervisor:
                 worker.channel.send_small(req.frame.body)
             kind, _rid, payload = worker.channel.recv()
             answered = True
+        except _transport.PlacementError:
+            # nothing was sent: the worker is fine, the request fails with the reason
+            with self._lock:
+                if worker.request is req:
+                    worker.request = None
+                    worker.state = IDLE
+                self._release_reader(worker)
+            self._wake()
+            raise
         except (EOFError, OSError):
             pass  # the worker died: the supervisor settles the request
         except _transport.DecodeError as exc:
@@ -448,9 +457,17 @@ class Supervisor:
             self._watch(worker, True)
         try:
             worker.channel.send_encoded(req.frame)
+        except _transport.PlacementError as exc:  # nothing was sent; the worker is fine
+            with self._lock:
+                if worker.request is req:
+                    worker.request = None
+                    worker.state = IDLE
+            for member in req.members:
+                self._fail(member, exc)
+            self._wake()
         except OSError:
             pass  # the worker died; its sentinel will tell the supervisor
-        except BaseException as exc:  # e.g. no room for the inputs in shared memory
+        except BaseException as exc:
             with self._lock:
                 if worker.request is req:
                     self._complete(worker)
@@ -709,7 +726,9 @@ class Supervisor:
             generation=generation,
             seed=derive_seed(s.seed, index, generation),
             threads=s.threads,
-            env=s.env,
+            # the parent's whole environment now, as spawn would give it (a fork server keeps
+            # the one it started with), with the thread limits on top
+            env={**os.environ, **s.env},
             initializer=s.initializer,
         )
         worker = launch(self._ctx, spec)
@@ -899,7 +918,7 @@ class Supervisor:
             if not w.retiring or w.state == STOPPING:
                 continue
             newer = [x for x in self._workers if x.index == w.index and x.generation > w.generation]
-            if not newer and w.index not in self._respawn_at:
+            if not newer and w.index not in self._respawn_at and self._broken is None:
                 self._respawn_at[w.index] = now  # start the replacement first
             elif self._has_successor(w) and w.state == IDLE:
                 self._stop(w, now)
@@ -929,6 +948,11 @@ class Supervisor:
         """One step of a staged shutdown; True when everything is stopped and reaped."""
         self._respawn_at.clear()
         draining = not self._force and (self._drain_until is None or now < self._drain_until)
+        if self._queue and draining and not self._capacity():
+            # nothing left that could run the queue (e.g. the model failed to load)
+            reason = self._last_setup_error or PoolClosedError("the pool was shut down")
+            while self._queue:
+                self._fail(self._queue.popleft(), _fresh(reason))
         if not draining:
             while self._queue:
                 self._fail(self._queue.popleft(), PoolClosedError("the pool was shut down"))

@@ -46,6 +46,10 @@ _REL = struct.Struct("<Q")
 _INLINE = -1
 
 
+class PlacementError(MemoryError):
+    """Large buffers could not be placed in shared memory (no room to grow); nothing was sent."""
+
+
 class DecodeError(Exception):
     """A complete message arrived but could not be unpickled here; ``remote`` says why."""
 
@@ -306,10 +310,16 @@ class Channel:
                 else:
                     placed.append((raw.nbytes, _INLINE))
                     inline.append(raw)
-        except BaseException:
+        except BaseException as exc:
             for _, offset in placed:  # e.g. no room to grow: nothing was sent, free it all
                 if arena is not None and offset != _INLINE:
                     arena.free(offset)
+            if isinstance(exc, OSError | MemoryError):
+                total = sum(raw.nbytes for raw in enc.buffers)
+                raise PlacementError(
+                    f"could not place {total} bytes of arrays in shared memory "
+                    f"({type(exc).__name__}: {exc}); free memory, or send smaller requests"
+                ) from exc
             raise
         released = self._drain_released()
         size = arena.size if arena is not None else 0

@@ -74,6 +74,7 @@ class WorkerSpec:
 
 _INFO: WorkerInfo | None = None
 _MODEL: Any = None
+_LOADING = False
 
 
 def worker_info() -> WorkerInfo | None:
@@ -87,6 +88,11 @@ def current_model() -> Any:
         raise ModelSpecError(
             "current_model() was called outside a modelpool worker; call it from code that "
             "runs in a worker (a model method or a function passed to Pool.submit)"
+        )
+    if _LOADING:
+        raise ModelSpecError(
+            "current_model() was called while the model is still loading (from setup(), "
+            "__init__ or the pool's initializer); inside the model, use self"
         )
     if _MODEL is None:
         raise ModelSpecError(
@@ -132,7 +138,7 @@ def run_worker(
     to_parent: _shm.FdHandle | None,
 ) -> None:
     """Entry point of a worker process."""
-    global _INFO, _MODEL
+    global _INFO, _MODEL, _LOADING
     _hygiene.ignore_sigint()
     _hygiene.die_with_parent(lifeline)
     channel = _transport.Channel(
@@ -143,8 +149,10 @@ def run_worker(
     _hygiene.apply_env(spec.env)
     _hygiene.limit_thread_pools(spec.threads, spec.env)  # loaded before us (forkserver)
     _INFO = WorkerInfo(spec.index, spec.generation, os.getpid(), spec.seed, spec.threads)
+    _LOADING = True
     try:
         _MODEL = _load(spec)
+        _LOADING = False
     except BaseException as exc:
         channel.send((SETUP_FAILED, 0, _transport.RemoteException.capture(exc)))
         channel.close()
