@@ -233,3 +233,15 @@ class Limited(modelpool.Model):
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"n": np.full(inputs["x"].shape[0], inputs["x"].shape[0])}
+
+
+class ForksHelper(modelpool.Model):
+    """predict forks a helper process that inherits the worker's sockets, then hangs."""
+
+    def predict(self, inputs: Any) -> Any:
+        pid = os.fork()
+        if pid == 0:  # the helper: holds every inherited descriptor for a while
+            time.sleep(float(inputs))
+            os._exit(0)
+        time.sleep(3600)
+        return None

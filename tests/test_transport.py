@@ -46,8 +46,45 @@ def test_end_of_file_is_eof_error(wires) -> None:  # type: ignore[no-untyped-def
     _, right, a, _ = wires
     a.sendall(struct.pack("<Q", 10) + b"abc")
     a.shutdown(socket.SHUT_WR)
-    with pytest.raises(EOFError, match="mid-message"):
+    with pytest.raises(EOFError, match="closed the connection"):
         right.recv()
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+def test_non_blocking_recv_keeps_a_partial_message(wires, size: int) -> None:  # type: ignore[no-untyped-def]
+    _, right, a, _ = wires
+    body = os.urandom(size)
+    framed = struct.pack("<Q", size) + body
+    assert right.recv(block=False) is None  # nothing yet
+    a.sendall(framed[:3])
+    assert right.recv(block=False) is None  # not even the length
+    a.sendall(framed[3 : size // 2])
+    assert right.recv(block=False) is None  # half a message: kept, not lost
+    a.sendall(framed[size // 2 :])
+    got = None
+    while got is None:
+        got = right.recv(block=False)
+    assert bytes(got) == body
+
+
+def test_shutdown_wakes_a_blocked_reader_even_if_the_peer_end_stays_open(wires) -> None:  # type: ignore[no-untyped-def]
+    _, right, _, _ = wires  # the left end stays open and silent
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            right.recv()
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive()  # blocked: the peer (left) is open and silent
+    right.shutdown()
+    reader.join(5)
+    assert not reader.is_alive()
+    assert isinstance(errors[0], EOFError)
 
 
 def test_arena_allocator_reuses_freed_regions_first_fit() -> None:

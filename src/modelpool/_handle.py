@@ -75,6 +75,7 @@ class WorkerHandle:
         self.channel = channel
         self.watched = False  # the supervisor's selector reads this worker's answers
         self.reader_active = False  # a caller thread is reading this worker's answer
+        self.users = 0  # threads holding the channel (writing or reading); close waits for 0
         self.exited = False
         self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
         self.pid: int | None = process.pid
@@ -120,36 +121,44 @@ def describe_exit(exitcode: int | None) -> tuple[str, str | None, str]:
 
 
 def launch(ctx: BaseContext, spec: WorkerSpec) -> WorkerHandle:
-    """Start one worker process for ``spec`` and return its handle (state STARTING)."""
-    parent_conn, child_conn = ctx.Pipe(duplex=True)
-    lifeline_r, lifeline_w = ctx.Pipe(duplex=False)
-    to_worker = to_parent = None
-    if _shm.arenas_supported():
-        to_worker = _shm.Arena.create(f"w{spec.index}-in")
-        to_parent = _shm.Arena.create(f"w{spec.index}-out")
-    process = ctx.Process(  # type: ignore[attr-defined]
-        target=run_worker,
-        args=(
-            spec,
-            child_conn,
-            lifeline_r,
-            to_worker and _shm.FdHandle(to_worker.fd),
-            to_parent and _shm.FdHandle(to_parent.fd),
-        ),
-        name=f"{THREAD_PREFIX}worker-{spec.index}",
-        daemon=False,
-    )
-    channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
+    """Start one worker process for ``spec`` and return its handle (state STARTING).
+
+    On any failure everything made so far is closed again: no descriptor leaks.
+    """
+    made: list[Any] = []  # what to close if we fail
     try:
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        made += [parent_conn, child_conn]
+        lifeline_r, lifeline_w = ctx.Pipe(duplex=False)
+        made += [lifeline_r, lifeline_w]
+        to_worker = to_parent = None
+        if _shm.arenas_supported():
+            to_worker = _shm.Arena.create(f"w{spec.index}-in")
+            made.append(to_worker)
+            to_parent = _shm.Arena.create(f"w{spec.index}-out")
+            made.append(to_parent)
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=run_worker,
+            args=(
+                spec,
+                child_conn,
+                lifeline_r,
+                to_worker and _shm.FdHandle(to_worker.fd),
+                to_parent and _shm.FdHandle(to_parent.fd),
+            ),
+            name=f"{THREAD_PREFIX}worker-{spec.index}",
+            daemon=False,
+        )
         with _main_path_workers_can_use(ctx.get_start_method()):
             process.start()
     except BaseException:
-        for c in (child_conn, lifeline_r, lifeline_w):
-            c.close()
-        channel.close()
+        for thing in made:
+            with contextlib.suppress(Exception):
+                thing.close()
         raise
-    child_conn.close()
+    child_conn.close()  # the child has its own copies now
     lifeline_r.close()
+    channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
     return WorkerHandle(spec.index, spec.generation, process, channel, lifeline_w)
 
 

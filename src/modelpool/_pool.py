@@ -192,7 +192,7 @@ class Pool(cf.Executor):
         self._started = False
         self._closed = False
         # a pool dropped without shutdown() still stops its workers (supervisor != self)
-        weakref.finalize(self, self._supervisor.close, cancel_futures=True, force=False)
+        weakref.finalize(self, self._supervisor.close_soon)
 
     @staticmethod
     def _resolve_model(

@@ -17,6 +17,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import heapq
 import itertools
 import os
@@ -172,7 +173,10 @@ class Supervisor:
         self._last_exit: list[str | None] = [None] * settings.workers
         self._respawn_at: dict[int, float] = {}
         self._queue: collections.deque[Request] = collections.deque()
-        self._deadlines: list[tuple[float, int, Request]] = []
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, request id), lazily pruned
+        self._timed: dict[int, Request] = {}  # unsettled requests that have a deadline
+        self._settle: list[tuple[Request, BaseException]] = []  # failures to report unlocked
+        self._close_requested = False
         self._ids = itertools.count(1)
         self._setup_failures = 0  # in a row
         self.failure_seq = 0  # setup failures ever; start() raises on one newer than its call
@@ -242,69 +246,85 @@ class Supervisor:
                 worker.channel.send_encoded(req.frame)
             else:
                 worker.channel.send_small(req.frame.body)
-            kind, _rid, payload = worker.channel.recv()
+            kind, rid, payload = worker.channel.recv()
             answered = True
+            if rid not in (req.id, 0):
+                raise _transport.ProtocolError(f"answer {rid} for request {req.id}")
         except _transport.PlacementError:
             # nothing was sent: the worker is fine, the request fails with the reason
             with self._lock:
                 if worker.request is req:
                     worker.request = None
                     worker.state = IDLE
-                self._release_reader(worker)
+                self._release_channel(worker)
+            self._timed.pop(req.id, None)
             self._wake()
             raise
-        except (EOFError, OSError):
-            pass  # the worker died: the supervisor settles the request
         except _transport.DecodeError as exc:
             kind, payload, answered = ERR, exc.remote, True
-        except BaseException as exc:
-            # interrupted mid-exchange (Ctrl+C), or the inputs did not fit in shared memory:
-            # the stream may be out of step, so the worker goes; the caller sees the error
-            with self._lock:
-                if worker.request is req:
-                    worker.request = None
-                    self._kill(worker, "killed by modelpool: its caller was interrupted")
-                self._release_reader(worker)
-            self._fail(req, exc)
-            self._wake()
+        except Exception as exc:
+            if not _peer_gone(exc):  # a local failure (no memory, no descriptors...) or a bug
+                self._abandon(worker, req, exc, "a local error while talking to it")
+                raise
+            # the worker died (or was killed): the supervisor settles the request
+        except BaseException as exc:  # interrupted mid-exchange (Ctrl+C): out of step
+            self._abandon(worker, req, exc, "its caller was interrupted")
             raise
         follow = None
         with self._lock:
             mine = answered and worker.request is req and worker.kill_reason is None
             if mine:
                 self._complete(worker)
+                self._timed.pop(req.id, None)
                 follow = self._dispatch_to(worker)
-            self._release_reader(worker)
+            self._release_channel(worker)
+            wake = worker.retiring or self._closing
         if not mine:  # timed out or crashed meanwhile: the supervisor decided
             return req.future.result()
         if follow is not None:
             self._send(worker, follow)
-        if worker.retiring:
+        if wake:
             self._wake()
         if kind == OK:
             return payload
         assert isinstance(payload, _transport.RemoteException)
         raise payload.rebuild()
 
-    def _release_reader(self, worker: WorkerHandle) -> None:
-        """The calling thread is done with ``worker``'s connection (lock held)."""
-        worker.reader_active = False
-        if worker.exited:  # _on_exit left the channel open for us
-            worker.channel.close()
+    def _abandon(self, worker: WorkerHandle, req: Request, exc: BaseException, why: str) -> None:
+        """A caller gives up on ``worker`` mid-exchange: the stream may be out of step, so the
+        worker is killed and replaced, and the request fails with ``exc``."""
+        with self._lock:
+            if worker.request is req:
+                worker.request = None
+                self._kill(worker, f"killed by modelpool: {why}")
+            self._release_channel(worker)
+        self._fail(req, exc)
+        self._wake()
+
+    def _release_channel(self, worker: WorkerHandle) -> None:
+        """A thread is done with ``worker``'s connection (lock held)."""
+        worker.users -= 1
+        if worker.users <= 0:
+            worker.reader_active = False
+            if worker.exited:  # _on_exit left the channel open for us
+                worker.channel.close()
+
+    def _hold_channel(self, worker: WorkerHandle) -> None:
+        """This thread will write (or read) ``worker``'s connection outside the lock."""
+        worker.users += 1
 
     def _admit(self, req: Request, *, direct: bool) -> WorkerHandle | None:
         """Take ``req`` in: assign it to an idle worker (returned) or queue it."""
         wake = False
         with self._lock:
+            if self._crash is not None:
+                raise _fresh(self._crash)
             if self._closing:
                 raise PoolClosedError(
                     f"pool of {self.settings.model_name!r} is shut down; create a new Pool"
                 )
-            error = self._crash
-            if error is None and self._broken is not None and not self._capacity():
-                error = self._broken
-            if error is not None:
-                raise _fresh(error)
+            if self._broken is not None and not self._capacity():
+                raise _fresh(self._broken)
             limit = self.settings.max_queue
             if limit is not None and len(self._queue) >= limit:
                 self._queue = collections.deque(r for r in self._queue if not r.future.done())
@@ -320,13 +340,17 @@ class Supervisor:
                 if direct:
                     self._watch(worker, False)
                     worker.reader_active = True
+                else:
+                    req.future.set_running_or_notify_cancel()  # new: cannot be cancelled yet
                 self._assign(worker, req)
+                self._hold_channel(worker)
             else:
                 self._queue.append(req)
                 wake = True  # the supervisor may be able to start something, or batch
             if req.deadline is not None:
-                heapq.heappush(self._deadlines, (req.deadline, req.id, req))
-                if self._deadlines[0][2] is req:
+                self._timed[req.id] = req
+                heapq.heappush(self._deadlines, (req.deadline, req.id))
+                if self._deadlines[0][1] == req.id:
                     wake = True
         if wake:
             self._wake()
@@ -340,12 +364,20 @@ class Supervisor:
                     self._drain_until = time.monotonic() + self.settings.drain_timeout
             if force:
                 self._force = True
+            cancelled = []
             if cancel_futures or force:
-                while self._queue:
-                    req = self._queue.popleft()
-                    if not req.future.cancel():
-                        self._fail(req, PoolClosedError("the pool was shut down"))
+                cancelled = list(self._queue)
+                self._queue.clear()
+        for req in cancelled:  # outside the lock: cancel() runs done-callbacks
+            if not req.future.cancel():
+                self._fail(req, PoolClosedError("the pool was shut down"))
         self._wake()  # (not guarded by is_alive(): an interrupted join() can make it lie)
+
+    def close_soon(self) -> None:
+        """Ask the supervisor thread to close (safe from a finalizer, in any thread, at any
+        moment: it only sets a flag and wakes the loop)."""
+        self._close_requested = True
+        self._wake()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the supervisor to finish; True when it has (or never started)."""
@@ -423,10 +455,26 @@ class Supervisor:
             member.worker = worker
 
     def _fail(self, req: Request, exc: BaseException) -> None:
-        if not req.future.done():
-            with contextlib.suppress(cf.InvalidStateError):
-                if req.future.running() or req.future.set_running_or_notify_cancel():
-                    req.future.set_exception(exc)
+        """Fail ``req`` now. Never call with the lock held: done-callbacks run here, and one
+        may call back into the pool (use ``_fail_later``)."""
+        self._timed.pop(req.id, None)
+        future = req.future
+        if future.done():
+            return
+        with contextlib.suppress(cf.InvalidStateError, RuntimeError):  # settled meanwhile
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+    def _fail_later(self, req: Request, exc: BaseException) -> None:
+        """Fail ``req`` once the lock is released (lock held; see ``_settle_pending``)."""
+        self._timed.pop(req.id, None)
+        self._settle.append((req, exc))
+
+    def _settle_pending(self) -> None:
+        """Report the failures decided under the lock (call without the lock)."""
+        while self._settle:
+            req, exc = self._settle.pop(0)
+            self._fail(req, exc)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -445,17 +493,11 @@ class Supervisor:
                     self._fail(part, exc)
                 self._wake()
                 return
-        # a retried request is already running; a fresh one may have been cancelled meanwhile
-        elif not (req.future.running() or req.future.set_running_or_notify_cancel()):
-            # cancelled while queued: give the worker back
-            with self._lock:
-                worker.state, worker.request = IDLE, None
-                req.worker = None
-            self._wake()
-            return
-        with self._lock:
-            self._watch(worker, True)
         try:
+            with self._lock:
+                if worker.request is not req or worker.kill_reason is not None:
+                    return  # settled meanwhile (timed out, crashed): nothing to send
+                self._watch(worker, True)
             worker.channel.send_encoded(req.frame)
         except _transport.PlacementError as exc:  # nothing was sent; the worker is fine
             with self._lock:
@@ -465,14 +507,22 @@ class Supervisor:
             for member in req.members:
                 self._fail(member, exc)
             self._wake()
-        except OSError:
-            pass  # the worker died; its sentinel will tell the supervisor
         except BaseException as exc:
+            if isinstance(exc, Exception) and _peer_gone(exc):
+                return  # the worker died; its sentinel will tell the supervisor
+            # a local failure or an interruption mid-write: the stream may be out of step
             with self._lock:
                 if worker.request is req:
-                    self._complete(worker)
-            self._fail(req, exc)
+                    worker.request = None
+                    self._kill(worker, "killed by modelpool: sending to it failed")
+            for member in req.members:
+                self._fail(member, exc)
             self._wake()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._lock:
+                self._release_channel(worker)
 
     def _watch(self, worker: WorkerHandle, on: bool) -> None:
         """(Un)register ``worker``'s connection with the selector (caller holds the lock)."""
@@ -504,9 +554,10 @@ class Supervisor:
             and not (worker.retiring and self._has_successor(worker))
         ):
             req = self._queue.popleft()
-            if req.future.done():
-                continue
+            if not (req.future.running() or req.future.set_running_or_notify_cancel()):
+                continue  # cancelled while queued
             self._assign(worker, req)
+            self._hold_channel(worker)
             return req
         return None
 
@@ -537,6 +588,7 @@ class Supervisor:
                 self._force = True
                 self._fail_everything(error)
                 self._changed.notify_all()
+            self._settle_pending()
         finally:
             self._kill_all()
             self._cleanup()
@@ -546,23 +598,28 @@ class Supervisor:
 
     def _tick(self) -> float | None:
         """Housekeeping; returns the select timeout, or None when the loop should end."""
+        if self._close_requested and not self._closing:
+            self.close(cancel_futures=True, force=False)  # asked by a finalizer
         now = time.monotonic()
         to_send: list[tuple[WorkerHandle, Request]] = []
         with self._changed:
             self._expire(now)
+            finished = False
             if self._closing:
-                if self._shutdown_step(now):
-                    self._changed.notify_all()
-                    return None
+                finished = self._shutdown_step(now)
             else:
                 self._respawn(now)
                 self._retire(now)
                 if self.settings.max_memory_per_worker and now >= self._next_memory_check:
                     self._check_memory()
                     self._next_memory_check = now + MEMORY_CHECK_INTERVAL
-            to_send = self._dispatch()
+            if not finished:
+                to_send = self._dispatch()
             wake_at = self._next_wake()
             self._changed.notify_all()
+        self._settle_pending()  # failures decided above, reported now that the lock is free
+        if finished:
+            return None
         for worker, req in to_send:
             self._send(worker, req)
         if wake_at is None:
@@ -594,7 +651,10 @@ class Supervisor:
             if worker is None:
                 break
             req = self._queue.popleft()
+            if not (req.future.running() or req.future.set_running_or_notify_cancel()):
+                continue  # cancelled while queued
             self._assign(worker, req)
+            self._hold_channel(worker)
             out.append((worker, req))
         return out
 
@@ -632,21 +692,26 @@ class Supervisor:
                 for part in parts:
                     part.batch = unit
             self._assign(worker, unit)
+            self._hold_channel(worker)
             out.append((worker, unit))
         return out
 
     def _expire(self, now: float) -> None:
+        if len(self._deadlines) > 64 + 2 * len(self._timed):  # mostly settled: compact
+            self._deadlines = [(r.deadline or 0.0, i) for i, r in self._timed.items()]
+            heapq.heapify(self._deadlines)
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, req = heapq.heappop(self._deadlines)
-            if req.future.done():
-                continue
+            _, rid = heapq.heappop(self._deadlines)
+            req = self._timed.pop(rid, None)
+            if req is None or req.future.done():
+                continue  # settled already
             limit = f"{self.settings.model_name!r}"
             worker = req.worker
             batch = req.batch
             if batch is not None and worker is not None and worker.request is batch:
                 # in a running batch: this request fails alone; the worker is killed only
                 # when no member still waits for the answer
-                self._fail(
+                self._fail_later(
                     req,
                     RequestTimeoutError(
                         f"request to {limit} timed out while running in a batch of "
@@ -662,7 +727,7 @@ class Supervisor:
                     self._queue.remove(req)
                 loading = sum(1 for w in self._workers if w.state == STARTING)
                 busy = sum(1 for w in self._workers if w.state == BUSY)
-                self._fail(
+                self._fail_later(
                     req,
                     RequestTimeoutError(
                         f"request to {limit} timed out while waiting for a free worker "
@@ -671,7 +736,7 @@ class Supervisor:
                     ),
                 )
             else:
-                self._fail(
+                self._fail_later(
                     req,
                     RequestTimeoutError(
                         f"request to {limit} timed out while running in worker pid "
@@ -712,7 +777,16 @@ class Supervisor:
                             "default start method (forkserver) for a pool that must heal."
                         )
                         return
-                self._spawn(index)
+                try:
+                    self._spawn(index)
+                except Exception as exc:  # e.g. EAGAIN from fork, EMFILE: retry with backoff
+                    self._generation[index] -= 1
+                    error = ModelSetupError(
+                        f"could not start a worker process for {self.settings.model_name!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                    error.__cause__ = exc
+                    self._count_setup_failure(index, error, now)
 
     def _spawn(self, index: int) -> None:
         s = self.settings
@@ -744,16 +818,24 @@ class Supervisor:
     def _on_message(self, worker: WorkerHandle) -> bool:
         """Handle one message from ``worker``; False when there is nothing for us to read."""
         with self._lock:
-            if not worker.watched or worker.reader_active:
+            if not worker.watched or worker.reader_active or worker.channel.wire.fd < 0:
                 return False  # a stale event: a calling thread owns this connection now
         try:
-            kind, _rid, payload = worker.channel.recv()
+            message = worker.channel.recv(block=False)  # never hang on a half-sent message
+            if message is None:
+                return False  # incomplete: the rest arrives with a later event
+            kind, rid, payload = message
         except (EOFError, OSError):
             with self._lock:
                 self._watch(worker, False)
             return False  # the exit sentinel follows; _on_exit handles it
         except _transport.DecodeError as exc:
-            kind, payload = ERR, exc.remote
+            kind, rid, payload = ERR, 0, exc.remote
+        current = worker.request
+        if kind in (OK, ERR) and current is not None and rid not in (current.id, 0):
+            with self._lock:  # not the answer to this request: out of step, a bug
+                self._kill(worker, f"killed by modelpool: answer {rid} to request {current.id}")
+            return False
         with self._changed:
             if worker.kill_reason is not None:
                 return True  # being killed: a late answer (its request already failed) is dropped
@@ -776,6 +858,9 @@ class Supervisor:
                 return True
             req = worker.request
             self._complete(worker)
+            if req is not None:
+                for member in req.members:
+                    self._timed.pop(member.id, None)
         if isinstance(req, Batch):
             self._deliver_batch(req, kind, payload)
         elif req is not None:
@@ -820,8 +905,10 @@ class Supervisor:
                 self._workers.remove(worker)
             self._watch(worker, False)
             worker.exited = True
-            if not worker.reader_active:  # else the reading caller closes it when done
+            if worker.users <= 0:
                 worker.channel.close()
+            else:  # a caller thread holds it: wake it (a process the model forked may keep
+                worker.channel.wire.shutdown()  # the socket open) and let it close the channel
             with contextlib.suppress(OSError):
                 worker.lifeline.close()
             if worker.process.exitcode is not None:
@@ -834,6 +921,7 @@ class Supervisor:
             elif worker.state != STOPPING:  # died, or killed for a timeout, while serving
                 self._crashed(worker, what, signame, likely, exitcode, now)
             self._changed.notify_all()
+        self._settle_pending()
         self._wake()
 
     def _setup_failed(self, worker: WorkerHandle, what: str, likely: str, now: float) -> None:
@@ -845,6 +933,10 @@ class Supervisor:
                 "import time, guard it with `if __name__ == '__main__':`."
             )
             worker.setup_error = error
+        self._count_setup_failure(worker.index, error, now)
+
+    def _count_setup_failure(self, index: int, error: ModelSetupError, now: float) -> None:
+        """A worker could not be started or loaded: back off, or trip the breaker (lock held)."""
         self._last_setup_error = error
         self.failure_seq += 1
         if self._closing:
@@ -862,7 +954,7 @@ class Supervisor:
                 self._fail_everything(broken)
             return
         delay = min(5.0, 0.5 * 2 ** (self._setup_failures - 1))
-        self._respawn_at[worker.index] = now + delay
+        self._respawn_at[index] = now + delay
 
     def _crashed(
         self,
@@ -892,9 +984,16 @@ class Supervisor:
                 member.direct = False  # the supervisor reads the retry's answer
                 self._queue.appendleft(member)
                 continue
+            if worker.kill_reason is not None and self._closing:
+                self._fail_later(
+                    member, PoolClosedError(f"the pool was shut down ({worker.kill_reason})")
+                )
+                continue
             tries = f" (tried {member.attempts} times)" if member.attempts > 1 else ""
             shared = f" in a batch of {len(members)}" if len(members) > 1 else ""
-            self._fail(
+            if worker.kill_reason is not None:
+                what, likely = "was stopped", worker.kill_reason
+            self._fail_later(
                 member,
                 WorkerCrashedError(
                     f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
@@ -943,6 +1042,8 @@ class Supervisor:
         worker.deadline = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.process.kill()
+        if worker.users > 0:  # a caller blocked reading it must wake now, not at end of file
+            worker.channel.wire.shutdown()
 
     def _shutdown_step(self, now: float) -> bool:
         """One step of a staged shutdown; True when everything is stopped and reaped."""
@@ -952,10 +1053,10 @@ class Supervisor:
             # nothing left that could run the queue (e.g. the model failed to load)
             reason = self._last_setup_error or PoolClosedError("the pool was shut down")
             while self._queue:
-                self._fail(self._queue.popleft(), _fresh(reason))
+                self._fail_later(self._queue.popleft(), _fresh(reason))
         if not draining:
             while self._queue:
-                self._fail(self._queue.popleft(), PoolClosedError("the pool was shut down"))
+                self._fail_later(self._queue.popleft(), PoolClosedError("the pool was shut down"))
         for w in list(self._workers):
             if w.state == STOPPING or w.kill_reason is not None:
                 continue
@@ -964,7 +1065,7 @@ class Supervisor:
             elif w.state == BUSY and not draining:
                 if w.request is not None:
                     for member in w.request.members:
-                        self._fail(
+                        self._fail_later(
                             member,
                             PoolClosedError(
                                 "the pool was shut down before this request finished "
@@ -979,7 +1080,7 @@ class Supervisor:
 
     def _fail_everything(self, error: BaseException) -> None:
         while self._queue:
-            self._fail(self._queue.popleft(), error)
+            self._fail_later(self._queue.popleft(), error)
 
     def _kill_all(self) -> None:
         with self._lock:
@@ -995,9 +1096,13 @@ class Supervisor:
                 w.process.join(5.0)
             with contextlib.suppress(Exception):
                 w.lifeline.close()
-            if not w.reader_active:
-                with contextlib.suppress(Exception):
-                    w.channel.close()
+            with self._lock:
+                w.exited = True
+                if w.users <= 0:
+                    with contextlib.suppress(Exception):
+                        w.channel.close()
+                else:
+                    w.channel.wire.shutdown()
 
     def _cleanup(self) -> None:
         with contextlib.suppress(Exception):
@@ -1006,6 +1111,17 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+_PEER_GONE = frozenset(
+    {errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN, errno.ESHUTDOWN}
+)
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Does ``exc`` mean the worker's end of the connection is gone (it died, or the pool shut
+    the socket to wake us)? Anything else is a failure on our side."""
+    return isinstance(exc, EOFError) or (isinstance(exc, OSError) and exc.errno in _PEER_GONE)
 
 
 def _fresh(error: BaseException) -> BaseException:

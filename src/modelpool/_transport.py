@@ -24,11 +24,14 @@ back to ``RemoteError``.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import dataclasses
 import io
 import os
 import pickle
+import select
+import socket
 import struct
 import sys
 import traceback
@@ -48,6 +51,10 @@ _INLINE = -1
 
 class PlacementError(MemoryError):
     """Large buffers could not be placed in shared memory (no room to grow); nothing was sent."""
+
+
+class ProtocolError(Exception):
+    """An answer that does not belong to the request in flight (a bug; the worker is dropped)."""
 
 
 class DecodeError(Exception):
@@ -183,14 +190,23 @@ _CHUNK = 1 << 16
 
 
 class _Wire:
-    """Length-prefixed messages on a connected socket's descriptor: one ``writev`` per message
-    and, for a small one, one ``read``. (``multiprocessing.Connection`` takes two reads and a
-    Python loop per message; on the small-call path that is a measurable share.)"""
+    """Length-prefixed messages on a connected socket's descriptor: one write per message and,
+    for a small one, one read. (``multiprocessing.Connection`` takes two reads and a Python
+    loop per message; on the small-call path that is a measurable share.)
+
+    ``recv(block=False)`` never waits: it returns ``None`` while a message is incomplete and
+    keeps what it has read, so the supervisor thread never hangs on a peer that died halfway
+    through writing (with the socket still held open by, say, a process the model forked).
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
         self._buf = bytearray(_CHUNK)  # reused for every message that fits
         self._have = 0  # bytes of self._buf already read
+        self._big: bytearray | None = None  # a message larger than the buffer, being read
+        self._big_have = 0
 
     def send(self, parts: list[Any]) -> None:
         total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
@@ -209,46 +225,74 @@ class _Wire:
                 views[0] = views[0][sent:]
 
     def readable(self) -> bool:
-        """A message (or end of file) is waiting."""
-        if self._have:
-            return True
-        import select
+        """Bytes (or end of file) are waiting."""
+        return bool(self._have or self._big is not None or self._poller.poll(0))
 
-        return bool(select.select([self.fd], [], [], 0)[0])
+    def _read_into(self, view: memoryview, block: bool) -> int | None:
+        if not block and not self._poller.poll(0):
+            return None
+        n = os.readv(self.fd, [view])
+        if not n:
+            raise EOFError("the other process closed the connection")
+        return n
 
-    def recv(self) -> memoryview:
-        """The next message. A small one is a view into a buffer reused by the next call, so
-        the caller must be done with it (decoded, inline buffers copied) before calling again."""
-        buf, have = self._buf, self._have
-        while have < _LEN.size:
-            n = os.readv(self.fd, [memoryview(buf)[have:]])
-            if not n:
-                raise EOFError("the other process closed the connection")
-            have += n
+    def recv(self, block: bool = True) -> memoryview | None:
+        """The next message, or ``None`` (only with ``block=False``) while it is incomplete.
+
+        A small message is a view into a buffer reused by the next call, so the caller must be
+        done with it (decoded, inline buffers copied) before calling again.
+        """
+        if self._big is not None:
+            return self._recv_big(block)
+        buf = self._buf
+        while self._have < _LEN.size:
+            n = self._read_into(memoryview(buf)[self._have :], block)
+            if n is None:
+                return None
+            self._have += n
         (size,) = _LEN.unpack_from(buf)
         end = _LEN.size + size
-        if end <= len(buf):
-            while have < end:
-                n = os.readv(self.fd, [memoryview(buf)[have:]])
-                if not n:
-                    raise EOFError("the other process closed the connection mid-message")
-                have += n
-            message = memoryview(buf)[_LEN.size : end]
-            if have > end:  # the start of the next message: keep it, in a fresh buffer
-                self._buf = bytearray(buf[end:have]) + bytearray(_CHUNK)
-            self._have = have - end
-            return message if have <= end else memoryview(bytes(message))
-        big = bytearray(size)  # larger than the buffer: read straight into its own memory
-        first = have - _LEN.size
-        big[:first] = buf[_LEN.size : have]
+        if end > len(buf):  # larger than the buffer: read it into its own memory
+            self._big = bytearray(size)
+            self._big_have = self._have - _LEN.size
+            self._big[: self._big_have] = buf[_LEN.size : self._have]
+            self._have = 0
+            return self._recv_big(block)
+        while self._have < end:
+            n = self._read_into(memoryview(buf)[self._have :], block)
+            if n is None:
+                return None
+            self._have += n
+        have = self._have
         self._have = 0
+        if have > end:  # the start of the next message: keep it, in a fresh buffer
+            self._buf = bytearray(buf[end:have]) + bytearray(_CHUNK)
+            self._have = have - end  # (the old buffer is not reused: the view below is safe)
+        return memoryview(buf)[_LEN.size : end]
+
+    def _recv_big(self, block: bool) -> memoryview | None:
+        big = self._big
+        assert big is not None
         view = memoryview(big)
-        while first < size:
-            n = os.readv(self.fd, [view[first:]])
-            if not n:
-                raise EOFError("the other process closed the connection mid-message")
-            first += n
+        while self._big_have < len(big):
+            n = self._read_into(view[self._big_have :], block)
+            if n is None:
+                return None
+            self._big_have += n
+        self._big = None
         return view
+
+    def shutdown(self) -> None:
+        """Wake anyone blocked reading or writing this socket, even if another process still
+        holds its other end."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(self.fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
 
 
 class Channel:
@@ -269,6 +313,7 @@ class Channel:
         return self.wire.readable()
 
     def close(self) -> None:
+        self.wire.fd = -1  # a late write or read now fails with EBADF, never hits a reused fd
         self.conn.close()
         for arena in (self.out_arena, self.in_arena):
             if arena is not None:
@@ -343,13 +388,15 @@ class Channel:
             out.append(released.popleft())
         return out
 
-    def recv(self) -> Any:
-        """Receive one message.
+    def recv(self, block: bool = True) -> Any:
+        """Receive one message (``None`` while incomplete, with ``block=False``).
 
         Raises ``EOFError``/``OSError`` when the peer is gone, ``DecodeError`` when a whole
         message arrived but cannot be unpickled (the stream stays in step).
         """
-        head = self.wire.recv()
+        head = self.wire.recv(block)
+        if head is None:
+            return None
         n_buf, n_rel, writer_size, body_len = _HEAD.unpack_from(head)
         pos = _HEAD.size
         specs = []
