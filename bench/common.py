@@ -23,3 +23,44 @@ def echo_pipe(conn: Any) -> None:
 class Identity(modelpool.Model):
     def predict(self, inputs: Any) -> Any:
         return inputs
+
+
+class FixedCostMLP(modelpool.Model):
+    """A small NumPy MLP (64 -> 256 -> 10) plus a fixed 2 ms per call: the shape of a model
+    whose cost is dominated by per-call overhead at small batch (a GPU launch and sync, a
+    remote feature lookup). Batching pays that overhead once per batch."""
+
+    fixed_cost = 0.002
+
+    def setup(self) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        self.w1 = rng.standard_normal((64, 256)).astype(np.float32) / 8
+        self.w2 = rng.standard_normal((256, 10)).astype(np.float32) / 16
+
+    def predict(self, inputs: Any) -> Any:
+        import time
+
+        import numpy as np
+
+        time.sleep(self.fixed_cost)
+        h = np.maximum(inputs["x"] @ self.w1, 0)
+        return {"y": h @ self.w2}
+
+
+class TorchMLP(modelpool.Model):
+    """The same MLP in torch, no artificial cost: per-call overhead is torch's and ours."""
+
+    def setup(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        self.torch = torch
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+        ).eval()
+
+    def predict(self, inputs: Any) -> Any:
+        with self.torch.inference_mode():
+            return {"y": self.net(self.torch.from_numpy(inputs["x"])).numpy()}

@@ -346,7 +346,11 @@ class Supervisor:
                 self._hold_channel(worker)
             else:
                 self._queue.append(req)
-                wake = True  # the supervisor may be able to start something, or batch
+                # Wake the supervisor only when it has something to do now: the first request
+                # in line (start a batch timer, or a worker may be starting), or enough queued
+                # for a full batch. Otherwise a worker's answer or the timer brings it back.
+                n = len(self._queue)
+                wake = n == 1 or (self._batching and n % self.settings.max_batch_size == 0)
             if req.deadline is not None:
                 self._timed[req.id] = req
                 heapq.heappush(self._deadlines, (req.deadline, req.id))
@@ -698,7 +702,8 @@ class Supervisor:
 
     def _expire(self, now: float) -> None:
         if len(self._deadlines) > 64 + 2 * len(self._timed):  # mostly settled: compact
-            self._deadlines = [(r.deadline or 0.0, i) for i, r in self._timed.items()]
+            snapshot = list(self._timed.items())  # one C call: callers pop from it unlocked
+            self._deadlines = [(r.deadline or 0.0, i) for i, r in snapshot]
             heapq.heapify(self._deadlines)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
