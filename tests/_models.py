@@ -245,3 +245,20 @@ class ForksHelper(modelpool.Model):
             os._exit(0)
         time.sleep(3600)
         return None
+
+
+class Stagger(modelpool.Model):
+    """Records when its setup starts and ends (to see loads overlap or not); slow predict."""
+
+    def __init__(self, **options: Any) -> None:
+        self.path = options["path"]
+
+    def setup(self) -> None:
+        start = time.monotonic()
+        time.sleep(0.3)
+        with open(self.path, "a") as f:
+            f.write(f"{start} {time.monotonic()}\n")
+
+    def predict(self, inputs: Any) -> Any:
+        time.sleep(float(inputs))
+        return os.getpid()

@@ -76,6 +76,7 @@ class WorkerHandle:
         self.watched = False  # the supervisor's selector reads this worker's answers
         self.reader_active = False  # a caller thread is reading this worker's answer
         self.users = 0  # threads holding the channel (writing or reading); close waits for 0
+        self.idle_since = 0.0  # when it last became idle (for scaling down)
         self.exited = False
         self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
         self.pid: int | None = process.pid

@@ -83,7 +83,7 @@ class PoolStats(dict[str, Any]):
 
     Keys: ``model``, ``workers`` (a list of ``WorkerStats``: index, generation, pid, state,
     served, restarts, last_exit, rss), ``queued``, ``in_flight``, ``start_method``,
-    ``threads_per_worker``.
+    ``threads_per_worker``, ``events`` (recent scaling events: time, event, workers, reason).
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -121,8 +121,23 @@ class Pool(cf.Executor):
         max_batch_size: int = 1,
         max_batch_delay: float = 0.005,
         max_queue: int | None = None,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        load_concurrency: int | None = None,
+        scale_down_after: float = 30.0,
     ) -> None:
         _positive("workers", workers, integer=True)
+        _positive("min_workers", min_workers, integer=True)
+        _positive("max_workers", max_workers, integer=True)
+        _positive("load_concurrency", load_concurrency, integer=True)
+        _positive("scale_down_after", scale_down_after)
+        floor = min_workers if min_workers is not None else workers
+        ceiling = max_workers if max_workers is not None else max(workers, floor)
+        if floor > ceiling:
+            raise ValueError(
+                f"min_workers={floor} is more than max_workers={ceiling}; "
+                "min_workers must be <= max_workers"
+            )
         _positive("max_batch_size", max_batch_size, integer=True)
         _positive("max_queue", max_queue, integer=True)
         if isinstance(max_batch_delay, bool) or not isinstance(max_batch_delay, int | float):
@@ -160,13 +175,16 @@ class Pool(cf.Executor):
                 pickle.dumps(init[1])
             except Exception as exc:
                 raise ModelSpecError(f"initargs must be picklable: {exc}") from exc
-        threads = _hygiene.resolve_threads(threads_per_worker, workers)
+        threads = _hygiene.resolve_threads(threads_per_worker, ceiling)
         env = _hygiene.thread_env(threads, explicit=threads_per_worker is not None)
         self._settings = PoolSettings(
             model_ref=ref,
             model_name=name,
             options=dict(options or {}),
-            workers=workers,
+            workers=ceiling,
+            min_workers=floor if floor < ceiling else 0,
+            load_concurrency=load_concurrency,
+            scale_down_after=float(scale_down_after),
             threads=threads,
             env=env,
             seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
@@ -397,6 +415,7 @@ class Pool(cf.Executor):
         return PoolStats(
             model=self._model_name,
             workers=workers,
+            events=self._supervisor.events(),
             start_method=self._start_method,
             threads_per_worker=self._settings.threads,
             **self._supervisor.counts(),

@@ -87,6 +87,14 @@ class PoolSettings:
     max_batch_size: int = 1
     max_batch_delay: float = 0.0
     max_queue: int | None = None
+    min_workers: int = 0  # 0: the same as ``workers`` (no autoscaling)
+    load_concurrency: int | None = None
+    scale_down_after: float = 30.0
+
+    @property
+    def floor(self) -> int:
+        """Workers kept running at all times (``workers`` is the most there can be)."""
+        return self.min_workers or self.workers
 
 
 class Request:
@@ -170,6 +178,8 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._workers: list[WorkerHandle] = []
         self._generation = [-1] * settings.workers
+        self._active: set[int] = set(range(settings.floor))  # slots that should have a worker
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._last_exit: list[str | None] = [None] * settings.workers
         self._respawn_at: dict[int, float] = {}
         self._queue: collections.deque[Request] = collections.deque()
@@ -202,7 +212,7 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        for index in range(self.settings.workers):
+        for index in sorted(self._active):
             self._respawn_at[index] = 0.0
         self._thread.start()
 
@@ -219,7 +229,7 @@ class Supervisor:
                 if self._closing:
                     raise PoolClosedError("the pool was shut down while it was starting")
                 ready = sum(1 for w in self._workers if w.state in (IDLE, BUSY))
-                if ready >= self.settings.workers:
+                if ready >= self.settings.floor:
                     return
                 self._changed.wait()
 
@@ -398,7 +408,9 @@ class Supervisor:
             broken = self._broken is not None
         out = []
         live = {w.index for w in workers}
-        for index in range(self.settings.workers):
+        with self._lock:
+            active = set(self._active)
+        for index in sorted(active):
             if index not in live:  # a slot with no process right now: say why
                 state = "restarting" if index in pending else "failed" if broken else "stopped"
                 out.append(
@@ -545,6 +557,7 @@ class Supervisor:
         worker.served += 1
         if worker.state == BUSY:
             worker.state = IDLE
+            worker.idle_since = time.monotonic()
         if worker.limit is not None and worker.served >= worker.limit:
             worker.retiring = True
 
@@ -614,6 +627,8 @@ class Supervisor:
             else:
                 self._respawn(now)
                 self._retire(now)
+                if self.settings.floor < self.settings.workers:
+                    self._autoscale(now)
                 if self.settings.max_memory_per_worker and now >= self._next_memory_check:
                     self._check_memory()
                     self._next_memory_check = now + MEMORY_CHECK_INTERVAL
@@ -634,7 +649,12 @@ class Supervisor:
         times = [w.deadline for w in self._workers if w.deadline is not None]
         if self._deadlines:
             times.append(self._deadlines[0][0])
-        times.extend(self._respawn_at.values())
+        if not self._loading_full():  # else a READY (or an exit) wakes us
+            times.extend(self._respawn_at.values())
+        if self.settings.floor < self.settings.workers and len(self._active) > self.settings.floor:
+            idle = [w.idle_since for w in self._workers if w.state == IDLE]
+            if idle:
+                times.append(min(idle) + self.settings.scale_down_after)
         if self.settings.max_memory_per_worker:
             times.append(self._next_memory_check)
         if self._batch_due is not None:
@@ -771,7 +791,12 @@ class Supervisor:
                 self._fail_everything(self._broken)
             return
         for index, when in sorted(self._respawn_at.items()):
+            if index not in self._active:
+                del self._respawn_at[index]  # scaled away meanwhile
+                continue
             if when <= now:
+                if self._loading_full():
+                    break  # load one at a time (load_concurrency): the next READY resumes us
                 del self._respawn_at[index]
                 if self._ctx.get_start_method() == "fork":
                     hazards = fork_hazards()
@@ -846,6 +871,7 @@ class Supervisor:
                 return True  # being killed: a late answer (its request already failed) is dropped
             if kind == READY:
                 worker.state = IDLE
+                worker.idle_since = time.monotonic()
                 worker.deadline = None
                 worker.pid = payload
                 self._watch(worker, False)
@@ -975,7 +1001,7 @@ class Supervisor:
         replaced = any(
             w.index == worker.index and w.generation > worker.generation for w in self._workers
         )
-        if not self._closing and not replaced:
+        if not self._closing and not replaced and worker.index in self._active:
             self._respawn_at.setdefault(worker.index, now)
         if req is None:
             return
@@ -1010,6 +1036,43 @@ class Supervisor:
                     likely_cause=likely,
                 ),
             )
+
+    def _loading_full(self) -> bool:
+        """As many workers are loading as ``load_concurrency`` allows (lock held)."""
+        limit = self.settings.load_concurrency
+        return limit is not None and sum(1 for w in self._workers if w.state == STARTING) >= limit
+
+    def _autoscale(self, now: float) -> None:
+        """Grow while requests wait and no worker is free; shrink after a quiet period (lock
+        held). One step per tick, one worker loading at a time, within [floor, workers]."""
+        s = self.settings
+        waiting = any(not r.future.done() for r in self._queue)
+        loading = any(w.state == STARTING for w in self._workers)
+        if waiting and not loading and self._idle_worker() is None:
+            if len(self._active) < s.workers and self._broken is None:
+                index = min(set(range(s.workers)) - self._active)
+                self._active.add(index)
+                self._respawn_at[index] = now
+                self._event("scale_up", f"{len(self._queue)} requests waiting, no worker free")
+            return
+        if waiting or len(self._active) <= s.floor:
+            return
+        for w in self._workers:
+            if w.state == IDLE and now - w.idle_since >= s.scale_down_after:
+                self._active.discard(w.index)
+                self._stop(w, now)
+                self._event("scale_down", f"worker {w.index} idle for {now - w.idle_since:.0f} s")
+                return
+
+    def _event(self, kind: str, reason: str) -> None:
+        self._events.append(
+            {"time": time.time(), "event": kind, "workers": len(self._active), "reason": reason}
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        """Recent scaling events, oldest first."""
+        with self._lock:
+            return list(self._events)
 
     def _has_successor(self, worker: WorkerHandle) -> bool:
         return any(

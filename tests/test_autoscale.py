@@ -1,0 +1,69 @@
+"""In-host autoscaling (min_workers / max_workers) and load_concurrency, with real workers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+
+import modelpool
+from _models import Echo, Stagger
+
+
+def _live(pool: modelpool.Pool) -> int:
+    return sum(1 for w in pool.stats().workers if w.pid is not None and w.state != "stopping")
+
+
+def test_grows_when_requests_wait_and_shrinks_after_quiet(tmp_path: Path) -> None:
+    pool = modelpool.Pool(
+        Stagger,
+        options={"path": str(tmp_path / "loads")},
+        min_workers=1,
+        max_workers=3,
+        scale_down_after=0.5,
+    )
+    with pool:
+        assert _live(pool) == 1
+        futures = [pool.submit(time.sleep, 0.4) for _ in range(12)]
+        peak = 0
+        while not all(f.done() for f in futures):
+            peak = max(peak, _live(pool))
+            time.sleep(0.02)
+        assert 1 < peak <= 3
+        deadline = time.monotonic() + 15
+        while _live(pool) > 1:  # back down to min_workers, never below
+            assert time.monotonic() < deadline, pool.stats()
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert _live(pool) == 1
+        kinds = [e["event"] for e in pool.stats().events]
+        assert "scale_up" in kinds
+        assert "scale_down" in kinds
+        for event in pool.stats().events:
+            assert 1 <= event["workers"] <= 3
+            assert event["reason"]
+
+
+def test_load_concurrency_one_loads_workers_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "loads"
+    with modelpool.Pool(Stagger, workers=3, options={"path": str(path)}, load_concurrency=1):
+        pass
+    spans = sorted(tuple(map(float, line.split())) for line in path.read_text().splitlines())
+    assert len(spans) == 3
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 0.01, spans  # no overlap
+
+
+def test_without_min_max_the_pool_is_fixed() -> None:
+    with modelpool.Pool(Echo, workers=2) as pool:
+        assert _live(pool) == 2
+        assert pool.stats().events == []
+
+
+def test_bad_scaling_arguments() -> None:
+    with pytest.raises(ValueError, match="min_workers"):
+        modelpool.Pool(Echo, min_workers=3, max_workers=2)
+    with pytest.raises(ValueError, match="load_concurrency"):
+        modelpool.Pool(Echo, load_concurrency=0)
