@@ -147,3 +147,50 @@ def test_a_crash_fails_every_member_of_the_batch_with_a_clear_error() -> None:
         results = asyncio.run(run())
         assert all(isinstance(r, modelpool.WorkerCrashedError) for r in results), results
         assert pool.predict({})["pid"] > 0
+
+
+def test_a_hung_batch_is_killed_once_every_member_timed_out() -> None:
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
+        pid = pool.stats().workers[0].pid
+        hung = {"x": np.full((1, 1), -600, np.float32)}  # the batch sleeps a minute
+
+        async def run() -> list:
+            return await asyncio.gather(
+                *(pool.apredict(hung, timeout=0.3) for _ in range(3)), return_exceptions=True
+            )
+
+        results = asyncio.run(run())
+        assert all(isinstance(r, modelpool.RequestTimeoutError) for r in results), results
+        started = time.monotonic()  # the hung worker was killed and replaced: serving again
+        assert pool.predict({"x": np.ones((1, 1), np.float32)}, timeout=20)["y"][0, 0] == 2
+        assert time.monotonic() - started < 10
+        assert pool.stats().workers[0].pid != pid
+
+
+def test_a_lone_request_that_hangs_is_killed_like_without_batching() -> None:
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
+        pid = pool.stats().workers[0].pid
+        with pytest.raises(modelpool.RequestTimeoutError, match="killed"):
+            pool.predict({"x": np.full((1, 1), -600, np.float32)}, timeout=0.3)
+        assert pool.predict({"x": np.ones((1, 1), np.float32)}, timeout=20)["y"][0, 0] == 2
+        assert pool.stats().workers[0].pid != pid
+
+
+def test_a_batch_full_by_rows_goes_without_waiting_for_the_delay() -> None:
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=5.0) as pool:
+
+        async def run() -> list:
+            first = asyncio.ensure_future(pool.apredict({"x": np.ones((4, 1), np.float32)}))
+            await asyncio.sleep(0.02)
+            second = pool.apredict({"x": np.ones((4, 1), np.float32)})
+            return await asyncio.gather(first, second)
+
+        started = time.monotonic()
+        outs = asyncio.run(run())
+        assert time.monotonic() - started < 2.0  # not the 5 s delay
+        assert [int(o["batch"][0]) for o in outs] == [8, 8]
+
+
+def test_batch_error_is_public_and_a_value_error() -> None:
+    assert issubclass(modelpool.BatchError, ValueError)
+    assert issubclass(modelpool.BatchError, modelpool.ModelpoolError)

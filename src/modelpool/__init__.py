@@ -4,6 +4,7 @@ Importing this package does nothing but define names: no processes, no threads, 
 """
 
 from ._exceptions import (
+    BatchError,
     InputValidationError,
     ModelpoolError,
     ModelSetupError,
@@ -25,6 +26,7 @@ from ._worker import WorkerInfo, current_model, worker_info
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchError",
     "InputValidationError",
     "Model",
     "ModelSetupError",

@@ -24,6 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from ._exceptions import BatchError
+
 __all__ = ["BatchError", "Batchable", "Item", "merge", "select", "signature", "split"]
 
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -38,10 +40,6 @@ class Batchable(Protocol):
 
 
 T = TypeVar("T", bound=Batchable)
-
-
-class BatchError(ValueError):
-    """The model's outputs cannot be split back into one answer per request."""
 
 
 @dataclasses.dataclass

@@ -10,6 +10,8 @@ while working), in the manner of trio's ``ClosedResourceError`` / ``BrokenResour
     ├── UnsafeForkError            start_method="fork" refused: the parent holds CUDA, TensorFlow
     │                              or live threads, which do not survive fork
     ├── InputValidationError       inputs do not match the model's declared signature (ValueError)
+    ├── BatchError                 with batching on, predict's outputs do not have one row per
+    │                              input row, so they cannot be split back (ValueError)
     ├── PoolOverloadedError        the queue is full; try again later
     └── WorkerError                breakage in a worker process
         ├── ModelSetupError        setup() raised, timed out or the worker died while loading
@@ -27,6 +29,7 @@ Exceptions here know nothing of HTTP; the server maps them to status codes in on
 from __future__ import annotations
 
 __all__ = [
+    "BatchError",
     "InputValidationError",
     "ModelSetupError",
     "ModelSpecError",
@@ -60,6 +63,11 @@ class UnsafeForkError(ModelpoolError):
 
 class InputValidationError(ModelpoolError, ValueError):
     """The inputs do not match the model's declared ``inputs`` signature."""
+
+
+class BatchError(ModelpoolError, ValueError):
+    """With batching on, the model's outputs cannot be split back into one answer per request
+    (an output whose first dimension is not the batch size, or not a dict of arrays)."""
 
 
 class PoolOverloadedError(ModelpoolError):

@@ -339,7 +339,14 @@ class Pool(cf.Executor):
         """A request larger than the model's own declared limit is refused, never cut."""
         if self._model_limit is None:
             return
-        _, rows = _batching.signature(inputs)
+        rows = max(
+            (
+                v.shape[0]
+                for v in (inputs.values() if isinstance(inputs, dict) else [inputs])
+                if getattr(v, "shape", None)
+            ),
+            default=1,
+        )
         if rows > self._model_limit:
             raise InputValidationError(
                 f"model {self._model_name!r} accepts at most {self._model_limit} rows per call "

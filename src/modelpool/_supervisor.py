@@ -203,6 +203,7 @@ class Supervisor:
         self._done = threading.Event()
         self._batching = settings.max_batch_size > 1
         self._batch_due: float | None = None  # when the batcher wants to look again
+        self._rows_queued = 0  # rows in the queue (recounted whenever batches are formed)
         self.on_done: Callable[[Supervisor], object] | None = None
 
     # ------------------------------------------------------------------ caller-facing
@@ -359,8 +360,8 @@ class Supervisor:
                 # Wake the supervisor only when it has something to do now: the first request
                 # in line (start a batch timer, or a worker may be starting), or enough queued
                 # for a full batch. Otherwise a worker's answer or the timer brings it back.
-                n = len(self._queue)
-                wake = n == 1 or (self._batching and n % self.settings.max_batch_size == 0)
+                self._rows_queued += req.rows
+                wake = len(self._queue) == 1 or self._rows_queued >= self.settings.max_batch_size
             if req.deadline is not None:
                 self._timed[req.id] = req
                 heapq.heappush(self._deadlines, (req.deadline, req.id))
@@ -718,6 +719,7 @@ class Supervisor:
             self._assign(worker, unit)
             self._hold_channel(worker)
             out.append((worker, unit))
+        self._rows_queued = sum(r.rows for r in self._queue)
         return out
 
     def _expire(self, now: float) -> None:
@@ -733,7 +735,11 @@ class Supervisor:
             limit = f"{self.settings.model_name!r}"
             worker = req.worker
             batch = req.batch
-            if batch is not None and worker is not None and worker.request is batch:
+            running = worker is not None and (
+                worker.request is req or (batch is not None and worker.request is batch)
+            )
+            if running and batch is not None and len(batch.parts) > 1:
+                assert worker is not None
                 # in a running batch: this request fails alone; the worker is killed only
                 # when no member still waits for the answer
                 self._fail_later(
@@ -744,10 +750,11 @@ class Supervisor:
                         "timeout if the model is just slow."
                     ),
                 )
-                if all(part.future.done() for part in batch.parts):
+                failing = {id(r) for r, _ in self._settle}  # decided, reported after the lock
+                if all(p.future.done() or id(p) in failing for p in batch.parts):
                     worker.request = None
                     self._kill(worker, "killed by modelpool: a batch ran past its timeout")
-            elif worker is None or worker.request is not req:
+            elif not running:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(req)
                 loading = sum(1 for w in self._workers if w.state == STARTING)
@@ -761,6 +768,7 @@ class Supervisor:
                     ),
                 )
             else:
+                assert worker is not None  # running
                 self._fail_later(
                     req,
                     RequestTimeoutError(
