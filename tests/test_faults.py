@@ -329,14 +329,17 @@ def test_fork_refused_with_live_threads() -> None:
         thread.join()
 
 
+def _pool_with_a_failed_slot() -> modelpool.Pool:
+    """Two slots; slot 1 cannot load, so the breaker trips for it while slot 0 serves."""
+    pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
+    _wait_for(lambda: pool.stats().workers[1].state == "failed", timeout=20)
+    return pool
+
+
 def test_breaker_leaves_healthy_workers_serving() -> None:
     """One slot that cannot load must not shut out the workers that did."""
-    pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
+    pool = _pool_with_a_failed_slot()
     try:
-        deadline = time.monotonic() + 20
-        while pool.stats().workers[1].state != "failed":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         for _ in range(5):
             assert pool.predict({}) == 0  # served by slot 0
     finally:
@@ -431,12 +434,8 @@ def test_shutdown_with_a_model_that_cannot_load_fails_queued_work_promptly() -> 
 
 
 def test_start_again_does_not_tear_down_a_serving_pool() -> None:
-    pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
+    pool = _pool_with_a_failed_slot()
     try:
-        deadline = time.monotonic() + 20
-        while pool.stats().workers[1].state != "failed":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         with pytest.raises(modelpool.ModelSetupError):
             pool.start()  # it cannot get every worker ready...
         assert pool.predict({}) == 0  # ...but the pool keeps serving with the one it has
