@@ -111,7 +111,6 @@ class Request:
         "attempts",
         "batch",
         "deadline",
-        "direct",
         "frame",
         "id",
         "inputs",
@@ -124,7 +123,6 @@ class Request:
     def __init__(self, rid: int, deadline: float | None, arrival: float = 0.0) -> None:
         self.id = rid
         self.frame = _transport.Encoded(b"", [])
-        self.direct = False  # True while the calling thread itself reads the answer
         self.deadline = deadline
         self._future: cf.Future[Any] | None = None
         self.attempts = 0
@@ -347,7 +345,6 @@ class Supervisor:
                     )
             worker = None if self._batching else self._idle_worker()
             if worker is not None:
-                req.direct = direct
                 if direct:
                     self._watch(worker, False)
                     worker.reader_active = True
@@ -1020,7 +1017,6 @@ class Supervisor:
             member.batch = None
             if member.attempts <= self.settings.retries and not self._closing:
                 member.worker = None
-                member.direct = False  # the supervisor reads the retry's answer
                 self._queue.appendleft(member)
                 continue
             if worker.kill_reason is not None and self._closing:
