@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures as cf
 import functools
@@ -16,7 +15,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from . import _batching, _hygiene, _transport
+from . import _aio, _batching, _hygiene, _transport
 from ._exceptions import InputValidationError, ModelSpecError, PoolClosedError, UnsafeForkError
 from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
@@ -386,7 +385,7 @@ class Pool(cf.Executor):
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         self._check_rows(inputs)
-        return await asyncio.wrap_future(self._request(PREDICT, inputs, timeout))
+        return await _aio.await_future(self._request(PREDICT, inputs, timeout))
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Run ``fn(*args, **kwargs)`` in a worker; ``modelpool.current_model()`` inside it
