@@ -74,18 +74,23 @@ def test_chaos_soak() -> None:
         with cf.ThreadPoolExecutor(6) as ex:
             clients = [ex.submit(_client, pool, stop, seed, tally) for seed in range(4)]
             clients.append(ex.submit(asyncio.run, _async_client(pool, stop, tally)))
-            rng = random.Random(7)
-            end = time.monotonic() + SOAK_SECONDS
-            while time.monotonic() < end:
-                time.sleep(rng.uniform(0.2, 1.0))
-                pids = [w.pid for w in pool.stats().workers if w.pid and w.state == "busy"]
-                if pids:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                    tally["external-kill"] = tally.get("external-kill", 0) + 1
-                for f in clients:
-                    if f.done():
-                        f.result()  # a client died: surface its assertion
-            stop.set()
+            try:
+                rng = random.Random(7)
+                end = time.monotonic() + SOAK_SECONDS
+                while time.monotonic() < end:
+                    time.sleep(rng.uniform(0.2, 1.0))
+                    pids = [w.pid for w in pool.stats().workers if w.pid and w.state == "busy"]
+                    if pids:
+                        try:
+                            os.kill(rng.choice(pids), signal.SIGKILL)
+                        except ProcessLookupError:
+                            continue  # it exited (or was replaced) since stats() was taken
+                        tally["external-kill"] = tally.get("external-kill", 0) + 1
+                    for f in clients:
+                        if f.done():
+                            f.result()  # a client died: surface its assertion
+            finally:
+                stop.set()  # before the executor waits for its clients, whatever happened
             for f in clients:
                 f.result(timeout=60)
         assert tally.get("good", 0) > 50, tally
