@@ -20,7 +20,7 @@ from ._exceptions import InputValidationError, ModelSpecError, PoolClosedError, 
 from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
-from ._supervisor import PoolSettings, Supervisor
+from ._supervisor import PoolSettings, Request, Supervisor
 from ._worker import CALL, PREDICT
 
 __all__ = ["Pool", "PoolStats"]
@@ -320,10 +320,15 @@ class Pool(cf.Executor):
                 raise PoolClosedError("this pool was shut down; create a new Pool")
             self.start(wait=False)
 
-    def _request(self, kind: int, payload: Any, timeout: float | None) -> cf.Future[Any]:
+    def _new_request(self, timeout: float | None) -> Request:
+        """Check the per-call timeout, start the pool if needed, and open a request whose
+        deadline counts from now."""
         _positive("timeout", timeout)
         self._ensure_started()
-        req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
+        return self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
+
+    def _request(self, kind: int, payload: Any, timeout: float | None) -> cf.Future[Any]:
+        req = self._new_request(timeout)
         signature, rows = (None, 1)
         if kind == PREDICT and self._settings.max_batch_size > 1:
             signature, rows = _batching.signature(payload)
@@ -353,9 +358,7 @@ class Pool(cf.Executor):
             )
 
     def _call(self, kind: int, payload: Any, timeout: float | None) -> Any:
-        _positive("timeout", timeout)
-        self._ensure_started()
-        req = self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
+        req = self._new_request(timeout)
         req.frame = _transport.encode((kind, req.id, payload))
         return self._supervisor.call(req)
 

@@ -258,7 +258,11 @@ class Supervisor:
             kind, rid, payload = worker.channel.recv()
             answered = True
             if rid not in (req.id, 0):
-                raise _transport.ProtocolError(f"answer {rid} for request {req.id}")
+                raise _transport.ProtocolError(
+                    f"worker pid {worker.pid} sent the answer to request {rid} for request "
+                    f"{req.id}: the pool and its worker are out of step, which is a bug in "
+                    "modelpool (please report it). The worker was replaced; retry the call."
+                )
         except _transport.PlacementError:
             # nothing was sent: the worker is fine, the request fails with the reason
             with self._lock:

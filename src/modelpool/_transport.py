@@ -208,8 +208,10 @@ class _Wire:
         self._big: bytearray | None = None  # a message larger than the buffer, being read
         self._big_have = 0
 
-    def send(self, parts: list[Any]) -> None:
-        total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+    def send(self, parts: list[Any], total: int | None = None) -> None:
+        """Write one message made of ``parts`` (``total`` bytes, if the caller knows)."""
+        if total is None:
+            total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
         if total < _CHUNK:  # small: one joined write beats building the iovec
             data = memoryview(b"".join([_LEN.pack(total), *parts]))
             while data:
@@ -339,9 +341,7 @@ class Channel:
             return
         size = self.out_arena.size if self.out_arena is not None else 0
         head = _HEAD.pack(0, 0, size, len(body))
-        data = memoryview(b"".join((_LEN.pack(len(head) + len(body)), head, body)))
-        while data:
-            data = data[os.write(self.wire.fd, data) :]
+        self.wire.send([head, body], _HEAD.size + len(body))
 
     def send_encoded(self, enc: Encoded) -> None:
         """Place large buffers in the arena, then write the header and the small buffers."""
