@@ -24,6 +24,9 @@ def test_concurrent_requests_are_batched_and_split_back() -> None:
     inputs = [{"x": np.full((1, 3), i, np.float32)} for i in range(16)]
     with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.05) as pool:
         outs = _gather(pool, inputs)
+        batch_sizes = pool.stats().batch_sizes
+    assert sum(rows * n for rows, n in batch_sizes.items()) == 16
+    assert max(batch_sizes) > 1
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out["y"], np.full((1, 3), 2 * i, np.float32))
         assert out["y"].flags.writeable

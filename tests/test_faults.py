@@ -113,6 +113,21 @@ def test_external_sigkill_of_idle_worker_is_replaced() -> None:
         _wait_for(lambda: _pids(pool) - {pid} and pool.stats().workers[0].state == "idle")
         assert pool.predict({"a": np.array(1)})["a"] == 1
         assert "SIGKILL" in (pool.stats().workers[0].last_exit or "")
+        assert pool.stats().exit_reasons == {"SIGKILL": 1}
+
+
+def test_exit_reasons_count_timeouts_and_busy_for_shows_request_age() -> None:
+    with modelpool.Pool(Echo, workers=1, timeout=0.5) as pool:
+        fut = pool.submit(time.sleep, 30)
+        _wait_for(lambda: pool.stats().workers[0].state == "busy")
+        time.sleep(0.2)
+        busy_for = pool.stats().workers[0].busy_for
+        assert busy_for is not None
+        assert 0.1 < busy_for < 0.5
+        with pytest.raises(modelpool.RequestTimeoutError):
+            fut.result()
+        _wait_for(lambda: pool.stats().exit_reasons.get("timeout") == 1)
+        assert pool.stats().workers[0].busy_for is None or pool.stats().workers[0].state == "busy"
 
 
 # ---------------------------------------------------------------- retries

@@ -188,3 +188,28 @@ def test_every_error_subclasses_modelpool_error() -> None:
         if name != "RemoteTraceback":
             assert issubclass(cls, modelpool.ModelpoolError), name
     assert issubclass(modelpool.RequestTimeoutError, TimeoutError)
+
+
+def _visible_devices() -> tuple[int, str | None]:
+    import os
+
+    info = modelpool.worker_info()
+    assert info is not None
+    return info.index, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_devices_spread_over_workers_through_cuda_visible_devices() -> None:
+    with modelpool.Pool(None, workers=3, devices=["cuda:0", 1, "cpu"]) as pool:
+        seen: dict[int, str | None] = {}
+        for _ in range(200):
+            index, visible = pool.submit(_visible_devices).result()
+            seen[index] = visible
+            if len(seen) == 3:
+                break
+    assert seen == {0: "0", 1: "1", 2: ""}
+
+
+@pytest.mark.parametrize("devices", ["cuda:0", ["tpu:0"], ["cuda:x"]])
+def test_devices_misuse_is_refused(devices: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="cuda"):
+        modelpool.Pool(Echo, devices=devices)  # type: ignore[arg-type]

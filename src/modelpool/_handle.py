@@ -53,6 +53,7 @@ class WorkerStats:
     restarts: int
     last_exit: str | None
     rss: int | None
+    busy_for: float | None = None  # seconds the current request has been running
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -82,6 +83,7 @@ class WorkerHandle:
         self.pid: int | None = process.pid
         self.state = STARTING
         self.request: Request | None = None
+        self.busy_since = 0.0
         self.served = 0
         self.limit: int | None = None  # recycle after this many requests
         self.retiring = False

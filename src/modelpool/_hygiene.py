@@ -25,6 +25,7 @@ __all__ = [
     "THREAD_ENV_VARS",
     "apply_env",
     "derive_seed",
+    "device_env",
     "die_with_parent",
     "fork_hazards",
     "ignore_sigint",
@@ -110,6 +111,22 @@ def resolve_threads(
     if exported is not None:
         return exported
     return max(1, usable_cores() // max(1, workers))
+
+
+def device_env(device: str | int) -> dict[str, str]:
+    """The variables that give a worker one device: ``"cuda:1"`` or ``1`` -> GPU 1 only (it
+    appears as ``cuda:0`` inside the worker), ``"cpu"`` -> no GPU visible, ``"cuda"`` -> all."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if text in ("cuda", "gpu"):
+        return {}
+    number = text.split(":", 1)[1] if text.startswith(("cuda:", "gpu:")) else text
+    if not number.isdigit():
+        raise ValueError(
+            f"device {device!r} is not understood; use 'cuda:N', N, 'cuda' (all GPUs) or 'cpu'"
+        )
+    return {"CUDA_VISIBLE_DEVICES": number}
 
 
 def thread_env(

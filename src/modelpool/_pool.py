@@ -12,7 +12,7 @@ import pickle
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from . import _aio, _batching, _hygiene, _transport
@@ -45,11 +45,11 @@ def _default_start_method() -> str:
     return "forkserver" if sys.platform.startswith("linux") and "forkserver" in methods else "spawn"
 
 
-def _parse_memory(value: int | str | None) -> int | None:
-    if value is None:
-        return None
+def parse_size(value: int | str, field: str = "size") -> int:
+    """Bytes from an int or a string such as ``'512MB'`` or ``'1.5GB'`` (binary units:
+    1 KB = 1024 bytes, as memory is counted)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"max_memory_per_worker must be bytes (int) or like '2GB', got {value!r}")
+        raise TypeError(f"{field} must be bytes (int) or like '2GB', got {value!r}")
     if isinstance(value, int):
         number, unit = float(value), ""
     else:
@@ -59,11 +59,11 @@ def _parse_memory(value: int | str | None) -> int | None:
             number = float(text[: len(text) - len(unit)])
         except ValueError:
             raise ValueError(
-                f"max_memory_per_worker={value!r} is not a size; use bytes or e.g. '512MB', '1.5GB'"
+                f"{field}={value!r} is not a size; use bytes or e.g. '512MB', '1.5GB'"
             ) from None
     size = int(number * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"max_memory_per_worker must be positive, got {value!r}")
+        raise ValueError(f"{field} must be positive, got {value!r}")
     return size
 
 
@@ -82,7 +82,9 @@ class PoolStats(dict[str, Any]):
 
     Keys: ``model``, ``workers`` (a list of ``WorkerStats``: index, generation, pid, state,
     served, restarts, last_exit, rss), ``queued``, ``in_flight``, ``start_method``,
-    ``threads_per_worker``, ``events`` (recent scaling events: time, event, workers, reason).
+    ``threads_per_worker``, ``events`` (recent scaling events: time, event, workers, reason),
+    ``exit_reasons`` (worker exits since start by kind: ``"SIGKILL"``, ``"timeout"``,
+    ``"recycled"``, ...), ``batch_sizes`` (batches run, by rows; batching pools only).
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -124,6 +126,7 @@ class Pool(cf.Executor):
         max_workers: int | None = None,
         load_concurrency: int | None = None,
         scale_down_after: float = 30.0,
+        devices: Sequence[str | int] | None = None,
     ) -> None:
         _positive("workers", workers, integer=True)
         _positive("min_workers", min_workers, integer=True)
@@ -174,6 +177,9 @@ class Pool(cf.Executor):
                 pickle.dumps(init[1])
             except Exception as exc:
                 raise ModelSpecError(f"initargs must be picklable: {exc}") from exc
+        if isinstance(devices, str | int):
+            raise TypeError(f"devices must be a list such as ['cuda:0', 'cuda:1'], got {devices!r}")
+        device_envs = tuple(_hygiene.device_env(d) for d in devices or ())
         threads = _hygiene.resolve_threads(threads_per_worker, ceiling)
         env = _hygiene.thread_env(threads, explicit=threads_per_worker is not None)
         self._settings = PoolSettings(
@@ -190,13 +196,18 @@ class Pool(cf.Executor):
             timeout=timeout,
             setup_timeout=setup_timeout,
             max_requests_per_worker=max_requests_per_worker,
-            max_memory_per_worker=_parse_memory(max_memory_per_worker),
+            max_memory_per_worker=(
+                None
+                if max_memory_per_worker is None
+                else parse_size(max_memory_per_worker, "max_memory_per_worker")
+            ),
             retries=retries,
             drain_timeout=drain_timeout,
             initializer=init,
             max_batch_size=max_batch_size,
             max_batch_delay=float(max_batch_delay),
             max_queue=max_queue,
+            devices=device_envs,
         )
         try:
             pickle.dumps(self._settings.options)
@@ -428,6 +439,7 @@ class Pool(cf.Executor):
             start_method=self._start_method,
             threads_per_worker=self._settings.threads,
             **self._supervisor.counts(),
+            **self._supervisor.telemetry(),
         )
 
     @property

@@ -90,6 +90,7 @@ class PoolSettings:
     min_workers: int = 0  # 0: the same as ``workers`` (no autoscaling)
     load_concurrency: int | None = None
     scale_down_after: float = 30.0
+    devices: tuple[dict[str, str], ...] = ()  # worker i gets the variables devices[i % n]
 
     @property
     def floor(self) -> int:
@@ -179,6 +180,8 @@ class Supervisor:
         self._active: set[int] = set(range(settings.floor))  # slots that should have a worker
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._last_exit: list[str | None] = [None] * settings.workers
+        self._exit_reasons: collections.Counter[str] = collections.Counter()
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._respawn_at: dict[int, float] = {}
         self._queue: collections.deque[Request] = collections.deque()
         self._deadlines: list[tuple[float, int]] = []  # (deadline, request id), lazily pruned
@@ -409,6 +412,7 @@ class Supervisor:
             pending = set(self._respawn_at)
             broken = self._broken is not None
         out = []
+        now = time.monotonic()
         live = {w.index for w in workers}
         with self._lock:
             active = set(self._active)
@@ -438,9 +442,18 @@ class Supervisor:
                     restarts=max(0, generations[w.index]),
                     last_exit=last_exit[w.index],
                     rss=rss(w.pid),
+                    busy_for=now - w.busy_since if w.state == BUSY else None,
                 )
             )
         return sorted(out, key=lambda s: (s.index, s.generation))
+
+    def telemetry(self) -> dict[str, dict[Any, int]]:
+        """Totals since start: worker exits by kind, and batches by rows (batching only)."""
+        with self._lock:
+            return {
+                "exit_reasons": dict(self._exit_reasons),
+                "batch_sizes": dict(sorted(self._batch_sizes.items())),
+            }
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -467,6 +480,7 @@ class Supervisor:
     def _assign(self, worker: WorkerHandle, req: Request) -> None:
         worker.state = BUSY
         worker.request = req
+        worker.busy_since = time.monotonic()
         req.worker = worker
         for member in req.members:
             member.attempts += 1
@@ -717,6 +731,7 @@ class Supervisor:
                 unit = Batch(next(self._ids), parts)
                 for part in parts:
                     part.batch = unit
+                self._batch_sizes[sum(part.rows for part in parts)] += 1
             self._assign(worker, unit)
             self._hold_channel(worker)
             out.append((worker, unit))
@@ -841,7 +856,11 @@ class Supervisor:
             threads=s.threads,
             # the parent's whole environment now, as spawn would give it (a fork server keeps
             # the one it started with), with the thread limits on top
-            env={**os.environ, **s.env},
+            env={
+                **os.environ,
+                **s.env,
+                **(s.devices[index % len(s.devices)] if s.devices else {}),
+            },
             initializer=s.initializer,
         )
         worker = launch(self._ctx, spec)
@@ -956,6 +975,7 @@ class Supervisor:
                     worker.process.close()
             reason = worker.kill_reason or what
             self._last_exit[worker.index] = f"pid {worker.pid}: {reason}"
+            self._exit_reasons[_exit_kind(worker, signame, exitcode)] += 1
             if worker.state == STARTING:
                 self._setup_failed(worker, what, likely, now)
             elif worker.state != STOPPING:  # died, or killed for a timeout, while serving
@@ -1208,3 +1228,17 @@ def _fresh(error: BaseException) -> BaseException:
         return error
     clone.__cause__ = error.__cause__
     return clone
+
+
+def _exit_kind(worker: WorkerHandle, signame: str | None, exitcode: int | None) -> str:
+    """A short label for why a worker exited (metrics count these)."""
+    if worker.kill_reason is not None:
+        reason = worker.kill_reason
+        if "timeout" in reason or "did not finish" in reason:
+            return "timeout"
+        return "shutdown" if "shut down" in reason or "end of shutdown" in reason else "killed"
+    if worker.state == STOPPING:
+        return "recycled" if worker.retiring else "stopped"
+    if worker.state == STARTING:
+        return "setup_failed"
+    return signame or f"exit_{exitcode}"

@@ -1,0 +1,200 @@
+"""The modelpool YAML file: server settings and any number of models.
+
+```yaml
+server:
+  host: 127.0.0.1
+  port: 8000
+models:
+  iris:
+    model: modelpool.demo:IrisClassifier
+    workers: 2
+    max_batch_size: 32
+```
+
+``load_config(path)`` reads and validates a file; ``Config.model_validate(dict)`` a mapping.
+The server and the Celery integration read the same file. Every error names the file, the
+field and what is allowed, as one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._exceptions import ModelpoolError
+from ._pool import parse_size
+
+__all__ = ["Config", "ConfigError", "ModelSettings", "ServerSettings", "load_config", "parse_size"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ModelpoolError, ValueError):
+    """The configuration is invalid; the message names the file, the field and the fix."""
+
+
+def _size(value: Any, info: pydantic.ValidationInfo) -> int:
+    return parse_size(value, info.field_name or "size")
+
+
+#: bytes, written as an int or a string such as "64MB" (binary units: 1 MB = 2**20 bytes)
+Size = Annotated[int, pydantic.BeforeValidator(_size)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    """The ``server:`` section."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: largest request body accepted, decided from Content-Length before reading it (413)
+    max_body_size: Size = 64 * 2**20
+    #: largest body after gzip/deflate decompression (413)
+    max_decompressed_size: Size = 256 * 2**20
+    #: largest request line / header field (aiohttp's limits)
+    max_header_size: int = Field(8190, ge=1024)
+    #: seconds to finish in-flight requests after SIGTERM before workers are stopped anyway
+    drain_timeout: float = Field(30.0, gt=0)
+    #: a model is ready only if a request went through a worker within this many seconds
+    #: (the server sends a probe request through the real path when traffic is quiet)
+    ready_probe_interval: float = Field(5.0, gt=0)
+    #: Retry-After seconds sent with 503 answers
+    retry_after: int = Field(1, ge=0)
+    #: answer with gzip when the client accepts it and the body is at least this big
+    compress_min_size: Size = 1024
+
+
+class ModelSettings(_Strict):
+    """One entry of ``models:``; the fields are ``modelpool.Pool``'s parameters."""
+
+    model: str = Field(description="import string 'pkg.module:Class'")
+    workers: int = Field(1, ge=1)
+    version: str = "1"
+    options: dict[str, Any] = Field(default_factory=dict)
+    start_method: Literal["forkserver", "spawn", "fork"] | None = None
+    threads_per_worker: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    setup_timeout: float | None = Field(None, gt=0)
+    max_requests_per_worker: int | None = Field(None, ge=1)
+    max_memory_per_worker: Size | None = None
+    retries: int = Field(0, ge=0)
+    seed: int | None = None
+    drain_timeout: float | None = Field(30.0, gt=0)
+    max_batch_size: int = Field(1, ge=1)
+    max_batch_delay: float = Field(0.005, ge=0)
+    max_queue: int | None = Field(None, ge=1)
+    min_workers: int | None = Field(None, ge=1)
+    max_workers: int | None = Field(None, ge=1)
+    load_concurrency: int | None = Field(None, ge=1)
+    scale_down_after: float = Field(30.0, gt=0)
+    devices: list[str] | None = None
+
+    @pydantic.field_validator("model")
+    @classmethod
+    def _import_string(cls, value: str) -> str:
+        module, _, name = value.partition(":")
+        if not module or not name or not all(p.isidentifier() for p in module.split(".")):
+            raise ValueError(f"{value!r} is not an import string; write 'package.module:ClassName'")
+        return value
+
+    @pydantic.field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str] | None) -> list[str] | None:
+        from ._hygiene import device_env
+
+        for device in value or ():
+            device_env(device)  # raises ValueError naming what is allowed
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _scaling(self) -> ModelSettings:
+        floor = self.min_workers or self.workers
+        ceiling = self.max_workers or max(self.workers, floor)
+        if floor > ceiling:
+            raise ValueError(f"min_workers={floor} is more than max_workers={ceiling}")
+        return self
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``modelpool.Pool(self.model, **kwargs)``."""
+        return self.model_dump(exclude={"model", "version"})
+
+
+class Config(_Strict):
+    """A whole file: ``server:`` and ``models:`` (name -> ``ModelSettings``)."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    models: dict[str, ModelSettings] = Field(min_length=1)
+
+    @pydantic.field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"model name {name!r} must be letters, digits, '_', '-' or '.' "
+                    "(it becomes part of the URL /v2/models/NAME)"
+                )
+        return value
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "<config>") -> Config:
+        """Validate a parsed mapping; errors become one ``ConfigError`` naming ``source``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{source}: the top level must be a mapping with a 'models:' section, "
+                f"got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+
+def _describe(exc: pydantic.ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} error(s) in the configuration"]
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            section = _fields_for(error["loc"])
+            message = f"unknown field; allowed here: {', '.join(sorted(section))}"
+        elif error["type"] == "literal_error":
+            message = f"{message} (got {error['input']!r})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _fields_for(loc: tuple[int | str, ...]) -> list[str]:
+    if len(loc) <= 1:
+        return list(Config.model_fields)
+    if loc[0] == "server":
+        return list(ServerSettings.model_fields)
+    return list(ModelSettings.model_fields)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a modelpool YAML file."""
+    import yaml
+
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read it: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    return Config.from_mapping(data, source)

@@ -1,0 +1,2 @@
+"""Integrations with other frameworks, each imported only when used
+(``modelpool.integrations.celery``)."""
