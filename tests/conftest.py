@@ -28,21 +28,24 @@ def pool_children() -> list[psutil.Process]:
     return out
 
 
-def wait_no_children(timeout: float = 10.0) -> list[psutil.Process]:
+def wait_no_children(
+    timeout: float = 10.0, ignore: frozenset[int] = frozenset()
+) -> list[psutil.Process]:
+    """Wait until no child is left but those in ``ignore`` (e.g. a module's server)."""
     deadline = time.monotonic() + timeout
-    left = pool_children()
+    left = [p for p in pool_children() if p.pid not in ignore]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [p for p in pool_children() if p.is_running()]
+        left = [p for p in pool_children() if p.is_running() and p.pid not in ignore]
     return left
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_children() -> Iterator[None]:
     """Every test must leave no worker process (alive or zombie) behind."""
-    before = {p.pid for p in pool_children()}
+    before = frozenset(p.pid for p in pool_children())
     yield
-    left = [p for p in wait_no_children() if p.pid not in before]
+    left = wait_no_children(ignore=before)
     assert not left, f"leaked child processes: {[(p.pid, p.status()) for p in left]}"
 
 

@@ -3,6 +3,8 @@
 Importing this package does nothing but define names: no processes, no threads, no probing.
 """
 
+import typing as _typing
+
 from ._exceptions import (
     BatchError,
     InputValidationError,
@@ -23,10 +25,29 @@ from ._model import Model, TensorSpec
 from ._pool import Pool, PoolStats
 from ._worker import WorkerInfo, current_model, worker_info
 
+if _typing.TYPE_CHECKING:
+    from .client import Client, ServerError, ServerTimeoutError
+
 __version__ = "0.1.0"
+
+_LAZY = {"Client": "client", "ServerError": "client", "ServerTimeoutError": "client"}
+
+
+def __getattr__(name: str) -> object:
+    """The HTTP client's names, imported on first use (``modelpool.Client``)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'modelpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"modelpool.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BatchError",
+    "Client",
     "InputValidationError",
     "Model",
     "ModelSetupError",
@@ -39,6 +60,8 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "RequestTimeoutError",
+    "ServerError",
+    "ServerTimeoutError",
     "TensorSpec",
     "UnsafeForkError",
     "WorkerCrashedError",

@@ -162,7 +162,9 @@ class Pool(cf.Executor):
         if method not in methods:
             raise ValueError(f"start_method={method!r} is not available here; use one of {methods}")
         self._start_method = method
-        ref, name, specs, model_limit = self._resolve_model(model, method)
+        ref, cls, specs, model_limit = self._resolve_model(model, method)
+        self._model_class = cls
+        name = cls.__name__ if cls is not None else "function pool"
         self._model_name = name
         self._input_specs: tuple[TensorSpec, ...] = specs
         self._model_limit = model_limit  # rows the model accepts at most (its own declaration)
@@ -225,9 +227,9 @@ class Pool(cf.Executor):
     @staticmethod
     def _resolve_model(
         model: Any, method: str
-    ) -> tuple[str | None, str, tuple[TensorSpec, ...], int | None]:
+    ) -> tuple[str | None, type | None, tuple[TensorSpec, ...], int | None]:
         if model is None:
-            return None, "function pool", (), None
+            return None, None, (), None
         if isinstance(model, str):
             cls = import_from_string(model)
             ref = model
@@ -252,7 +254,7 @@ class Pool(cf.Executor):
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
             raise ModelSpecError(f"{cls.__qualname__}.max_batch_size must be an int >= 1 or None")
-        return ref, cls.__name__, specs, limit
+        return ref, cls, specs, limit
 
     # ------------------------------------------------------------------ life cycle
 
@@ -441,6 +443,11 @@ class Pool(cf.Executor):
             **self._supervisor.counts(),
             **self._supervisor.telemetry(),
         )
+
+    @property
+    def model_class(self) -> type | None:
+        """The model's class (imported in this process to read its signature), or None."""
+        return self._model_class
 
     @property
     def start_method(self) -> str:

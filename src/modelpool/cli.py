@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @click.group()
@@ -47,6 +51,86 @@ def demo(workers: int, n: int) -> None:
         for w in pool.stats().workers:
             click.echo(f"  worker {w.index}: pid {w.pid}, {w.state}, served {w.served}")
     click.echo("pool shut down; all workers reaped")
+
+
+DEMO_MODEL = "modelpool.demo:IrisClassifier"
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--name", help="Model name in URLs (one model; default: the class name).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (one model).")
+@click.option("--host", help="Address to bind (default 127.0.0.1: this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port to bind (default 8000).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="Rows per batch (1 = off).")
+@click.option("--max-batch-delay", type=click.FloatRange(min=0), help="Seconds to fill a batch.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per request.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), help="Threads per worker.")
+@click.option("--start-method", type=click.Choice(["forkserver", "spawn", "fork"]))
+@click.option("--max-queue", type=click.IntRange(min=1), help="Queued requests before 503.")
+@click.option(
+    "--option", "options", multiple=True, metavar="KEY=VALUE", help="Model option (repeatable)."
+)
+def serve(target: str | None, **flags: object) -> None:
+    """Serve models over HTTP (Open Inference Protocol / KServe v2, Triton-compatible).
+
+    TARGET is a modelpool YAML file, or a model class 'pkg.module:Class'. With no TARGET, the
+    built-in demo model (an Iris classifier, no download) is served.
+    """
+    import os
+
+    from .config import ConfigError
+    from .server import serve as run_server
+
+    sys.path.insert(0, os.getcwd())  # models next to the command, as `python -m` would
+    try:
+        config = _serve_config(target, flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(run_server(config))
+
+
+def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
+    """The Config for ``modelpool serve``: from a file, one import string, or the demo."""
+    import os
+
+    import yaml
+
+    from .config import Config, ConfigError, load_config
+
+    server = {k: flags.pop(k) for k in ("host", "port") if flags.get(k) is not None}
+    name = flags.pop("name")
+    options: dict[str, object] = {}
+    for item in flags.pop("options") or ():  # type: ignore[attr-defined]
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r}: write KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    settings = {k: v for k, v in flags.items() if v is not None}
+    if options:
+        settings["options"] = options
+    if target is not None and (target.endswith((".yaml", ".yml")) or os.path.isfile(target)):
+        given = [f"--{k.replace('_', '-')}" for k in settings] + (["--name"] if name else [])
+        if given:
+            raise ConfigError(
+                f"{target}: {', '.join(given)} apply to one model given as 'pkg.module:Class'; "
+                "set them in the file instead (only --host and --port override a file)"
+            )
+        config = load_config(target)
+        if server:
+            config = config.model_copy(update={"server": config.server.model_copy(update=server)})
+        return config
+    model = target or DEMO_MODEL
+    if ":" not in model:
+        raise ConfigError(
+            f"{model!r} is neither a YAML file nor an import string; pass modelpool.yaml or "
+            "'package.module:ClassName'"
+        )
+    default_name = "iris" if target is None else model.rsplit(":", 1)[1]
+    if target is None:
+        settings.setdefault("workers", 2)
+    data = {"server": server, "models": {name or default_name: {"model": model, **settings}}}
+    return Config.from_mapping(data, "command line")
 
 
 if __name__ == "__main__":  # pragma: no cover

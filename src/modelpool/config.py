@@ -96,6 +96,8 @@ class ModelSettings(_Strict):
     load_concurrency: int | None = Field(None, ge=1)
     scale_down_after: float = Field(30.0, gt=0)
     devices: list[str] | None = None
+    #: the server calls the model ready only while at least this many workers are alive
+    min_ready_workers: int = Field(1, ge=1)
 
     @pydantic.field_validator("model")
     @classmethod
@@ -124,7 +126,7 @@ class ModelSettings(_Strict):
 
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``modelpool.Pool(self.model, **kwargs)``."""
-        return self.model_dump(exclude={"model", "version"})
+        return self.model_dump(exclude={"model", "version", "min_ready_workers"})
 
 
 class Config(_Strict):

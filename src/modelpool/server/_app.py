@@ -1,0 +1,450 @@
+"""The aiohttp application: Open Inference Protocol (KServe v2 REST) routes, with Triton's
+binary-tensor extension, ``/metrics`` and the status page.
+
+Errors are JSON ``{"error": "..."}`` with the status the protocol expects: 400 bad request,
+404 unknown model, 413 body too large (decided from Content-Length before reading), 503 not
+ready or overloaded (with Retry-After), 504 timeout, 500 only for bugs (the model's included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gzip
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from modelpool import __version__
+from modelpool._exceptions import (
+    BatchError,
+    InputValidationError,
+    ModelSetupError,
+    PoolClosedError,
+    PoolOverloadedError,
+    RequestTimeoutError,
+    WorkerCrashedError,
+)
+from modelpool._model import TensorSpec
+from modelpool._pool import Pool
+from modelpool._worker import current_model
+from modelpool.config import Config, ModelSettings
+
+from . import _codec, _status
+from ._metrics import Metrics
+
+__all__ = ["ServedModel", "Server"]
+
+log = logging.getLogger("modelpool.server")
+
+JSON = "application/json"
+ALIVE_STATES = frozenset({"idle", "busy", "retiring"})
+#: Triton's names for datatypes in a model configuration
+_TRITON_TYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
+#: answers kept per model for the status page's recent latency
+RECENT = 2000
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with a message for the user."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _probe() -> bool:
+    """Run inside a worker by the readiness probe: the model is loaded and answering."""
+    return current_model() is not None
+
+
+class ServedModel:
+    """One configured model: its pool, signature and readiness bookkeeping."""
+
+    def __init__(self, name: str, settings: ModelSettings, pool: Pool | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self.version = settings.version
+        self.pool = pool or Pool(settings.model, **settings.pool_kwargs())
+        cls = self.pool.model_class
+        self.inputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "inputs", ()) or ())
+        self.outputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "outputs", ()) or ())
+        self.last_ok = 0.0  # monotonic time a request last went through a worker and back
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)
+        self.floor = settings.min_workers or settings.workers
+
+    def alive(self, stats: dict[str, Any] | None = None) -> int:
+        stats = stats or self.pool.stats()
+        return sum(1 for w in stats["workers"] if w.state in ALIVE_STATES)
+
+    def readiness(self, window: float, stats: dict[str, Any] | None = None) -> tuple[bool, str]:
+        """(ready, why not): enough workers alive, and one answered recently."""
+        alive = self.alive(stats)
+        need = min(self.settings.min_ready_workers, self.floor)
+        if alive < need:
+            return False, f"model {self.name!r}: {alive} of {need} required workers alive"
+        age = time.monotonic() - self.last_ok
+        if age > window:
+            return False, f"model {self.name!r}: no worker has answered for {age:.1f} s"
+        return True, ""
+
+    def metadata(self) -> dict[str, Any]:
+        def tensor(spec: TensorSpec) -> dict[str, Any]:
+            return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "modelpool",
+            "inputs": [tensor(s) for s in self.inputs],
+            "outputs": [tensor(s) for s in self.outputs],
+        }
+
+    def triton_config(self) -> dict[str, Any]:
+        batching = self.settings.max_batch_size > 1
+
+        def tensor(spec: TensorSpec) -> dict[str, Any]:
+            dims = list(spec.shape[1:] if batching and spec.shape else spec.shape)
+            kind = _TRITON_TYPES.get(spec.datatype, f"TYPE_{spec.datatype}")
+            return {"name": spec.name, "data_type": kind, "dims": dims}
+
+        config: dict[str, Any] = {
+            "name": self.name,
+            "platform": "modelpool",
+            "backend": "modelpool",
+            "max_batch_size": self.settings.max_batch_size if batching else 0,
+            "input": [tensor(s) for s in self.inputs],
+            "output": [tensor(s) for s in self.outputs],
+            "instance_group": [{"count": self.settings.workers, "kind": "KIND_CPU"}],
+            "parameters": {"model": {"string_value": self.settings.model}},
+        }
+        if batching:
+            delay_us = int(self.settings.max_batch_delay * 1e6)
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
+        return config
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers={"Content-Type": JSON, **(headers or {})}
+    )
+
+
+class Server:
+    """The HTTP front of a set of pools, built from a ``Config``."""
+
+    def __init__(self, config: Config, models: dict[str, ServedModel] | None = None) -> None:
+        self.config = config
+        self.settings = config.server
+        self.models = models or {
+            name: ServedModel(name, settings) for name, settings in config.models.items()
+        }
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.accepting = True
+        self.window = 3 * self.settings.ready_probe_interval
+        self._probe_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ application
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.settings.max_body_size,
+            middlewares=[self._errors],
+            handler_args={
+                "max_line_size": self.settings.max_header_size,
+                "max_field_size": self.settings.max_header_size,
+                "auto_decompress": False,  # the codec decompresses, within its size limit
+            },
+        )
+        get, post = web.get, web.post
+        model = "/v2/models/{model}"
+        version = "/v2/models/{model}/versions/{version}"
+        app.add_routes(
+            [
+                get("/", self.status_page),
+                get("/status.json", self.status_json),
+                get("/metrics", self.metrics_text),
+                get("/v2", self.server_metadata),
+                get("/v2/health/live", self.live),
+                get("/v2/health/ready", self.ready),
+                post("/v2/repository/index", self.repository_index),
+                *[
+                    route
+                    for prefix in (model, version)
+                    for route in (
+                        get(prefix, self.model_metadata),
+                        get(prefix + "/ready", self.model_ready),
+                        get(prefix + "/config", self.model_config),
+                        post(prefix + "/infer", self.infer),
+                    )
+                ],
+            ]
+        )
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._probe_task = asyncio.create_task(self._probe_loop())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            headers = {}
+            if exc.retry_after is not None:
+                headers["Retry-After"] = str(exc.retry_after)
+            return _json({"error": str(exc)}, exc.status, headers)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.settings.max_body_size
+            return _json({"error": f"request body is larger than the limit of {limit} bytes "
+                          "(server.max_body_size)"}, 413)  # fmt: skip
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _json({"error": exc.reason or exc.text or "error"}, exc.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug: unhandled error answering %s %s", request.method, request.path)
+            return _json({"error": "internal server error (a bug; the server log has it)"}, 500)
+
+    def _model(self, request: web.Request) -> ServedModel:
+        name = request.match_info["model"]
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise HTTPError(404, f"unknown model {name!r}; this server has: {known}")
+        version = request.match_info.get("version")
+        if version is not None and version != served.version:
+            raise HTTPError(
+                404, f"model {name!r} has no version {version!r}; it has {served.version!r}"
+            )
+        return served
+
+    # ------------------------------------------------------------------ health and metadata
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if not self.accepting:
+            raise HTTPError(503, "the server is shutting down", retry_after=0)
+        for served in self.models.values():
+            ok, why = served.readiness(self.window)
+            if not ok:
+                return _json({"ready": False, "error": why}, 503, self._retry_after())
+        return _json({"ready": True})
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        served = self._model(request)
+        ok, why = served.readiness(self.window)
+        if not ok or not self.accepting:
+            why = why or "the server is shutting down"
+            return _json({"name": served.name, "ready": False, "error": why}, 503)
+        return _json({"name": served.name, "ready": True})
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        extensions = ["binary_tensor_data", "model_configuration", "model_repository"]
+        return _json({"name": "modelpool", "version": __version__, "extensions": extensions})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return _json(self._model(request).metadata())
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(self._model(request).triton_config())
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        index = []
+        for served in self.models.values():
+            ok, why = served.readiness(self.window)
+            state = "READY" if ok else "UNAVAILABLE"
+            entry = {"name": served.name, "version": served.version, "state": state}
+            index.append(entry | ({"reason": why} if why else {}))
+        return _json(index)
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after)}
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        served = self._model(request)
+        code = 500
+        self.in_flight += 1
+        try:
+            response = await self._infer(request, served)
+            code = response.status
+            return response
+        except HTTPError as exc:
+            code = exc.status
+            raise
+        except asyncio.CancelledError:
+            code = 499  # the client went away (nginx's convention)
+            raise
+        finally:
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            self.metrics.observe(served.name, code, elapsed)
+            if code == 200:
+                served.recent.append(elapsed)
+
+    async def _infer(self, request: web.Request, served: ServedModel) -> web.Response:
+        if not self.accepting:
+            raise HTTPError(503, "the server is shutting down", retry_after=0)
+        limit = self.settings.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            raise HTTPError(
+                413,
+                f"request body of {request.content_length} bytes is over the limit of {limit} "
+                "bytes (server.max_body_size)",
+            )
+        body = await request.read()
+        try:
+            encoding = request.headers.get("Content-Encoding")
+            if encoding and encoding.lower() != "identity":
+                body = await self._off_loop(
+                    len(body),
+                    _codec.decompress,
+                    body,
+                    encoding,
+                    self.settings.max_decompressed_size,
+                )
+            header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
+            decoded = _codec.decode_infer_request(body, header_length)
+        except _codec.BodyTooLarge as exc:
+            raise HTTPError(413, str(exc)) from None
+        except _codec.CodecError as exc:
+            raise HTTPError(400, str(exc)) from None
+        outputs = await self._predict(served, decoded.inputs)
+        try:
+            payload, json_length = _codec.encode_infer_response(
+                served.name, served.version, decoded.id, outputs, decoded
+            )
+        except _codec.CodecError as exc:
+            raise HTTPError(400, str(exc)) from None
+        headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
+        if json_length is not None:
+            headers["Inference-Header-Content-Length"] = str(json_length)
+        payload = await self._compress(request, payload, headers)
+        return web.Response(body=payload, headers=headers)
+
+    async def _predict(self, served: ServedModel, inputs: dict[str, Any]) -> dict[str, Any]:
+        name = served.name
+        try:
+            outputs = await served.pool.apredict(inputs)
+        except InputValidationError as exc:
+            raise HTTPError(400, f"model {name!r}: {exc}") from None
+        except PoolOverloadedError as exc:
+            raise HTTPError(
+                503, f"model {name!r}: {exc}", retry_after=self.settings.retry_after
+            ) from None
+        except RequestTimeoutError as exc:
+            raise HTTPError(504, f"model {name!r}: {exc}") from None
+        except (WorkerCrashedError, ModelSetupError, PoolClosedError) as exc:
+            raise HTTPError(
+                503, f"model {name!r}: {exc}", retry_after=self.settings.retry_after
+            ) from None
+        except BatchError as exc:
+            raise HTTPError(500, f"model {name!r} returned bad outputs: {exc}") from None
+        except Exception as exc:  # raised by the model's predict(): a bug in the model
+            log.warning("model %r raised %s: %s", name, type(exc).__name__, exc)
+            raise HTTPError(500, f"model {name!r} raised {type(exc).__name__}: {exc}") from None
+        served.last_ok = time.monotonic()
+        if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
+            raise HTTPError(
+                500,
+                f"model {name!r} returned {type(outputs).__name__}; predict() must return a "
+                "dict of output name -> array",
+            )
+        return outputs
+
+    async def _compress(
+        self, request: web.Request, payload: bytes, headers: dict[str, str]
+    ) -> bytes:
+        if len(payload) < self.settings.compress_min_size:
+            return payload
+        accepted = request.headers.get("Accept-Encoding", "").lower()
+        for coding in ("gzip", "deflate"):
+            if coding in accepted:
+                headers["Content-Encoding"] = coding
+                fn = _gzip if coding == "gzip" else zlib.compress
+                compressed: bytes = await self._off_loop(len(payload), fn, payload)
+                return compressed
+        return payload
+
+    @staticmethod
+    async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` in a thread for big payloads (keeps the event loop answering)."""
+        if size < 256 * 1024:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # ------------------------------------------------------------------ operations
+
+    async def _probe_loop(self) -> None:
+        """Keep readiness true to the real request path: when a model has been quiet for a
+        probe interval, send a request through one of its workers."""
+        interval = self.settings.ready_probe_interval
+        while True:
+            now = time.monotonic()
+            due = [m for m in self.models.values() if now - m.last_ok >= interval]
+            await asyncio.gather(*(self._probe_one(m) for m in due))
+            await asyncio.sleep(min(interval, 1.0))
+
+    async def _probe_one(self, served: ServedModel) -> None:
+        try:
+            ok = await asyncio.wrap_future(served.pool.submit(_probe))
+        except Exception as exc:
+            log.debug("readiness probe of %r failed: %s", served.name, exc)
+            return
+        if ok:
+            served.last_ok = time.monotonic()
+
+    def pool_stats(self) -> dict[str, dict[str, Any]]:
+        return {name: served.pool.stats() for name, served in self.models.items()}
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        stats = self.pool_stats()
+        ready = {n: m.readiness(self.window, stats[n])[0] for n, m in self.models.items()}
+        text = self.metrics.render(stats, ready)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        return _json(_status.snapshot(self))
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")
+
+
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise _codec.CodecError(
+            f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"
+        )
+    return length
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=5)

@@ -1,0 +1,244 @@
+"""Running the server: bind, load the models with progress, serve, and stop cleanly.
+
+Stopping: the first SIGTERM or Ctrl+C stops accepting, answers every request already
+accepted (within ``server.drain_timeout``), tears the models down and exits 0. A second
+Ctrl+C kills every worker at once, reaps them, and exits 130.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import IO
+
+from aiohttp import web
+
+from modelpool import __version__
+from modelpool._exceptions import ModelpoolError
+from modelpool.config import Config
+
+from ._app import ServedModel, Server
+
+__all__ = ["serve"]
+
+log = logging.getLogger("modelpool.server")
+
+
+class _Progress:
+    """Model and worker loading progress: one line per change (a live line on a terminal)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.seen: dict[tuple[str, int, int], str] = {}
+        self.started = time.monotonic()
+        self.live_line = False
+
+    def line(self, text: str) -> None:
+        if self.live_line:
+            self.out.write("\r\033[K")
+            self.live_line = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def update(self, models: dict[str, ServedModel]) -> None:
+        summary = []
+        for name, served in models.items():
+            stats = served.pool.stats()
+            ready = 0
+            for w in stats["workers"]:
+                key = (name, w.index, w.generation)
+                state = "ready" if w.state in ("idle", "busy") else w.state
+                ready += state == "ready"
+                if self.seen.get(key) == state:
+                    continue
+                self.seen[key] = state
+                pid = f" (pid {w.pid})" if w.pid else ""
+                at = f" after {time.monotonic() - self.started:.1f} s"
+                if state == "starting":
+                    self.line(f"  {name}: worker {w.index}{pid} loading")
+                elif state == "ready":
+                    self.line(f"  {name}: worker {w.index}{pid} ready{at}")
+                elif state in ("failed", "restarting"):
+                    why = f": {w.last_exit}" if w.last_exit else ""
+                    self.line(f"  {name}: worker {w.index} {state}{why}")
+            summary.append(f"{name} {ready}/{len(stats['workers'])}")
+        if self.tty:
+            self.out.write("\r\033[Kloading: " + ", ".join(summary) + " workers ready")
+            self.out.flush()
+            self.live_line = True
+
+
+class _Runner:
+    def __init__(self, config: Config, out: IO[str]) -> None:
+        self.config = config
+        self.out = out
+        self.stop = asyncio.Event()
+        self.signals = 0
+        self.server: Server | None = None
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            name = signal.Signals(signum).name
+            self.out.write(
+                f"\n{name}: stopping; answering requests in flight "
+                "(press Ctrl+C again to stop at once)\n"
+            )
+            self.stop.set()
+        else:
+            self.out.write("\nstopping at once: killing every worker\n")
+            self.out.flush()
+            self._terminate()  # kills and reaps every worker
+            os._exit(130)
+
+    def _terminate(self) -> None:
+        if self.server is not None:
+            for served in self.server.models.values():
+                served.pool._terminate()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        s = self.config.server
+        try:
+            self.server = Server(self.config)
+        except ModelpoolError as exc:
+            self.out.write(f"error: {exc}\n")
+            return 2
+        runner = web.AppRunner(
+            self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, s.host, s.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self._stop_pools(wait=False)
+            why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            self.out.write(
+                f"error: cannot listen on {s.host}:{s.port}: {why}. "
+                "Choose another port (--port or server.port).\n"
+            )
+            return 1
+        url = _url(runner, s.host)
+        self.out.write(f"modelpool {__version__} listening on {url} (ready once models load)\n")
+        try:
+            ok = await self._load()
+            if ok:
+                self._banner(url)
+                await self.stop.wait()
+            code = 0 if ok else 1
+        finally:
+            await self._drain(site, runner)
+        return code
+
+    async def _load(self) -> bool:
+        assert self.server is not None
+        progress = _Progress(self.out)
+        models = self.server.models
+        loads = {
+            name: asyncio.ensure_future(asyncio.to_thread(m.pool.start))
+            for name, m in models.items()
+        }
+        failed = False
+        while not self.stop.is_set():
+            progress.update(models)
+            if all(t.done() for t in loads.values()):
+                break
+            await asyncio.wait([*loads.values()], timeout=0.1)
+        progress.update(models)
+        if progress.live_line:
+            progress.line("")
+        for name, task in loads.items():
+            if not task.done():
+                continue
+            exc = task.exception()
+            if exc is not None:
+                failed = True
+                self.out.write(f"error: model {name!r} could not be loaded: {exc}\n")
+                cause = exc.__cause__
+                if cause is not None:
+                    self.out.write("".join(traceback.format_exception(cause)))
+            else:
+                models[name].last_ok = time.monotonic()
+        return not failed and not self.stop.is_set()
+
+    def _banner(self, url: str) -> None:
+        assert self.server is not None
+        name, served = next(iter(self.server.models.items()))
+        self.out.write(f"ready: {len(self.server.models)} model(s) on {url}\n")
+        self.out.write(f"  status page   {url}/\n  metrics       {url}/metrics\n")
+        self.out.write(f"  model info    curl -s {url}/v2/models/{name}\n")
+        if served.inputs:
+            spec = served.inputs[0]
+            shape = [1 if d == -1 else d for d in spec.shape]
+            n = 1
+            for d in shape:
+                n *= d
+            data = ",".join(["0.5"] * n) if spec.datatype.startswith("FP") else ",".join("1" * n)
+            body = (
+                f'{{"inputs":[{{"name":"{spec.name}","datatype":"{spec.datatype}",'
+                f'"shape":{shape},"data":[{data}]}}]}}'
+            ).replace(" ", "")
+            self.out.write(f"  infer         curl -s {url}/v2/models/{name}/infer -d '{body}'\n")
+        self.out.write("  python        modelpool.Client(url).infer(model, inputs)\n")
+        self.out.write("Press Ctrl+C to stop.\n")
+        self.out.flush()
+
+    async def _drain(self, site: web.TCPSite, runner: web.AppRunner) -> None:
+        assert self.server is not None
+        server = self.server
+        server.accepting = False
+        with contextlib.suppress(Exception):
+            await site.stop()  # no new connections; requests already read still run
+        deadline = time.monotonic() + self.config.server.drain_timeout
+        while server.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if server.in_flight:
+            self.out.write(f"drain timeout: {server.in_flight} request(s) still running\n")
+        await runner.cleanup()
+        await asyncio.to_thread(self._stop_pools, wait=True)
+        self.out.write("stopped\n")
+
+    def _stop_pools(self, wait: bool) -> None:
+        if self.server is None:
+            return
+        for served in self.server.models.values():
+            served.pool.shutdown(wait=False)
+        if wait:
+            for served in self.server.models.values():
+                served.pool.shutdown(wait=True)
+
+
+def _url(runner: web.AppRunner, host: str) -> str:
+    port = 0
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            port = address[1]
+            break
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def serve(config: Config, out: IO[str] | None = None) -> int:
+    """Run the server until SIGTERM / Ctrl+C; the process exit code."""
+    out = out or sys.stderr
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runner = _Runner(config, out)
+    try:
+        return asyncio.run(runner.run())
+    except BaseException:
+        runner._terminate()
+        raise

@@ -1,0 +1,151 @@
+"""The live status page (``GET /``) and the JSON it polls (``GET /status.json``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+from modelpool import __version__
+
+if TYPE_CHECKING:
+    from ._app import Server
+
+__all__ = ["PAGE", "snapshot"]
+
+_STARTED = time.time()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def snapshot(server: Server) -> dict[str, Any]:
+    """Everything the page shows, in one JSON object."""
+    models = []
+    for name, served in server.models.items():
+        stats = served.pool.stats()
+        ready, why = served.readiness(server.window, stats)
+        recent = list(served.recent)[-500:]
+        workers = [
+            {
+                "index": w.index,
+                "pid": w.pid,
+                "state": w.state,
+                "served": w.served,
+                "restarts": w.restarts,
+                "rss": w.rss,
+                "busy_for": w.busy_for,
+                "last_exit": w.last_exit,
+            }
+            for w in stats["workers"]
+        ]
+        models.append(
+            {
+                "name": name,
+                "version": served.version,
+                "model": served.settings.model,
+                "ready": ready,
+                "why_not_ready": why,
+                "queued": stats["queued"],
+                "in_flight": stats["in_flight"],
+                "workers": workers,
+                "latency_ms": {
+                    "count": len(recent),
+                    "p50": _ms(statistics.median(recent) if recent else None),
+                    "p99": _ms(_percentile(recent, 0.99)),
+                },
+                "exit_reasons": stats["exit_reasons"],
+            }
+        )
+    return {
+        "server": {"version": __version__, "uptime_s": time.time() - _STARTED},
+        "accepting": server.accepting,
+        "models": models,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>modelpool status</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d1d1f; }
+  h1 { font-size: 1.3rem; margin: 0 0 .25rem; }
+  h2 { font-size: 1.05rem; margin: 1.5rem 0 .4rem; }
+  .meta { color: #666; }
+  table { border-collapse: collapse; min-width: 40rem; }
+  th, td { text-align: left; padding: .25rem .7rem; border-bottom: 1px solid #ddd; }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; }
+  .ready { color: #0a7d28; font-weight: 600; }
+  .down { color: #b00020; font-weight: 600; }
+  .busy { color: #9a6700; }
+  #error { color: #b00020; }
+</style>
+</head>
+<body>
+<h1>modelpool</h1>
+<div class="meta">updated <span id="updated">never</span> <span id="error"></span></div>
+<div id="models"></div>
+<script>
+"use strict";
+function esc(value) {
+  const d = document.createElement("div");
+  d.textContent = value === null || value === undefined ? "" : String(value);
+  return d.innerHTML;
+}
+function mib(bytes) { return bytes ? (bytes / 1048576).toFixed(1) + " MiB" : ""; }
+function sec(s) { return s === null || s === undefined ? "" : s.toFixed(2) + " s"; }
+function ms(v) { return v === null || v === undefined ? "n/a" : v.toFixed(2) + " ms"; }
+function render(data) {
+  const parts = [];
+  for (const m of data.models) {
+    const state = m.ready ? '<span class="ready">ready</span>'
+                          : '<span class="down">not ready</span> ' + esc(m.why_not_ready);
+    parts.push(
+      '<section class="model" data-model="' + esc(m.name) + '">' +
+      "<h2>" + esc(m.name) + " <small>(" + esc(m.model) + ", version " + esc(m.version) +
+      ")</small> " + state + "</h2>" +
+      '<div>queue depth <b class="queued">' + m.queued + "</b> &middot; in flight <b>" +
+      m.in_flight + "</b> &middot; recent latency p50 <b class=\\"p50\\">" +
+      ms(m.latency_ms.p50) + "</b> p99 <b>" + ms(m.latency_ms.p99) + "</b> (" +
+      m.latency_ms.count + " requests)</div>" +
+      "<table><thead><tr><th>worker</th><th>pid</th><th>state</th><th>served</th>" +
+      "<th>restarts</th><th>RSS</th><th>current request age</th><th>last exit</th>" +
+      "</tr></thead><tbody>" +
+      m.workers.map(w =>
+        '<tr class="worker"><td class="n">' + w.index + '</td><td class="n pid">' +
+        esc(w.pid) + '</td><td class="state ' + esc(w.state) + '">' + esc(w.state) +
+        '</td><td class="n served">' + w.served + '</td><td class="n">' + w.restarts +
+        '</td><td class="n">' + mib(w.rss) + '</td><td class="n">' + sec(w.busy_for) +
+        "</td><td>" + esc(w.last_exit) + "</td></tr>").join("") +
+      "</tbody></table></section>");
+  }
+  document.getElementById("models").innerHTML = parts.join("");
+}
+async function tick() {
+  try {
+    const response = await fetch("status.json", {cache: "no-store"});
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+    document.getElementById("updated").textContent = new Date().toLocaleTimeString();
+    document.getElementById("error").textContent = "";
+  } catch (e) {
+    document.getElementById("error").textContent = "(server unreachable: " + e.message + ")";
+  }
+}
+tick();
+setInterval(tick, 1000);
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,391 @@
+"""modelpool's Celery integration against a real Redis and real ``celery worker`` processes.
+
+Starting a worker costs seconds, so each kind lives for the whole module, on its own queue:
+``threads`` (``--pool=threads``, worker_lost="redeliver", max_deliveries=2), ``pair`` (two
+threads workers sharing a queue, worker_lost="fail", an app module that starts a runtime thread
+at import), ``prefork`` (redeliver, max_deliveries=2, worker_proc_alive_timeout=1 s) and
+``prefork_fail``. Models leave one file per call in ``marks``, so a test sees which process ran
+what, and can kill it mid-task.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from _deps import need_module
+
+need_module("celery")
+need_module("redis")
+
+from _celery_app import make_app  # noqa: E402
+from _celery_worker import CeleryWorker, new_queue  # noqa: E402
+from billiard.exceptions import WorkerLostError  # noqa: E402
+from celery import Celery  # noqa: E402
+from kombu.exceptions import ContentDisallowed  # noqa: E402
+
+from modelpool import ModelSetupError, ModelSpecError, WorkerCrashedError  # noqa: E402
+from modelpool.integrations.celery import PoisonTaskError, predict  # noqa: E402
+
+TIMEOUT = 30.0
+Factory = Callable[..., CeleryWorker]
+
+
+class Setup:
+    """Running worker(s) on one queue, a client app for that queue, the models' marks."""
+
+    def __init__(self, app: Celery, workers: list[CeleryWorker], marks: Path) -> None:
+        self.app = app
+        self.workers = workers
+        self.marks = marks
+
+    def run(self, model: str, inputs: Any) -> Any:
+        return predict(self.app, model, inputs).get(timeout=TIMEOUT)
+
+    def calls(self, prefix: str) -> list[int]:
+        """Pids of the processes that started a ``prefix`` call, oldest first."""
+        found = sorted(self.marks.glob(f"{prefix}-*"), key=lambda p: int(p.name.split("-")[2]))
+        return [int(p.name.split("-")[1]) for p in found]
+
+    def wait_calls(self, prefix: str, n: int) -> list[int]:
+        deadline = time.monotonic() + TIMEOUT
+        while len(calls := self.calls(prefix)) < n:
+            assert time.monotonic() < deadline, f"{prefix}: {len(calls)} call(s) seen, not {n}"
+            time.sleep(0.01)
+        return calls
+
+    def reset(self) -> None:
+        shutil.rmtree(self.marks)
+        self.marks.mkdir()
+
+
+_MODELS: dict[str, dict[str, Any]] = {
+    "affine": {"model": "_celery_models:Affine", "workers": 2},
+    "slow": {"model": "_celery_models:Slow"},
+    "poison": {"model": "_celery_models:Poison", "retries": 1},
+    "fails": {"model": "_celery_models:Fails"},
+    "tfstyle": {"model": "_tfstyle:Model"},
+    "slow_setup": {"model": "_celery_models:SlowSetup", "options": {"seconds": 2.0}},
+    "broken": {"model": "_celery_models:BrokenSetup"},
+}
+
+#: kind -> (models, install() options, worker options)
+_KINDS: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]] = {
+    "threads": (
+        ["affine", "slow", "poison", "fails", "tfstyle"],
+        {"max_deliveries": 2},
+        {},
+    ),
+    "pair": (
+        ["slow", "tfstyle"],
+        {"worker_lost": "fail"},
+        {"count": 2, "concurrency": 1, "env": {"MODELPOOL_TEST_IMPORT_AT_TOP": "1"}},
+    ),
+    "prefork": (
+        ["affine", "slow", "poison", "tfstyle", "slow_setup", "broken"],
+        {"max_deliveries": 2},
+        {"pool": "prefork", "env": {"MODELPOOL_TEST_ALIVE_TIMEOUT": "1"}},
+    ),
+    "prefork_fail": (["slow"], {"worker_lost": "fail"}, {"pool": "prefork"}),
+}
+
+
+def _config(names: list[str], marks: Path) -> dict[str, Any]:
+    models = {}
+    for name in names:
+        settings = dict(_MODELS[name])
+        if name in ("affine", "slow", "poison"):
+            settings["options"] = {"marks": str(marks)}
+        models[name] = settings
+    return {"models": models}
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    worker_factory: Factory, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[list[CeleryWorker], dict[str, Any], str, Path]]:
+    """Every worker of the module, started at once (their start-up overlaps)."""
+    out = {}
+    for kind, (names, install, options) in _KINDS.items():
+        marks = tmp_path_factory.mktemp(f"marks-{kind}")
+        queue = new_queue()
+        config = _config(names, marks)
+        options = dict(options)
+        count = options.pop("count", 1)
+        env = {**options.pop("env", {})}
+        env.update({f"MODELPOOL_TEST_{k.upper()}": str(v) for k, v in install.items()})
+        workers = [
+            worker_factory(config, queue, name=f"{kind}{i}", env=env, **options)
+            for i in range(count)
+        ]
+        out[kind] = (workers, config, queue, marks)
+    return out
+
+
+def _setup(fleet: dict[str, Any], kind: str) -> Iterator[Setup]:
+    workers, config, queue, marks = fleet[kind]
+    for worker in workers:
+        worker.wait_ready()
+    app = make_app(workers[0].broker, config, queue, **_KINDS[kind][1])
+    try:
+        yield Setup(app, workers, marks)
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def threads(fleet: dict[str, Any]) -> Iterator[Setup]:
+    yield from _setup(fleet, "threads")
+
+
+@pytest.fixture(scope="module")
+def pair(fleet: dict[str, Any]) -> Iterator[Setup]:
+    yield from _setup(fleet, "pair")
+
+
+@pytest.fixture(scope="module")
+def prefork(fleet: dict[str, Any]) -> Iterator[Setup]:
+    yield from _setup(fleet, "prefork")
+
+
+@pytest.fixture(scope="module")
+def prefork_fail(fleet: dict[str, Any]) -> Iterator[Setup]:
+    yield from _setup(fleet, "prefork_fail")
+
+
+def _check_affine(setup: Setup) -> list[dict[str, Any]]:
+    inputs = [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(5, dtype=np.int64),
+        np.linspace(0, 1, 7)[::2],  # not contiguous
+    ]
+    results = [predict(setup.app, "affine", {"x": x}) for x in inputs * 3]  # all in flight
+    outs = [r.get(timeout=TIMEOUT) for r in results]
+    for x, out in zip(inputs * 3, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], x * 2 + 1)
+        assert out["y"].dtype == x.dtype
+        assert all(a.flags.writeable for a in out.values()), "outputs arrive writable"
+        assert out["writable"][0], "inputs arrive writable in the model"
+        assert out["omp_threads"][0] >= 1, "thread limits applied before the model loaded"
+    return outs
+
+
+# --------------------------------------------------------------------------- --pool=threads
+
+
+def test_threads_results_are_correct_and_writable(threads: Setup) -> None:
+    outs = _check_affine(threads)
+    pids = {int(o["pid"][0]) for o in outs}
+    workers = {p.pid for p in threads.workers[0].children()}
+    assert pids <= workers, "predict ran in modelpool's workers, not in the celery process"
+    seeds = {int(o["pid"][0]): int(o["seed"][0]) for o in outs}
+    assert len(set(seeds.values())) == len(seeds), "each worker has its own seed"
+
+
+def test_model_errors_and_unknown_models_reach_the_caller(threads: Setup) -> None:
+    with pytest.raises(ValueError, match="bad input: the model refuses it"):
+        threads.run("fails", {"x": np.ones(1)})
+    with pytest.raises(ModelSpecError, match=r"no model named 'nope'.*it serves: affine"):
+        threads.run("nope", {"x": np.ones(1)})
+
+
+@pytest.mark.parametrize("serializer", ["pickle", "json"])
+def test_other_content_types_are_refused_and_not_run(threads: Setup, serializer: str) -> None:
+    threads.reset()
+    result = threads.app.send_task(
+        "modelpool.predict", ("affine", {"x": [1.0]}), serializer=serializer
+    )
+    with pytest.raises(ContentDisallowed, match=r"accepts only application/x-modelpool-msgpack"):
+        result.get(timeout=TIMEOUT)
+    assert threads.calls("affine") == []
+    assert "refused task" in threads.workers[0].log
+
+
+def test_threads_state_before_fork_model_works(threads: Setup) -> None:
+    out = threads.run("tfstyle", {"x": np.arange(4)})
+    np.testing.assert_array_equal(out["y"], np.arange(4) * 3)
+
+
+def test_threads_worker_killed_mid_task_is_redelivered(threads: Setup) -> None:
+    threads.reset()
+    result = predict(threads.app, "slow", {"x": np.array([1.0])})
+    (first,) = threads.wait_calls("start", 1)
+    os.kill(first, signal.SIGKILL)
+    out = result.get(timeout=TIMEOUT)
+    np.testing.assert_array_equal(out["y"], [1.0])
+    calls = threads.calls("start")
+    assert len(calls) == 2, "run once more, on the replacement worker"
+    assert calls[1] != first
+
+
+def test_threads_poison_task_is_not_redelivered_forever(threads: Setup) -> None:
+    threads.reset()
+    with pytest.raises(
+        PoisonTaskError, match=r"delivered 2 time\(s\) .*\(max_deliveries=2\)"
+    ) as info:
+        threads.run("poison", {"x": np.ones(1)})
+    assert "SIGKILL" in str(info.value)
+    # 2 deliveries x (1 try + retries=1 inside the pool); then nothing more
+    assert len(threads.calls("poison")) == 4
+    time.sleep(0.5)
+    assert len(threads.calls("poison")) == 4
+    _check_affine(threads)  # the worker kept serving
+
+
+# --------------------------------------------------------------------------- two workers
+
+
+def test_two_workers_share_a_queue(pair: Setup) -> None:
+    pair.reset()
+    results = [predict(pair.app, "slow", {"x": np.array([0.3])}) for _ in range(6)]
+    ran_in = {int(r.get(timeout=TIMEOUT)["pid"][0]) for r in results}
+    trees = [{p.pid for p in w.children()} for w in pair.workers]
+    assert all(ran_in & tree for tree in trees), f"both workers did work: {ran_in}, {trees}"
+
+
+def test_threads_pool_even_with_a_runtime_thread_in_the_parent(pair: Setup) -> None:
+    """The app module of ``pair`` imports ``_tfstyle`` (its runtime thread starts in the celery
+    process); under --pool=threads the model still runs, in a forkserver-started worker."""
+    out = pair.run("tfstyle", {"x": np.arange(3)})
+    np.testing.assert_array_equal(out["y"], [0, 3, 6])
+
+
+def test_threads_worker_lost_fail_fails_with_the_signal(pair: Setup) -> None:
+    pair.reset()
+    result = predict(pair.app, "slow", {"x": np.array([2.0])})
+    (pid,) = pair.wait_calls("start", 1)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashedError, match="SIGKILL") as info:
+        result.get(timeout=TIMEOUT)
+    assert not isinstance(info.value, PoisonTaskError)
+    time.sleep(0.3)
+    assert pair.calls("start") == [pid], "not run again"
+
+
+# --------------------------------------------------------------------------- --pool=prefork
+
+
+def test_prefork_results_hygiene_and_state_before_fork_model(prefork: Setup) -> None:
+    outs = _check_affine(prefork)
+    children = {p.pid for p in prefork.workers[0].children()}
+    assert {int(o["pid"][0]) for o in outs} <= children, "ran in the prefork children"
+    seeds = {int(o["pid"][0]): int(o["seed"][0]) for o in outs}
+    assert len(set(seeds.values())) == len(seeds), "each child has its own seed"
+    out = prefork.run("tfstyle", {"x": np.arange(4)})  # imported after the fork: works
+    np.testing.assert_array_equal(out["y"], np.arange(4) * 3)
+
+
+def test_prefork_slow_model_load_is_not_killed_by_proc_alive_timeout(prefork: Setup) -> None:
+    """slow_setup takes 2 s to load; the worker's worker_proc_alive_timeout is 1 s."""
+    out = prefork.run("slow_setup", {"x": np.ones(2)})
+    np.testing.assert_array_equal(out["y"], [2.0, 2.0])
+    assert "Timed out waiting for UP message" not in prefork.workers[0].log
+
+
+def test_prefork_model_that_cannot_load_fails_its_tasks_only(prefork: Setup) -> None:
+    with pytest.raises(ModelSetupError, match=r"model 'broken' .* weights\.pt is missing"):
+        prefork.run("broken", {"x": np.ones(1)})
+    np.testing.assert_array_equal(prefork.run("slow_setup", {"x": np.ones(1)})["y"], [2.0])
+
+
+def test_prefork_child_killed_mid_task_is_redelivered(prefork: Setup) -> None:
+    prefork.reset()
+    result = predict(prefork.app, "slow", {"x": np.array([1.0])})
+    (first,) = prefork.wait_calls("start", 1)
+    os.kill(first, signal.SIGKILL)
+    np.testing.assert_array_equal(result.get(timeout=TIMEOUT)["y"], [1.0])
+    calls = prefork.calls("start")
+    assert len(calls) == 2
+    assert calls[1] != first
+
+
+def test_prefork_poison_task_is_not_redelivered_forever(prefork: Setup) -> None:
+    prefork.reset()
+    with pytest.raises(PoisonTaskError, match=r"delivered 2 time\(s\) .*\(max_deliveries=2\)"):
+        prefork.run("poison", {"x": np.ones(1)})
+    assert len(prefork.calls("poison")) == 2
+    time.sleep(0.5)
+    assert len(prefork.calls("poison")) == 2
+    _check_affine(prefork)
+
+
+def test_prefork_worker_lost_fail(prefork_fail: Setup) -> None:
+    prefork_fail.reset()
+    result = predict(prefork_fail.app, "slow", {"x": np.array([2.0])})
+    (pid,) = prefork_fail.wait_calls("start", 1)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerLostError, match="SIGKILL"):
+        result.get(timeout=TIMEOUT)
+    time.sleep(0.3)
+    assert prefork_fail.calls("start") == [pid], "not run again"
+
+
+def _lone_worker(redis_url: str, tmp_path: Path, models: str, **options: Any) -> CeleryWorker:
+    config = tmp_path / "models.yaml"
+    config.write_text(models)
+    return CeleryWorker("lone", config, new_queue(), redis_url, tmp_path / "w.log", **options)
+
+
+def test_threads_worker_exits_when_a_model_cannot_load(redis_url: str, tmp_path: Path) -> None:
+    worker = _lone_worker(
+        redis_url, tmp_path, "models:\n  broken:\n    model: _celery_models:BrokenSetup\n"
+    )
+    try:
+        assert worker.wait_exit() != 0
+    finally:
+        worker.stop()
+    assert "ModelSetupError: model 'broken' could not load in this Celery worker" in worker.log
+    assert "weights.pt is missing" in worker.log
+    assert " ready." not in worker.log, "no task was taken"
+
+
+def test_warm_shutdown_finishes_the_running_task(redis_url: str, tmp_path: Path) -> None:
+    """SIGTERM: Celery lets the running task finish before modelpool stops the pools."""
+    models = (
+        f"models:\n  slow:\n    model: _celery_models:Slow\n    options: {{marks: {tmp_path}}}\n"
+    )
+    worker = _lone_worker(redis_url, tmp_path, models).wait_ready()
+    app = make_app(worker.broker, worker.config_path, worker.queue)
+    try:
+        result = predict(app, "slow", {"x": np.array([1.0])})
+        deadline = time.monotonic() + TIMEOUT
+        while not list(tmp_path.glob("start-*")):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        worker.terminate()
+        np.testing.assert_array_equal(result.get(timeout=TIMEOUT)["y"], [1.0])
+        assert worker.wait_exit() == 0
+    finally:
+        worker.stop()
+        app.close()
+
+
+def test_prefork_refuses_to_fork_after_a_runtime_started_in_the_parent(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The app module imports ``_tfstyle`` at top level: its runtime thread runs in the parent
+    before the pool forks. The worker refuses to start, naming the thread and the fix."""
+    worker = _lone_worker(
+        redis_url,
+        tmp_path,
+        "models:\n  tfstyle:\n    model: _tfstyle:Model\n",
+        pool="prefork",
+        env={"MODELPOOL_TEST_IMPORT_AT_TOP": "1"},
+    )
+    try:
+        assert worker.wait_exit() != 0
+    finally:
+        worker.stop()
+    log = worker.log
+    assert "UnsafeForkError: modelpool refuses to start this Celery worker with" in log
+    assert "tfstyle-runtime" in log
+    assert "--pool=threads" in log
+    assert "ForkPoolWorker" not in log, "no child was forked"

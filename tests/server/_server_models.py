@@ -1,0 +1,63 @@
+"""Models the end-to-end server tests serve (imported by the server's workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+import modelpool
+
+
+class Identity(modelpool.Model):
+    """Any inputs back as outputs, renamed INPUTn -> OUTPUTn."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k.replace("INPUT", "OUTPUT"): v for k, v in inputs.items()}
+
+
+class Sleepy(modelpool.Model):
+    """Sleeps ``seconds`` (input SECONDS, else the option), then answers its pid."""
+
+    inputs = [modelpool.TensorSpec("SECONDS", "FP64", [-1])]
+    outputs = [modelpool.TensorSpec("PID", "INT64", [-1])]
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        seconds = inputs["SECONDS"]
+        time.sleep(float(seconds.max()) if seconds.size else self.seconds)
+        return {"PID": np.full(seconds.shape[0], os.getpid(), np.int64)}
+
+
+class Env(modelpool.Model):
+    """Answers CUDA_VISIBLE_DEVICES as seen by the worker, and its slot."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        info = modelpool.worker_info()
+        assert info is not None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        return {
+            "DEVICES": np.array([visible.encode()], dtype=object),
+            "INDEX": np.array([info.index], np.int64),
+        }
+
+
+class Broken(modelpool.Model):
+    """Fails to load."""
+
+    def setup(self) -> None:
+        raise RuntimeError("weights file /models/missing.pt not found")
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+
+class Buggy(modelpool.Model):
+    """Raises in predict (a bug in the model: 500)."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("no such feature 'age'")

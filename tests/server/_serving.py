@@ -1,0 +1,92 @@
+"""A real ``modelpool serve`` process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TESTS = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+class ServerProcess:
+    """``modelpool serve`` in a subprocess; its stderr collected in ``output``."""
+
+    def __init__(self, *args: str, config: dict[str, Any] | None = None, tmp: Path | None = None):
+        command = [sys.executable, "-m", "modelpool.cli", "serve", *args]
+        if config is not None:
+            assert tmp is not None
+            path = tmp / "modelpool.yaml"
+            config = {**config, "server": {"port": 0, **config.get("server", {})}}
+            path.write_text(yaml.safe_dump(config))
+            command.insert(4, str(path))
+        elif "--port" not in args:
+            command += ["--port", "0"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "server")])}
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=str(TESTS),
+        )
+        self.lines: list[str] = []
+        self.url = ""
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                self.url = match.group(1)
+            if line.startswith("ready:"):
+                self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server did not become ready:\n{self.output}")
+        return self
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

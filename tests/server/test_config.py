@@ -1,0 +1,135 @@
+"""The YAML configuration and how ``modelpool serve`` builds one from its arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelpool.cli import _serve_config
+from modelpool.config import Config, ConfigError, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "modelpool.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_full_file_is_read_with_sizes_and_pool_settings(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+server:
+  host: 0.0.0.0
+  port: 9000
+  max_body_size: 10MB
+models:
+  clf:
+    model: mypkg.models:Classifier
+    workers: 2
+    options: {threshold: 0.5}
+    max_batch_size: 32
+    max_batch_delay: 0.002
+    timeout: 5
+    max_memory_per_worker: 1.5GB
+    devices: ["cuda:0", "cuda:1"]
+  other:
+    model: mypkg.other:Model
+""",
+    )
+    config = load_config(path)
+    assert config.server.port == 9000
+    assert config.server.max_body_size == 10 * 2**20
+    clf = config.models["clf"]
+    kwargs = clf.pool_kwargs()
+    assert kwargs["workers"] == 2
+    assert kwargs["options"] == {"threshold": 0.5}
+    assert kwargs["max_memory_per_worker"] == int(1.5 * 2**30)
+    assert kwargs["devices"] == ["cuda:0", "cuda:1"]
+    assert "model" not in kwargs
+    assert config.models["other"].workers == 1
+    assert config.server.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("models: {m: {model: a.b:C, wrkers: 2}}", ["models.m.wrkers", "unknown field", "workers"]),
+        ("models: {m: {model: a.b:C, workers: 0}}", ["models.m.workers", "greater than"]),
+        ("models: {m: {model: not-an-import}}", ["models.m.model", "package.module:ClassName"]),
+        ("models: {m: {model: a.b:C, start_method: frk}}", ["start_method", "forkserver"]),
+        ("models: {m: {model: a.b:C, devices: [tpu0]}}", ["devices", "cuda:N"]),
+        ("models: {m: {model: a.b:C, max_memory_per_worker: lots}}", ["not a size"]),
+        ("server: {prot: 1}\nmodels: {m: {model: a.b:C}}", ["server.prot", "port"]),
+        ("models: {}", ["models", "at least 1"]),
+        ("server: {}", ["models", "required"]),
+        ("models: {'a b': {model: a.b:C}}", ["'a b'", "URL"]),
+        ("- just\n- a list", ["top level must be a mapping"]),
+        ("models: {m: {model: a.b:C}\n", ["not valid YAML", "line"]),
+    ],
+)
+def test_errors_name_the_file_the_field_and_what_is_allowed(
+    tmp_path: Path, text: str, fragments: list[str]
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/modelpool.yaml")
+
+
+def test_config_accepts_only_mappings() -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        Config.from_mapping(["models"])
+
+
+def _flags(**given: object) -> dict[str, object]:
+    names = [
+        "name", "workers", "host", "port", "max_batch_size", "max_batch_delay", "timeout",
+        "threads_per_worker", "start_method", "max_queue", "options",
+    ]  # fmt: skip
+    return {n: given.get(n, () if n == "options" else None) for n in names}
+
+
+def test_serve_with_no_target_is_the_demo() -> None:
+    config = _serve_config(None, _flags())
+    (name,) = config.models
+    assert name == "iris"
+    assert config.models["iris"].model == "modelpool.demo:IrisClassifier"
+    assert config.server.port == 8000
+    assert config.server.host == "127.0.0.1"
+
+
+def test_serve_import_string_with_flags() -> None:
+    config = _serve_config(
+        "pkg.mod:Model",
+        _flags(workers=3, port=9001, max_batch_size=8, options=("size=3", "name=big")),
+    )
+    assert list(config.models) == ["Model"]  # --name defaults to the class name
+    settings = config.models["Model"]
+    assert settings.workers == 3
+    assert settings.max_batch_size == 8
+    assert settings.options == {"size": 3, "name": "big"}
+    assert config.server.port == 9001
+    named = _serve_config("pkg.mod:Model", _flags(name="m"))
+    assert list(named.models) == ["m"]
+
+
+def test_serve_file_with_port_override_and_refused_model_flags(tmp_path: Path) -> None:
+    path = _write(tmp_path, "models: {m: {model: a.b:C}}")
+    assert _serve_config(str(path), _flags(port=1234)).server.port == 1234
+    with pytest.raises(ConfigError, match="--workers"):
+        _serve_config(str(path), _flags(workers=2))
+
+
+def test_serve_target_that_is_neither_file_nor_import_string() -> None:
+    with pytest.raises(ConfigError, match="neither a YAML file nor an import string"):
+        _serve_config("model.yaml.missing", _flags())
