@@ -197,3 +197,26 @@ def test_a_batch_full_by_rows_goes_without_waiting_for_the_delay() -> None:
 def test_batch_error_is_public_and_a_value_error() -> None:
     assert issubclass(modelpool.BatchError, ValueError)
     assert issubclass(modelpool.BatchError, modelpool.ModelpoolError)
+
+
+def test_batched_requests_leave_no_reference_cycles() -> None:
+    """A finished batch must be freed by reference counting: cycles left per request make
+    the garbage collector pause the caller's event loop for tens of milliseconds."""
+    import gc
+
+    x = {"x": np.ones((1, 3), np.float32)}
+
+    async def run(pool: modelpool.Pool) -> int:
+        await asyncio.gather(*(pool.apredict(x) for _ in range(32)))  # warm up
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                await asyncio.gather(*(pool.apredict(x) for _ in range(32)))
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
+        assert asyncio.run(run(pool)) == 0
+        assert max(pool.stats().batch_sizes) > 1

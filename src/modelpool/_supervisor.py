@@ -931,6 +931,8 @@ class Supervisor:
         return True
 
     def _deliver_batch(self, batch: Batch, kind: int, payload: Any) -> None:
+        for part in batch.parts:  # the batch is over: break the part <-> batch cycle, so
+            part.batch = None  # its requests are freed now, not by a garbage-collector pause
         if kind != OK:
             for part in batch.parts:
                 self._fail(part, payload.rebuild())  # a fresh exception for each caller
