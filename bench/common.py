@@ -64,3 +64,17 @@ class TorchMLP(modelpool.Model):
     def predict(self, inputs: Any) -> Any:
         with self.torch.inference_mode():
             return {"y": self.net(self.torch.from_numpy(inputs["x"])).numpy()}
+
+
+class MLP(FixedCostMLP):
+    """FixedCostMLP without the fixed cost, with a declared signature (for the HTTP server):
+    the same weights, ``x`` FP32 [-1, 64] -> ``y`` FP32 [-1, 10]."""
+
+    inputs = [modelpool.TensorSpec("x", "FP32", [-1, 64])]
+    outputs = [modelpool.TensorSpec("y", "FP32", [-1, 10])]
+
+    def predict(self, inputs: Any) -> Any:
+        import numpy as np
+
+        h = np.maximum(inputs["x"] @ self.w1, 0)
+        return {"y": h @ self.w2}

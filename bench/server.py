@@ -1,0 +1,772 @@
+"""The HTTP server: requests/s and p50/p99 latency at fixed concurrency, against bare aiohttp
+handlers measured in the same run.
+
+    python bench/server.py                 # full run (~5 min on 2 cores)
+    python bench/server.py --quick         # one short round (< 60 s), for CI
+    python bench/server.py --json results.json
+    python bench/server.py --target-only --also-src ../patched/src   # A/B a patch, same rounds
+
+Every server runs as its own subprocess (2 workers where there are workers) on a free port;
+the load comes from ``wrk`` (one thread, keep-alive connections, a Lua script for the POST
+body and the percentiles). Rounds alternate the contenders (order reversed every other round)
+so that drift on a shared machine hits them alike; figures are medians over rounds, ratios
+are medians of ratios taken within a round. Any non-2xx answer or socket error is a failure
+(exit 1); a missed target is only reported (exit 0).
+
+Scenarios:
+
+* the demo model (iris, small JSON) and an identity model (small JSON tensors; 4 MiB FP32 in
+  and out with Triton's binary extension) against a bare aiohttp handler that reads the body
+  and answers a fixed small JSON (or echoes the binary body): the server's overhead as a ratio;
+* a small NumPy MLP (64 -> 256 -> 10, 1 row per request), 32 connections, 2 workers, batching
+  off and on, against a bare aiohttp handler computing the MLP inline. Target
+  (docs/benchmarks.md): batching off, >= 0.6x the bare handler's req/s, p99 <= 20 ms. For
+  context, in the same rounds: a hand-written aiohttp + ProcessPoolExecutor app (2 workers,
+  model loaded by the initializer); modelpool's own HTTP app with the MLP run inline instead
+  of in a pool (the HTTP layer's cost alone); the same in 2 processes sharing the port
+  (SO_REUSEPORT: HTTP served where the model runs); and 2 such processes each with a 1-worker
+  pool (2 front ends instead of one).
+
+On a 2-core machine the client shares the CPU with the server; it is kept cheap (wrk, one
+thread) and identical for every contender, and its CPU time per request is printed, as is the
+server's (all its processes). ``python bench/server.py --app KIND --port P`` runs one of the
+comparison apps (internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import http.client
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from typing import Any
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import MLP
+
+import modelpool
+from modelpool.server._codec import CodecError, decode_infer_response, encode_infer_request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKERS = 2
+SMALL_CONNECTIONS = 32
+BIG_CONNECTIONS = 8
+BIG_BYTES = 4 * 2**20
+BATCH_SIZE = 32
+BATCH_DELAY = 0.002
+TARGET_RATIO = 0.6
+TARGET_P99_MS = 20.0
+#: the single-threaded BLAS that modelpool's workers set for themselves, for every process
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BARE_MLP_LABEL = "bare aiohttp, MLP inline"
+OFF_LABEL = "modelpool, batching off"
+ON_LABEL = f"modelpool, batching {BATCH_SIZE} / {BATCH_DELAY * 1e3:g} ms"
+PPE_LABEL = "aiohttp + ProcessPoolExecutor"
+INLINE_LABEL = "modelpool's HTTP app, MLP inline, no pool"
+PREFORK_LABEL = f"same, {WORKERS} processes sharing the port"
+FRONTS_LABEL = f"modelpool's HTTP app + 1-worker pool, x{WORKERS} sharing the port"
+
+WRK_SCRIPT = """\
+local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+local header_length = os.getenv("WRK_HEADER_LENGTH")
+if header_length ~= nil and header_length ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = header_length
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "non2xx": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "timeout": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+class BenchError(Exception):
+    """The benchmark could not measure (a server failed, an answer was not 200)."""
+
+
+# ----------------------------------------------------------------------------- baseline apps
+
+
+def _mlp() -> MLP:
+    model = MLP()
+    model.setup()
+    return model
+
+
+def _decode_x(body: bytes) -> np.ndarray:
+    tensor = orjson.loads(body)["inputs"][0]
+    return np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+
+
+def _encode_y(y: np.ndarray) -> bytes:
+    out = {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.reshape(-1)}
+    return orjson.dumps({"model_name": "mlp", "outputs": [out]}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+_PPE_MODEL: MLP | None = None
+
+
+def _ppe_init() -> None:
+    global _PPE_MODEL
+    _PPE_MODEL = _mlp()
+
+
+def _ppe_predict(x: np.ndarray) -> np.ndarray:
+    assert _PPE_MODEL is not None
+    y: np.ndarray = _PPE_MODEL.predict({"x": x})["y"]
+    return y
+
+
+class InlinePool:
+    """What modelpool's server needs of a pool, with the MLP run inline (no workers): the
+    server with it isolates the cost of the HTTP layer (aiohttp, codec, metrics) from the
+    pool's."""
+
+    model_class = MLP
+
+    def __init__(self) -> None:
+        self.model = _mlp()
+
+    async def apredict(self, inputs: Any, timeout: float | None = None) -> Any:
+        return self.model.predict(inputs)
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers": [types.SimpleNamespace(state="idle")]}
+
+    def submit(self, fn: Any, *args: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        future.set_result(True)  # the readiness probe
+        return future
+
+
+def _baseline_app(kind: str, workers: int) -> tuple[Any, cf.ProcessPoolExecutor | None]:
+    """The baselines: ``bare`` (a no-op handler, an echo, the MLP inline) and ``ppe`` (the
+    MLP in a ProcessPoolExecutor, as one would write it by hand)."""
+    from aiohttp import web
+
+    fixed = orjson.dumps(
+        {
+            "model_name": "noop",
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [1], "data": [0.0]}],
+        }
+    )
+    json_headers = {"Content-Type": "application/json"}
+    routes = web.RouteTableDef()
+    pool: cf.ProcessPoolExecutor | None = None
+
+    if kind == "bare":
+        model = _mlp()
+
+        @routes.post("/v2/models/noop/infer")
+        async def noop(request: web.Request) -> web.Response:
+            body = await request.read()
+            length = request.headers.get(HEADER_LENGTH)
+            if length is None:
+                return web.Response(body=fixed, headers=json_headers)
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: length}
+            return web.Response(body=body, headers=headers)
+
+        @routes.post("/v2/models/mlp/infer")
+        async def mlp(request: web.Request) -> web.Response:
+            x = _decode_x(await request.read())
+            return web.Response(body=_encode_y(model.predict({"x": x})["y"]), headers=json_headers)
+
+    else:
+        # forked (the default on Linux) before the event loop runs; both workers start at once
+        pool = cf.ProcessPoolExecutor(workers, initializer=_ppe_init)
+        for f in [pool.submit(_ppe_predict, np.zeros((1, 64), np.float32)) for _ in range(4)]:
+            f.result()
+
+        @routes.post("/v2/models/mlp/infer")
+        async def ppe(request: web.Request) -> web.Response:
+            x = _decode_x(await request.read())
+            y = await asyncio.get_running_loop().run_in_executor(pool, _ppe_predict, x)
+            return web.Response(body=_encode_y(y), headers=json_headers)
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.add_routes(routes)
+    return app, pool
+
+
+async def _serve_app(kind: str, port: int, workers: int, processes: int, copy: bool) -> None:
+    """Run a baseline app, or modelpool's HTTP app over ``InlinePool`` (``inline``) or over a
+    real pool (``pooled``). With ``processes`` > 1, that many copies share the port
+    (SO_REUSEPORT): this one starts the others and stops them on SIGTERM."""
+    from aiohttp import web
+
+    pool: cf.ProcessPoolExecutor | None = None
+    served = None
+    if kind in ("inline", "pooled"):  # configured as modelpool.server._main configures it
+        from modelpool.config import Config
+        from modelpool.server._app import ServedModel, Server
+
+        config = Config.from_mapping(
+            {"models": {"mlp": {"model": "common:MLP", "workers": workers}}}
+        )
+        inline = InlinePool() if kind == "inline" else None
+        served = ServedModel("mlp", config.models["mlp"], pool=inline)  # type: ignore[arg-type]
+        if inline is None:
+            served.pool.start()
+        app = Server(config, {"mlp": served}).app()
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, handler_cancellation=True
+        )
+    else:
+        app, pool = _baseline_app(kind, workers)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    shared = copy or processes > 1
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_port=shared or None)
+    await site.start()
+    argv = [sys.executable, __file__, "--app", kind, "--port", str(port), "--copy"]
+    argv += ["--workers", str(workers)]
+    # each copy says "ready" on its stdout; what else it has to say goes to our stderr
+    copies = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(processes - 1)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        for c in copies:
+            assert c.stdout is not None
+            if not c.stdout.readline().startswith(b"ready:"):
+                raise SystemExit(f"a copy of the {kind} app did not start")
+        print(f"ready: {kind} on port {port}", flush=True)
+        await stop.wait()
+    finally:
+        for c in copies:
+            c.terminate()
+        for c in copies:
+            try:
+                c.wait(30)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+        await runner.cleanup()
+        if pool is not None:
+            pool.shutdown()
+        if kind == "pooled" and served is not None:
+            served.pool.shutdown()
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """A server subprocess in its own session: started, awaited until it prints ``ready:``,
+    stopped with SIGTERM and reaped; anything left in its session is reported and killed."""
+
+    def __init__(self, label: str, argv: list[str], src: str | None = None) -> None:
+        self.label = label
+        self.src = src  # a source tree to import modelpool from, ahead of the installed one
+        self.port = free_port()
+        self.argv = [*argv, "--port", str(self.port)]
+        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.ready = threading.Event()
+        self.proc: subprocess.Popen[str] | None = None
+        self.leaked = 0
+
+    def start(self) -> None:
+        env = {**os.environ, **THREAD_ENV}
+        path = [HERE, self.src, env.get("PYTHONPATH")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line.rstrip())
+            if line.startswith("ready:"):
+                self.ready.set()
+
+    def wait_ready(self, deadline: float) -> None:
+        assert self.proc is not None
+        while not self.ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = "exited" if self.proc.poll() is not None else "was not ready in time"
+                raise BenchError(f"{self.label} {why}; its output:\n" + self.tail())
+
+    def tail(self) -> str:
+        return "\n".join("    " + line for line in self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def session(self) -> list[list[str]]:
+        """/proc/PID/stat fields (from the state on) of the live processes in its session."""
+        assert self.proc is not None
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid and fields[0] not in "ZX":  # session id, state
+                found.append([entry, *fields])
+        return found
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of every live process in the server's session."""
+        ticks = sum(int(f[12]) + int(f[13]) for f in self.session())  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.lines.append("(did not stop within 30 s of SIGTERM: killed)")
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + 3  # a forkserver exits once it sees its parent gone
+        while (left := self.session()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:  # anything still running in its session is a leak
+            self.leaked = len(left)
+            self.lines.append(f"left behind: pids {', '.join(f[0] for f in left)} (killed)")
+            for f in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(f[0]), signal.SIGKILL)
+
+
+def modelpool_server(model: str | None, name: str | None, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "modelpool.cli", "serve"]
+    if model is not None:
+        argv += [model, "--name", str(name)]
+    return [*argv, "--workers", str(WORKERS), *extra]
+
+
+def make_servers(target_only: bool, also_src: str | None) -> dict[str, ServerProcess]:
+    me = [sys.executable, os.path.abspath(__file__)]
+    batching = ["--max-batch-size", str(BATCH_SIZE), "--max-batch-delay", str(BATCH_DELAY)]
+    servers = {
+        "bare": ServerProcess("bare aiohttp", [*me, "--app", "bare"]),
+        "ppe": ServerProcess("aiohttp + PPE", [*me, "--app", "ppe", "--workers", str(WORKERS)]),
+        "inline": ServerProcess("modelpool server app, MLP inline", [*me, "--app", "inline"]),
+        "inline-2": ServerProcess(
+            "modelpool server app, MLP inline, 2 processes",
+            [*me, "--app", "inline", "--processes", str(WORKERS)],
+        ),
+        "pooled-2": ServerProcess(
+            "modelpool server app + a 1-worker pool, 2 processes",
+            [*me, "--app", "pooled", "--processes", str(WORKERS), "--workers", "1"],
+        ),
+        "mlp": ServerProcess("modelpool serve (mlp)", modelpool_server("common:MLP", "mlp")),
+        "mlp-batch": ServerProcess(
+            "modelpool serve (mlp, batching)", modelpool_server("common:MLP", "mlp", *batching)
+        ),
+    }
+    if not target_only:
+        servers["iris"] = ServerProcess("modelpool serve (iris)", modelpool_server(None, None))
+        servers["identity"] = ServerProcess(
+            "modelpool serve (identity)", modelpool_server("common:Identity", "identity")
+        )
+    if also_src:
+        servers["alt-inline"] = ServerProcess(
+            f"modelpool server app, MLP inline, from {also_src}", [*me, "--app", "inline"], also_src
+        )
+        servers["alt-mlp"] = ServerProcess(
+            f"modelpool serve (mlp) from {also_src}",
+            modelpool_server("common:MLP", "mlp"),
+            also_src,
+        )
+        servers["alt-mlp-batch"] = ServerProcess(
+            f"modelpool serve (mlp, batching) from {also_src}",
+            modelpool_server("common:MLP", "mlp", *batching),
+            also_src,
+        )
+    return servers
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    data: bytes
+    content_type: str = "application/json"
+    header_length: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    label: str
+    server: str
+    path: str
+
+
+@dataclasses.dataclass
+class Scenario:
+    title: str
+    body: str
+    connections: int
+    contenders: list[Contender]  # the first is the baseline for ratios
+    samples: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
+
+
+class Load:
+    """Runs wrk against one URL with one body; returns req/s, percentiles and CPU costs."""
+
+    def __init__(self, tmp: str, bodies: dict[str, Body]) -> None:
+        self.script = os.path.join(tmp, "post.lua")
+        with open(self.script, "w") as f:
+            f.write(WRK_SCRIPT)
+        self.files = {}
+        for key, body in bodies.items():
+            path = os.path.join(tmp, f"{key}.body")
+            with open(path, "wb") as f:
+                f.write(body.data)
+            self.files[key] = path
+        self.bodies = bodies
+
+    def run(
+        self, server: ServerProcess, path: str, body: str, connections: int, seconds: int
+    ) -> dict[str, float]:
+        spec = self.bodies[body]
+        env = {
+            **os.environ,
+            "WRK_BODY": self.files[body],
+            "WRK_CONTENT_TYPE": spec.content_type,
+            "WRK_HEADER_LENGTH": "" if spec.header_length is None else str(spec.header_length),
+        }
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+        argv += ["-s", self.script, server.url + path]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        server_before = server.cpu_seconds()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+        server_cpu = server.cpu_seconds() - server_before
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith('{"requests"')]
+        if done.returncode != 0 or not lines:
+            raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+        r = json.loads(lines[-1])
+        errors = {k: r[k] for k in ("non2xx", "connect", "read", "write", "timeout") if r[k]}
+        if errors or not r["requests"]:
+            raise BenchError(
+                f"{server.label} {path}: {r['requests']} requests, errors {errors}; "
+                f"server output:\n{server.tail()}"
+            )
+        n = r["requests"]
+        return {
+            "req_per_s": n / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1e3,
+            "p99_ms": r["p99_us"] / 1e3,
+            "server_cpu_us": server_cpu / n * 1e6,
+            "client_cpu_us": client_cpu / n * 1e6,
+        }
+
+
+def post(server: ServerProcess, path: str, body: Body) -> tuple[bytes, str | None]:
+    """One request outside the measurement: the answer must be a 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        headers = {"Content-Type": body.content_type}
+        if body.header_length is not None:
+            headers[HEADER_LENGTH] = str(body.header_length)
+        conn.request("POST", path, body=body.data, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise BenchError(f"{server.label} {path}: HTTP {response.status}: {data[:300]!r}")
+        return data, response.getheader(HEADER_LENGTH)
+    finally:
+        conn.close()
+
+
+def check_answers(
+    servers: dict[str, ServerProcess], bodies: dict[str, Body], x_mlp: np.ndarray
+) -> None:
+    """Every contender answers correctly before it is timed."""
+    want = _mlp().predict({"x": x_mlp})["y"]
+    mlp_path = "/v2/models/mlp/infer"
+    for key in sorted(servers.keys() - {"iris", "identity"}):  # every other one serves it
+        y = decode_infer_response(post(servers[key], mlp_path, bodies["mlp"])[0])["y"]
+        if not np.allclose(y, want, rtol=1e-4, atol=1e-5):
+            raise BenchError(f"{servers[key].label}: wrong MLP answer {y} (expected {want})")
+    if "iris" in servers:
+        data = post(servers["iris"], "/v2/models/iris/infer", bodies["iris"])[0]
+        iris = decode_infer_response(data)
+        if int(iris["LABEL"][0]) != 0:
+            raise BenchError(f"iris: expected setosa (0), got {iris}")
+    if "identity" in servers:
+        path = "/v2/models/identity/infer"
+        small = decode_infer_response(post(servers["identity"], path, bodies["small"])[0])
+        if small["x"].shape != (1, 16):
+            raise BenchError(f"identity: wrong answer {small}")
+        big = bodies["big"]
+        sent = np.frombuffer(big.data, np.float32, offset=big.header_length or 0)
+        data, length = post(servers["identity"], path, big)
+        if not np.array_equal(decode_infer_response(bytearray(data), length)["x"], sent):
+            raise BenchError("identity: the 4 MiB answer differs from the request")
+        data, _ = post(servers["bare"], "/v2/models/noop/infer", big)
+        if data != big.data:
+            raise BenchError("bare: the echo differs from the request")
+
+
+def make_bodies() -> tuple[dict[str, Body], np.ndarray]:
+    rng = np.random.default_rng(0)
+    x_mlp = np.round(rng.standard_normal((1, 64)), 4).astype(np.float32)
+
+    def json_body(name: str, x: np.ndarray) -> Body:
+        tensor = {"name": name, "datatype": "FP32", "shape": list(x.shape), "data": x.ravel()}
+        data = orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY)
+        return Body(data)
+
+    big, length = encode_infer_request(
+        {"x": rng.random(BIG_BYTES // 4, dtype=np.float32)}, binary=True
+    )
+    bodies = {
+        "iris": json_body("INPUT0", np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)),
+        "small": json_body("x", np.round(rng.standard_normal((1, 16)), 4).astype(np.float32)),
+        "big": Body(big, "application/octet-stream", length),
+        "mlp": json_body("x", x_mlp),
+    }
+    return bodies, x_mlp
+
+
+def scenarios(servers: dict[str, ServerProcess]) -> list[Scenario]:
+    noop, mlp = "/v2/models/noop/infer", "/v2/models/mlp/infer"
+    bare_noop = Contender("bare aiohttp, no inference", "bare", noop)
+    identity = Contender("modelpool, identity model", "identity", "/v2/models/identity/infer")
+    target = Scenario(
+        "Small MLP (64->256->10, 1 row/request)",
+        "mlp",
+        SMALL_CONNECTIONS,
+        [
+            Contender(BARE_MLP_LABEL, "bare", mlp),
+            Contender(OFF_LABEL, "mlp", mlp),
+            Contender(ON_LABEL, "mlp-batch", mlp),
+            Contender(PPE_LABEL, "ppe", mlp),
+            Contender(INLINE_LABEL, "inline", mlp),
+            Contender(PREFORK_LABEL, "inline-2", mlp),
+            Contender(FRONTS_LABEL, "pooled-2", mlp),
+        ],
+    )
+    if "alt-mlp" in servers:
+        target.contenders += [
+            Contender(f"{INLINE_LABEL} (--also-src)", "alt-inline", mlp),
+            Contender(f"{OFF_LABEL} (--also-src)", "alt-mlp", mlp),
+            Contender(f"{ON_LABEL} (--also-src)", "alt-mlp-batch", mlp),
+        ]
+    if "iris" not in servers:
+        return [target]
+    return [
+        Scenario(
+            "Demo model (iris), small JSON request",
+            "iris",
+            SMALL_CONNECTIONS,
+            [bare_noop, Contender("modelpool serve (iris)", "iris", "/v2/models/iris/infer")],
+        ),
+        Scenario(
+            "Identity model, small JSON tensors", "small", SMALL_CONNECTIONS, [bare_noop, identity]
+        ),
+        Scenario(
+            "Identity model, 4 MiB FP32 in and out (binary extension)",
+            "big",
+            BIG_CONNECTIONS,
+            [Contender("bare aiohttp, echoes the body", "bare", noop), identity],
+        ),
+        target,
+    ]
+
+
+def measure(
+    servers: dict[str, ServerProcess], rounds: int, seconds: int, warmup: int
+) -> list[Scenario]:
+    """Start every server, check its answers, then time the scenarios in alternating rounds."""
+    with tempfile.TemporaryDirectory(prefix="modelpool-bench-") as tmp:
+        for server in servers.values():
+            server.start()
+        deadline = time.monotonic() + 120
+        for server in servers.values():
+            server.wait_ready(deadline)
+        bodies, x_mlp = make_bodies()
+        try:
+            check_answers(servers, bodies, x_mlp)
+        except CodecError as exc:
+            raise BenchError(f"an answer could not be decoded: {exc}") from None
+        load = Load(tmp, bodies)
+        plan = scenarios(servers)
+        for s in plan:
+            s.samples = {c.label: [] for c in s.contenders}
+            for c in s.contenders if warmup else ():
+                load.run(servers[c.server], c.path, s.body, s.connections, warmup)
+        for i in range(rounds):
+            for s in plan:
+                for c in s.contenders if i % 2 == 0 else s.contenders[::-1]:
+                    sample = load.run(servers[c.server], c.path, s.body, s.connections, seconds)
+                    s.samples[c.label].append(sample)
+    return plan
+
+
+def summarize(scenario: Scenario) -> dict[str, dict[str, float]]:
+    base = scenario.contenders[0].label
+    out = {}
+    for c in scenario.contenders:
+        runs = scenario.samples[c.label]
+        ratios = [
+            r["req_per_s"] / b["req_per_s"]
+            for r, b in zip(runs, scenario.samples[base], strict=True)
+        ]
+        out[c.label] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        out[c.label]["x_base"] = statistics.median(ratios)
+    return out
+
+
+def report(scenario: Scenario, summary: dict[str, dict[str, float]]) -> None:
+    width = max(len(c.label) for c in scenario.contenders)
+    print(f"\n{scenario.title}, {scenario.connections} connections:")
+    print(
+        f"  {'':<{width}} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x base':>7}"
+        f" {'server CPU/req':>15} {'wrk CPU/req':>12}"
+    )
+    for label, m in summary.items():
+        print(
+            f"  {label:<{width}} {m['req_per_s']:8.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f}"
+            f" {m['x_base']:6.2f}x {m['server_cpu_us']:12.0f} us {m['client_cpu_us']:9.0f} us"
+        )
+
+
+def targets(mlp: dict[str, dict[str, float]]) -> dict[str, bool]:
+    off, on, ppe = mlp[OFF_LABEL], mlp[ON_LABEL], mlp[PPE_LABEL]
+    checks = {
+        f"MLP, batching off: req/s >= {TARGET_RATIO}x bare aiohttp computing it inline "
+        f"(measured {off['x_base']:.2f}x)": off["x_base"] >= TARGET_RATIO,
+        f"MLP, batching off: p99 <= {TARGET_P99_MS:g} ms (measured {off['p99_ms']:.1f} ms)": (
+            off["p99_ms"] <= TARGET_P99_MS
+        ),
+    }
+    print("\nTargets:")
+    for name, ok in checks.items():
+        print(f"  {'met   ' if ok else 'MISSED'} {name}")
+    print(
+        f"  context: req/s vs the hand-written aiohttp + ProcessPoolExecutor app: batching off "
+        f"{off['x_base'] / ppe['x_base']:.2f}x, batching on {on['x_base'] / ppe['x_base']:.2f}x "
+        f"(p99 {on['p99_ms']:.1f} ms vs {ppe['p99_ms']:.1f} ms)"
+    )
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (CI, < 60 s)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 5; 1 with --quick)")
+    parser.add_argument("--seconds", type=int, help="seconds per run (default: 4; 2 with --quick)")
+    parser.add_argument(
+        "--target-only", action="store_true", help="only the MLP scenario (the target row)"
+    )
+    parser.add_argument(
+        "--also-src",
+        metavar="DIR",
+        help="also time the MLP servers importing modelpool from DIR (e.g. a patched "
+        "checkout's src/), alternated with the installed one in the same rounds",
+    )
+    parser.add_argument(
+        "--app", choices=["bare", "ppe", "inline", "pooled"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--copy", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.app:
+        asyncio.run(_serve_app(args.app, args.port, args.workers, args.processes, args.copy))
+        return 0
+    if shutil.which("wrk") is None:
+        print("error: this benchmark needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    # wrk takes whole seconds; --quick skips the warm-up runs (check_answers warms a little)
+    rounds, seconds, warmup = (1, 2, 0) if args.quick else (5, 4, 2)
+    rounds, seconds = args.rounds or rounds, args.seconds or seconds
+    also_src = os.path.abspath(args.also_src) if args.also_src else None
+
+    print(
+        f"modelpool {modelpool.__version__}, Python {sys.version.split()[0]}, numpy "
+        f"{np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"{WORKERS} workers per server; {rounds} round(s) of {seconds} s per contender"
+    )
+    print(
+        "load: wrk, 1 thread, keep-alive, on the same CPUs as the servers (its CPU per request "
+        "is shown);\nratios (x base) are medians of within-round ratios to each table's first row"
+    )
+    servers = make_servers(args.target_only, also_src)
+    try:
+        plan = measure(servers, rounds, seconds, warmup)
+    except BenchError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers.values():
+            server.stop()
+    leaked = [s for s in servers.values() if s.leaked]
+    for server in leaked:
+        print(f"\nerror: {server.label} left processes behind after SIGTERM:\n{server.tail()}")
+    if leaked:
+        return 1
+
+    results: dict[str, Any] = {}
+    for s in plan:
+        results[s.title] = summarize(s)
+        report(s, results[s.title])
+    print(f"\n(load average at the end: {os.getloadavg()[0]:.1f})")
+    results["targets"] = targets(results[plan[-1].title])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
