@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -135,6 +136,9 @@ class _Runner:
         try:
             ok = await self._load()
             if ok:
+                # what exists now lives as long as the server: keep it out of the garbage
+                # collector's full passes, which would otherwise pause every request
+                gc.freeze()
                 self._banner(url)
                 await self.stop.wait()
             code = 0 if ok else 1
