@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -47,10 +46,3 @@ def no_leaked_children() -> Iterator[None]:
     yield
     left = wait_no_children(ignore=before)
     assert not left, f"leaked child processes: {[(p.pid, p.status()) for p in left]}"
-
-
-def shm_segments() -> set[str]:
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()

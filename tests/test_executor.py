@@ -218,8 +218,6 @@ def test_big_arrays_go_through_shared_memory_and_memory_is_reused() -> None:
 
 
 def test_no_shared_memory_left_after_crash_or_shutdown() -> None:
-    from conftest import shm_segments
-
     before = shm_segments()
     with modelpool.Pool(WhoAmI) as pool:
         pool.predict({"x": np.ones(1_000_000)})
@@ -291,3 +289,10 @@ def test_arena_that_cannot_grow_fails_the_request_not_the_worker(
         monkeypatch.undo()
         assert pool.predict({"x": np.ones(3)})["x"].sum() == 3
         assert pool.stats().workers[0].pid == pid
+
+
+def shm_segments() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()

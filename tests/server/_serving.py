@@ -53,7 +53,7 @@ class ServerProcess:
             match = _LISTENING.search(line)
             if match:
                 self.url = match.group(1)
-            if line.startswith("ready:"):
+            if line.startswith("Press Ctrl+C"):  # the last line of the ready banner
                 self._ready.set()
 
     @property
