@@ -504,3 +504,104 @@ def test_demo_with_no_arguments_prints_how_to_call_it() -> None:
         outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
         assert outputs["LABEL"]["data"] == [2]
         assert outputs["PROBABILITIES"]["shape"] == [1, 3]
+
+
+def test_one_model_from_an_import_string_with_flags() -> None:
+    with ServerProcess("_server_models:Identity", "--name", "ident", "--workers", "2") as server:
+        status, _, body = _request(
+            server, "POST", "/v2/models/ident/infer", _infer_body("INPUT0", "INT32", [2], [4, 5])
+        )
+        assert status == 200
+        assert json.loads(body)["outputs"][0]["data"] == [4, 5]
+        status, _, body = _request(server, "GET", "/status.json")
+        assert len(json.loads(body)["models"][0]["workers"]) == 2
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    config = {
+        "server": {"ready_probe_interval": 60, "retry_after": 2},
+        "models": {
+            "queue1": {"model": "_server_models:Sleepy", "workers": 1, "max_queue": 1},
+            "timed": {"model": "_server_models:Sleepy", "workers": 1, "timeout": 0.5},
+        },
+    }
+    with ServerProcess(config=config, tmp=tmp_path_factory.mktemp("limited")) as server:
+        yield server
+
+
+def test_overloaded_is_503_with_retry_after(limited: ServerProcess) -> None:
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    def call() -> None:
+        answers.append(_request(limited, "POST", "/v2/models/queue1/infer", _slow_body(1.0)))
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for t in callers:
+        t.start()
+        time.sleep(0.1)  # one runs, one waits, the rest find the queue full
+    for t in callers:
+        t.join(20)
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200, 200, 503, 503], statuses
+    for status, headers, body in answers:
+        if status == 503:
+            assert headers["Retry-After"] == "2"
+            assert "max_queue" in _error(status, headers, body)
+
+
+def test_timeout_is_504_and_the_model_keeps_serving(limited: ServerProcess) -> None:
+    status, headers, body = _request(limited, "POST", "/v2/models/timed/infer", _slow_body(5))
+    assert status == 504
+    assert "timed out" in _error(status, headers, body)
+    deadline = time.monotonic() + 20
+    while True:  # the stuck worker was killed and replaced
+        status, _, _ = _request(limited, "POST", "/v2/models/timed/infer", _slow_body(0))
+        if status == 200:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_client_that_goes_away_takes_its_queued_request_with_it(limited: ServerProcess) -> None:
+    def served() -> int:
+        status = json.loads(_request(limited, "GET", "/status.json")[2])
+        (model,) = [m for m in status["models"] if m["name"] == "queue1"]
+        return int(model["workers"][0]["served"])
+
+    before = served()
+    running = threading.Thread(
+        target=_request, args=(limited, "POST", "/v2/models/queue1/infer", _slow_body(1.0))
+    )
+    running.start()
+    time.sleep(0.2)
+    body = _slow_body(0)
+    host, port = limited.host_port.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # queued, then gone
+        sock.sendall(
+            b"POST /v2/models/queue1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.2)
+    running.join(20)
+    time.sleep(0.5)
+    assert served() == before + 1  # the abandoned request never ran
+
+
+def test_modelpool_client_async(identity: ServerProcess) -> None:
+    import modelpool
+
+    async def main() -> None:
+        async with modelpool.Client(identity.url) as client:
+            assert await client.aready("iris")
+            xs = [np.full((1, 4), i, np.float32) for i in range(10)]
+            outs = await asyncio.gather(*(client.ainfer("identity", {"INPUT0": x}) for x in xs))
+            for x, out in zip(xs, outs, strict=True):
+                assert out["OUTPUT0"].flags.writeable
+                np.testing.assert_array_equal(out["OUTPUT0"], x)
+            with pytest.raises(modelpool.ServerError) as info:
+                await client.ainfer("nope", {"INPUT0": xs[0]})
+            assert info.value.status == 404
+
+    asyncio.run(main())
