@@ -464,3 +464,13 @@ def test_environment_at_spawn_reaches_forkserver_workers(monkeypatch: pytest.Mon
     monkeypatch.setenv("MODELPOOL_TEST_LATE_VAR", "late")
     with modelpool.Pool(workers=1) as pool:
         assert pool.submit(os.environ.get, "MODELPOOL_TEST_LATE_VAR").result() == "late"
+
+
+def test_shutdown_while_loading_does_not_wait_for_a_cancelled_request() -> None:
+    pool = modelpool.Pool(SlowSetup, options={"seconds": 30}).start(wait=False)
+    fut = pool.submit(os.getpid)
+    time.sleep(0.3)
+    assert fut.cancel()  # still queued: the only worker is loading
+    started = time.monotonic()
+    pool.shutdown()
+    assert time.monotonic() - started < 5  # the loading worker is killed, not waited for

@@ -1146,6 +1146,8 @@ class Supervisor:
     def _shutdown_step(self, now: float) -> bool:
         """One step of a staged shutdown; True when everything is stopped and reaped."""
         self._respawn_at.clear()
+        if any(r.future.done() for r in self._queue):  # cancelled: nothing to wait for
+            self._queue = collections.deque(r for r in self._queue if not r.future.done())
         draining = not self._force and (self._drain_until is None or now < self._drain_until)
         if self._queue and draining and not self._capacity():
             # nothing left that could run the queue (e.g. the model failed to load)

@@ -28,6 +28,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerSpec",
     "current_model",
+    "model_loaded",
     "run_worker",
     "worker_info",
 ]
@@ -100,6 +101,12 @@ def current_model() -> Any:
             "to use current_model()"
         )
     return _MODEL
+
+
+def model_loaded() -> bool:
+    """The server's readiness probe, run in a worker: its model is loaded. Lives here, not in
+    the server package, so that probing imports nothing new into a worker."""
+    return current_model() is not None
 
 
 _SEEDED: frozenset[str] = frozenset()

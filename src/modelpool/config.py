@@ -39,7 +39,10 @@ class ConfigError(ModelpoolError, ValueError):
 
 
 def _size(value: Any, info: pydantic.ValidationInfo) -> int:
-    return parse_size(value, info.field_name or "size")
+    try:
+        return parse_size(value, info.field_name or "size")
+    except TypeError as exc:  # pydantic turns only ValueError into a validation error
+        raise ValueError(str(exc)) from None
 
 
 #: bytes, written as an int or a string such as "64MB" (binary units: 1 MB = 2**20 bytes)
@@ -58,7 +61,7 @@ class ServerSettings(_Strict):
     #: largest request body accepted, decided from Content-Length before reading it (413)
     max_body_size: Size = 64 * 2**20
     #: largest body after gzip/deflate decompression (413)
-    max_decompressed_size: Size = 256 * 2**20
+    max_decompressed_size: Size = 64 * 2**20
     #: largest request line / header field (aiohttp's limits)
     max_header_size: int = Field(8190, ge=1024)
     #: seconds to finish in-flight requests after SIGTERM before workers are stopped anyway
@@ -122,6 +125,11 @@ class ModelSettings(_Strict):
         ceiling = self.max_workers or max(self.workers, floor)
         if floor > ceiling:
             raise ValueError(f"min_workers={floor} is more than max_workers={ceiling}")
+        if self.min_ready_workers > floor:
+            raise ValueError(
+                f"min_ready_workers={self.min_ready_workers} can never be met: the model keeps "
+                f"{floor} worker(s) running (workers / min_workers)"
+            )
         return self
 
     def pool_kwargs(self) -> dict[str, Any]:
@@ -192,6 +200,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read it: {exc.strerror}") from None
     except yaml.YAMLError as exc:

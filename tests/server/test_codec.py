@@ -240,6 +240,14 @@ def test_bytes_encoding_rules() -> None:
         encode_infer_response("m", None, None, {"s": np.array([b"\xff"], dtype=object)}, None)
 
 
+def test_unencodable_id_is_a_codec_error() -> None:
+    body = b'{"id": "\\ud800", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+    body += b'"data": [NaN]}]}'  # NaN sends decoding to the stdlib, which allows lone surrogates
+    request = decode_infer_request(body)
+    with pytest.raises(CodecError, match="not valid UTF-8"):
+        encode_infer_response("m", None, request.id, {"y": np.zeros(1)}, request)
+
+
 def test_encode_error() -> None:
     assert json.loads(encode_error("boom \u00e9")) == {"error": "boom \u00e9"}
     with pytest.raises(CodecError, match="model is gone"):

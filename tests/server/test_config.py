@@ -133,3 +133,25 @@ def test_serve_file_with_port_override_and_refused_model_flags(tmp_path: Path) -
 def test_serve_target_that_is_neither_file_nor_import_string() -> None:
     with pytest.raises(ConfigError, match="neither a YAML file nor an import string"):
         _serve_config("model.yaml.missing", _flags())
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("server: {max_body_size: 1.5}\nmodels: {m: {model: a.b:C}}", "max_body_size"),
+        ("models: {m: {model: a.b:C, max_memory_per_worker: [1]}}", "max_memory_per_worker"),
+        ("models: {m: {model: a.b:C, workers: 2, min_ready_workers: 3}}", "can never be met"),
+    ],
+)
+def test_wrong_types_are_config_errors_not_crashes(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(_write(tmp_path, text))
+
+
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "modelpool.yaml"
+    path.write_bytes(b"\xff\xfemodels: {}")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)

@@ -605,3 +605,52 @@ def test_modelpool_client_async(identity: ServerProcess) -> None:
             assert info.value.status == 404
 
     asyncio.run(main())
+
+
+def test_readiness_probes_do_not_kill_idle_workers_with_a_short_timeout(tmp_path: Path) -> None:
+    config = {
+        "server": {"ready_probe_interval": 0.2},
+        "models": {
+            "quick": {"model": "_server_models:Identity", "timeout": 0.3},
+            "busy": {"model": "_server_models:Sleepy"},
+        },
+    }
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        caller = threading.Thread(
+            target=_request, args=(server, "POST", "/v2/models/busy/infer", _slow_body(2.5))
+        )
+        caller.start()
+        time.sleep(2.0)  # probes every 0.2 s meanwhile; "busy" cannot answer them
+        status, _, _ = _request(server, "GET", "/v2/models/quick/ready")
+        assert status == 200  # a busy model does not hold back another model's probe
+        caller.join(10)
+        text = _request(server, "GET", "/metrics")[2].decode()
+        assert 'modelpool_worker_exits_total{model="quick"' not in text, text
+
+
+def test_stop_while_loading_is_a_clean_exit(tmp_path: Path) -> None:
+    config = {"models": {"slow": {"model": "_models:SlowSetup", "options": {"seconds": 30}}}}
+    server = ServerProcess(config=config, tmp=tmp_path)
+    deadline = time.monotonic() + 20
+    while "loading" not in server.output:
+        assert time.monotonic() < deadline, server.output
+        time.sleep(0.05)
+    code = server.stop(signal.SIGTERM)
+    assert code == 0, server.output
+    assert "Traceback" not in server.output
+
+
+def test_a_failed_model_does_not_wait_for_the_others_to_load(tmp_path: Path) -> None:
+    config = {
+        "models": {
+            "broken": {"model": "_server_models:Broken"},
+            "slow": {"model": "_models:SlowSetup", "options": {"seconds": 30}},
+        }
+    }
+    started = time.monotonic()
+    server = ServerProcess(config=config, tmp=tmp_path)
+    code = server.proc.wait(25)
+    server.stop()
+    assert code == 1
+    assert time.monotonic() - started < 20
+    assert "model 'broken' could not be loaded" in server.output

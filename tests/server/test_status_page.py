@@ -65,7 +65,6 @@ def _infer(server: ServerProcess, seconds: float) -> int:
 
 
 def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path) -> None:
-    by = need_module("selenium.webdriver.common.by").By
     config = {
         "models": {
             "sleepy": {"model": "_server_models:Sleepy", "workers": 2},
@@ -75,18 +74,33 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
     with ServerProcess(config=config, tmp=tmp_path) as server:
         browser.get(server.url + "/")
         assert browser.title == "modelpool status"
-        sections = _until(lambda: browser.find_elements(by.CSS_SELECTOR, "section.model"))
-        assert sorted(s.get_attribute("data-model") for s in sections) == ["iris", "sleepy"]
-        sleepy = browser.find_element(by.CSS_SELECTOR, 'section[data-model="sleepy"]')
-        assert "ready" in sleepy.find_element(by.TAG_NAME, "h2").text
-        rows = sleepy.find_elements(by.CSS_SELECTOR, "tr.worker")
-        assert len(rows) == 2
-        pids = {r.find_element(by.CSS_SELECTOR, "td.pid").text for r in rows}
+
+        def texts(selector: str) -> list[str]:
+            """Read in one script: the page re-renders every second, so elements found in one
+            call may be gone by the next."""
+            script = (
+                "return Array.from(document.querySelectorAll(arguments[0]), e => e.textContent)"
+            )
+            return list(browser.execute_script(script, selector))
+
+        def attributes(selector: str, name: str) -> list[str]:
+            script = (
+                "return Array.from(document.querySelectorAll(arguments[0]),"
+                " e => e.getAttribute(arguments[1]))"
+            )
+            return list(browser.execute_script(script, selector, name))
+
+        _until(lambda: attributes("section.model", "data-model"))
+        assert sorted(attributes("section.model", "data-model")) == ["iris", "sleepy"]
+        sleepy = 'section[data-model="sleepy"]'
+        (title,) = texts(f"{sleepy} h2")
+        assert "ready" in title
+        pids = texts(f"{sleepy} tr.worker td.pid")
+        assert len(pids) == 2
         assert all(p.isdigit() for p in pids)
 
         def served() -> int:
-            cells = browser.find_elements(by.CSS_SELECTOR, 'section[data-model="sleepy"] td.served')
-            return sum(int(c.text) for c in cells)
+            return sum(int(t) for t in texts(f"{sleepy} td.served"))
 
         before = served()
         for _ in range(5):
@@ -95,15 +109,12 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
         _until(lambda: served() >= before + 5)
 
         # a long request shows as a busy worker with its age
-
         caller = threading.Thread(target=_infer, args=(server, 2.0))
         caller.start()
-        busy = _until(
-            lambda: browser.find_elements(
-                by.CSS_SELECTOR, 'section[data-model="sleepy"] td.state.busy'
-            )
-        )
-        assert busy[0].text == "busy"
+        busy = _until(lambda: texts(f"{sleepy} td.state.busy"))
+        assert busy[0] == "busy"
+        ages = _until(lambda: [t for t in texts(f"{sleepy} tr.worker td:nth-child(7)") if t])
+        assert ages[0].endswith(" s")  # the current request's age
         caller.join(10)
-        p50 = browser.find_element(by.CSS_SELECTOR, 'section[data-model="sleepy"] .p50').text
+        (p50,) = texts(f"{sleepy} .p50")
         assert p50.endswith(" ms")

@@ -32,7 +32,7 @@ from modelpool._exceptions import (
 )
 from modelpool._model import TensorSpec
 from modelpool._pool import Pool
-from modelpool._worker import current_model
+from modelpool._worker import model_loaded
 from modelpool.config import Config, ModelSettings
 
 from . import _codec, _status
@@ -57,11 +57,6 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
-
-
-def _probe() -> bool:
-    """Run inside a worker by the readiness probe: the model is loaded and answering."""
-    return current_model() is not None
 
 
 class ServedModel:
@@ -150,6 +145,7 @@ class Server:
         self.accepting = True
         self.window = 3 * self.settings.ready_probe_interval
         self._probe_task: asyncio.Task[None] | None = None
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ application
 
@@ -197,6 +193,8 @@ class Server:
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
+        for task in self._probes.values():
+            task.cancel()
 
     @web.middleware
     async def _errors(
@@ -216,7 +214,8 @@ class Server:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _json({"error": exc.reason or exc.text or "error"}, exc.status)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _json({"error": exc.reason or exc.text or "error"}, exc.status, allow)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -243,7 +242,8 @@ class Server:
 
     async def ready(self, request: web.Request) -> web.Response:
         if not self.accepting:
-            raise HTTPError(503, "the server is shutting down", retry_after=0)
+            body = {"ready": False, "error": "the server is shutting down"}
+            return _json(body, 503, {"Retry-After": "0"})
         for served in self.models.values():
             ok, why = served.readiness(self.window)
             if not ok:
@@ -255,7 +255,8 @@ class Server:
         ok, why = served.readiness(self.window)
         if not ok or not self.accepting:
             why = why or "the server is shutting down"
-            return _json({"name": served.name, "ready": False, "error": why}, 503)
+            body = {"name": served.name, "ready": False, "error": why}
+            return _json(body, 503, self._retry_after())
         return _json({"name": served.name, "ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -291,7 +292,7 @@ class Server:
             response = await self._infer(request, served)
             code = response.status
             return response
-        except HTTPError as exc:
+        except (HTTPError, web.HTTPException) as exc:
             code = exc.status
             raise
         except asyncio.CancelledError:
@@ -319,14 +320,16 @@ class Server:
             encoding = request.headers.get("Content-Encoding")
             if encoding and encoding.lower() != "identity":
                 body = await self._off_loop(
-                    len(body),
+                    self.settings.max_decompressed_size,  # what it may grow to, not its size
                     _codec.decompress,
                     body,
                     encoding,
                     self.settings.max_decompressed_size,
                 )
             header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
-            decoded = _codec.decode_infer_request(body, header_length)
+            decoded = await self._off_loop(
+                len(body), _codec.decode_infer_request, body, header_length
+            )
         except _codec.BodyTooLarge as exc:
             raise HTTPError(413, str(exc)) from None
         except _codec.CodecError as exc:
@@ -338,6 +341,8 @@ class Server:
             )
         except _codec.CodecError as exc:
             raise HTTPError(400, str(exc)) from None
+        except _codec.UnsupportedDatatypeError as exc:
+            raise HTTPError(500, f"model {served.name!r} returned bad outputs: {exc}") from None
         headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
         if json_length is not None:
             headers["Inference-Header-Content-Length"] = str(json_length)
@@ -403,13 +408,19 @@ class Server:
         interval = self.settings.ready_probe_interval
         while True:
             now = time.monotonic()
-            due = [m for m in self.models.values() if now - m.last_ok >= interval]
-            await asyncio.gather(*(self._probe_one(m) for m in due))
+            for name, m in self.models.items():
+                running = self._probes.get(name)
+                if (running is None or running.done()) and now - m.last_ok >= interval:
+                    # one task per model: a model whose workers are all busy must not hold
+                    # back the probes of the others
+                    self._probes[name] = asyncio.create_task(self._probe_one(m))
             await asyncio.sleep(min(interval, 1.0))
 
     async def _probe_one(self, served: ServedModel) -> None:
+        if not served.alive():  # loading, or all restarting: not ready anyway, and a probe
+            return  # queued now would keep a loading worker alive through a shutdown
         try:
-            ok = await asyncio.wrap_future(served.pool.submit(_probe))
+            ok = await asyncio.wrap_future(served.pool.submit(model_loaded))
         except Exception as exc:
             log.debug("readiness probe of %r failed: %s", served.name, exc)
             return

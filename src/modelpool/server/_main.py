@@ -135,7 +135,7 @@ class _Runner:
         self.out.write(f"modelpool {__version__} listening on {url} (ready once models load)\n")
         try:
             ok = await self._load()
-            if ok:
+            if ok and not self.stop.is_set():
                 # what exists now lives as long as the server: keep it out of the garbage
                 # collector's full passes, which would otherwise pause every request
                 gc.freeze()
@@ -157,10 +157,13 @@ class _Runner:
         failed = False
         while not self.stop.is_set():
             progress.update(models)
-            if all(t.done() for t in loads.values()):
-                break
+            done = [t for t in loads.values() if t.done()]
+            if len(done) == len(loads) or any(t.exception() is not None for t in done):
+                break  # all loaded, or one failed: the server will not start, say so now
             await asyncio.wait([*loads.values()], timeout=0.1)
         progress.update(models)
+        for task in loads.values():  # stopped mid-load: its start() fails later, quietly
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if progress.live_line:
             progress.line("")
         for name, task in loads.items():
@@ -175,7 +178,7 @@ class _Runner:
                     self.out.write("".join(traceback.format_exception(cause)))
             else:
                 models[name].last_ok = time.monotonic()
-        return not failed and not self.stop.is_set()
+        return not failed  # stopped while loading is a clean stop (exit 0), not a failure
 
     def _banner(self, url: str) -> None:
         assert self.server is not None
