@@ -46,6 +46,8 @@ JSON = "application/json"
 ALIVE_STATES = frozenset({"idle", "busy", "retiring"})
 #: Triton's names for datatypes in a model configuration
 _TRITON_TYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
+#: bodies at least this big are decompressed, decoded and compressed in a thread
+OFF_LOOP_SIZE = 256 * 1024
 #: answers kept per model for the status page's recent latency
 RECENT = 2000
 
@@ -327,9 +329,12 @@ class Server:
                     self.settings.max_decompressed_size,
                 )
             header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
-            decoded = await self._off_loop(
-                len(body), _codec.decode_infer_request, body, header_length
-            )
+            if len(body) < OFF_LOOP_SIZE:  # the common case: no coroutine, no thread
+                decoded = _codec.decode_infer_request(body, header_length)
+            else:
+                decoded = await self._off_loop(
+                    len(body), _codec.decode_infer_request, body, header_length
+                )
         except _codec.BodyTooLarge as exc:
             raise HTTPError(413, str(exc)) from None
         except _codec.CodecError as exc:
@@ -396,7 +401,7 @@ class Server:
     @staticmethod
     async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` in a thread for big payloads (keeps the event loop answering)."""
-        if size < 256 * 1024:
+        if size < OFF_LOOP_SIZE:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
