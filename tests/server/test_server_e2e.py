@@ -654,3 +654,41 @@ def test_a_failed_model_does_not_wait_for_the_others_to_load(tmp_path: Path) -> 
     assert code == 1
     assert time.monotonic() - started < 20
     assert "model 'broken' could not be loaded" in server.output
+
+
+def _raw(server: ServerProcess, head: bytes) -> str:
+    host, port = server.host_port.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        return sock.recv(65536).decode("latin-1")
+
+
+def test_expect_100_continue_is_refused_before_the_body_when_too_big(
+    identity: ServerProcess,
+) -> None:
+    head = (
+        b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nExpect: 100-continue\r\nContent-Length: 50000000\r\n\r\n"
+    )
+    answer = _raw(identity, head)
+    assert answer.startswith("HTTP/1.1 413"), answer  # not "100 Continue" first
+    assert '"error"' in answer
+    assert "max_body_size" in answer
+    head = head.replace(b"50000000", b"2").replace(b"100-continue", b"something-else")
+    answer = _raw(identity, head)
+    assert answer.startswith("HTTP/1.1 417"), answer
+    assert '"error"' in answer
+
+
+def test_expect_100_continue_within_the_limit_is_served(identity: ServerProcess) -> None:
+    body = _infer_body("INPUT0", "FP32", [1, 4], [5.1, 3.5, 1.4, 0.2])
+    host, port = identity.host_port.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            + f"\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 200"), answer

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from modelpool import __version__
 from modelpool._exceptions import (
@@ -180,7 +180,7 @@ class Server:
                         get(prefix, self.model_metadata),
                         get(prefix + "/ready", self.model_ready),
                         get(prefix + "/config", self.model_config),
-                        post(prefix + "/infer", self.infer),
+                        post(prefix + "/infer", self.infer, expect_handler=self._expect),
                     )
                 ],
             ]
@@ -223,6 +223,25 @@ class Server:
         except Exception:
             log.exception("bug: unhandled error answering %s %s", request.method, request.path)
             return _json({"error": "internal server error (a bug; the server log has it)"}, 500)
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue``: refuse a body over the limit before the client sends it
+        (aiohttp's default would say "continue" first), with a JSON error like every other."""
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            return _json({"error": f"unsupported Expect: {expect!r}; use 100-continue"}, 417)
+        limit = self.settings.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            message = (
+                f"request body of {request.content_length} bytes is over the limit of {limit} "
+                "bytes (server.max_body_size)"
+            )
+            return _json({"error": message}, 413, {"Connection": "close"})
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
 
     def _model(self, request: web.Request) -> ServedModel:
         name = request.match_info["model"]
