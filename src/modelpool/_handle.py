@@ -90,6 +90,7 @@ class WorkerHandle:
         self.deadline: float | None = None  # setup or stop deadline
         self.setup_error: BaseException | None = None
         self.kill_reason: str | None = None  # set when the pool itself killed the worker
+        self.kill_kind = "killed"  # the metrics' label for that: "timeout", "shutdown", ...
 
 
 _LIKELY = {

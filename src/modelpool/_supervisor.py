@@ -343,7 +343,7 @@ class Supervisor:
                 raise _fresh(self._broken)
             limit = self.settings.max_queue
             if limit is not None and len(self._queue) >= limit:
-                self._queue = collections.deque(r for r in self._queue if not r.future.done())
+                self._drop_settled()
                 if len(self._queue) >= limit:
                     raise PoolOverloadedError(
                         f"pool of {self.settings.model_name!r} is overloaded: {len(self._queue)}"
@@ -411,11 +411,10 @@ class Supervisor:
             generations = list(self._generation)
             pending = set(self._respawn_at)
             broken = self._broken is not None
+            active = set(self._active)
         out = []
         now = time.monotonic()
         live = {w.index for w in workers}
-        with self._lock:
-            active = set(self._active)
         for index in sorted(active):
             if index not in live:  # a slot with no process right now: say why
                 state = "restarting" if index in pending else "failed" if broken else "stopped"
@@ -472,6 +471,11 @@ class Supervisor:
             if usable and (best is None or w.served < best.served):
                 best = w
         return best
+
+    def _drop_settled(self) -> None:
+        """Remove cancelled or timed-out requests from the queue (lock held)."""
+        if any(r.future.done() for r in self._queue):
+            self._queue = collections.deque(r for r in self._queue if not r.future.done())
 
     def _capacity(self) -> bool:
         """Some worker is loaded (or loading) and able to serve."""
@@ -769,7 +773,9 @@ class Supervisor:
                 failing = {id(r) for r, _ in self._settle}  # decided, reported after the lock
                 if all(p.future.done() or id(p) in failing for p in batch.parts):
                     worker.request = None
-                    self._kill(worker, "killed by modelpool: a batch ran past its timeout")
+                    self._kill(
+                        worker, "killed by modelpool: a batch ran past its timeout", "timeout"
+                    )
             elif not running:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(req)
@@ -794,7 +800,7 @@ class Supervisor:
                     ),
                 )
                 worker.request = None
-                self._kill(worker, "killed by modelpool: a request ran past its timeout")
+                self._kill(worker, "killed by modelpool: a request ran past its timeout", "timeout")
         for w in list(self._workers):
             if w.deadline is None or w.deadline > now:
                 continue
@@ -804,9 +810,9 @@ class Supervisor:
                     f"finish setup() within setup_timeout={self.settings.setup_timeout} s; it "
                     "was killed. Raise setup_timeout if loading is just slow."
                 )
-                self._kill(w, "killed by modelpool: setup() ran past setup_timeout")
+                self._kill(w, "killed by modelpool: setup() ran past setup_timeout", "timeout")
             elif w.state == STOPPING:
-                self._kill(w, "killed by modelpool: teardown() did not finish in time")
+                self._kill(w, "killed by modelpool: teardown() did not finish in time", "timeout")
 
     def _respawn(self, now: float) -> None:
         if self._broken is not None:
@@ -1134,9 +1140,11 @@ class Supervisor:
         with contextlib.suppress(OSError):
             worker.channel.send((STOP, 0, None))
 
-    def _kill(self, worker: WorkerHandle, reason: str) -> None:
-        """SIGKILL ``worker``; its exit is handled in ``_on_exit`` by the state it died in."""
+    def _kill(self, worker: WorkerHandle, reason: str, kind: str = "killed") -> None:
+        """SIGKILL ``worker``; its exit is handled in ``_on_exit`` by the state it died in.
+        ``kind`` labels the exit in the metrics: ``"timeout"``, ``"shutdown"`` or ``"killed"``."""
         worker.kill_reason = reason
+        worker.kill_kind = kind
         worker.deadline = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.process.kill()
@@ -1146,8 +1154,7 @@ class Supervisor:
     def _shutdown_step(self, now: float) -> bool:
         """One step of a staged shutdown; True when everything is stopped and reaped."""
         self._respawn_at.clear()
-        if any(r.future.done() for r in self._queue):  # cancelled: nothing to wait for
-            self._queue = collections.deque(r for r in self._queue if not r.future.done())
+        self._drop_settled()  # a cancelled request is nothing to wait for
         draining = not self._force and (self._drain_until is None or now < self._drain_until)
         if self._queue and draining and not self._capacity():
             # nothing left that could run the queue (e.g. the model failed to load)
@@ -1161,7 +1168,7 @@ class Supervisor:
             if w.state == STOPPING or w.kill_reason is not None:
                 continue
             if self._force or (w.state == STARTING and not (draining and self._queue)):
-                self._kill(w, "killed by modelpool: pool shut down")
+                self._kill(w, "killed by modelpool: pool shut down", "shutdown")
             elif w.state == BUSY and not draining:
                 if w.request is not None:
                     for member in w.request.members:
@@ -1173,7 +1180,7 @@ class Supervisor:
                             ),
                         )
                     w.request = None
-                self._kill(w, "killed by modelpool: still busy at the end of shutdown")
+                self._kill(w, "killed by modelpool: still busy at the end of shutdown", "shutdown")
             elif w.state == IDLE and not (self._queue and draining):
                 self._stop(w, now)
         return not self._workers and not self._queue
@@ -1237,10 +1244,7 @@ def _fresh(error: BaseException) -> BaseException:
 def _exit_kind(worker: WorkerHandle, signame: str | None, exitcode: int | None) -> str:
     """A short label for why a worker exited (metrics count these)."""
     if worker.kill_reason is not None:
-        reason = worker.kill_reason
-        if "timeout" in reason or "did not finish" in reason:
-            return "timeout"
-        return "shutdown" if "shut down" in reason or "end of shutdown" in reason else "killed"
+        return worker.kill_kind
     if worker.state == STOPPING:
         return "recycled" if worker.retiring else "stopped"
     if worker.state == STARTING:

@@ -74,7 +74,6 @@ class ServedModel:
         self.outputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "outputs", ()) or ())
         self.last_ok = 0.0  # monotonic time a request last went through a worker and back
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)
-        self.floor = settings.min_workers or settings.workers
 
     def alive(self, stats: dict[str, Any] | None = None) -> int:
         stats = stats or self.pool.stats()
@@ -83,7 +82,7 @@ class ServedModel:
     def readiness(self, window: float, stats: dict[str, Any] | None = None) -> tuple[bool, str]:
         """(ready, why not): enough workers alive, and one answered recently."""
         alive = self.alive(stats)
-        need = min(self.settings.min_ready_workers, self.floor)
+        need = self.settings.min_ready_workers  # the config keeps it <= the workers kept
         if alive < need:
             return False, f"model {self.name!r}: {alive} of {need} required workers alive"
         age = time.monotonic() - self.last_ok
@@ -209,10 +208,8 @@ class Server:
             if exc.retry_after is not None:
                 headers["Retry-After"] = str(exc.retry_after)
             return _json({"error": str(exc)}, exc.status, headers)
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.settings.max_body_size
-            return _json({"error": f"request body is larger than the limit of {limit} bytes "
-                          "(server.max_body_size)"}, 413)  # fmt: skip
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+            return _json({"error": self._too_large(None)}, 413)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -232,16 +229,24 @@ class Server:
             return None
         if expect.lower() != "100-continue":
             return _json({"error": f"unsupported Expect: {expect!r}; use 100-continue"}, 417)
-        limit = self.settings.max_body_size
-        if request.content_length is not None and request.content_length > limit:
-            message = (
-                f"request body of {request.content_length} bytes is over the limit of {limit} "
-                "bytes (server.max_body_size)"
-            )
+        if self._over_limit(request):
+            message = self._too_large(request.content_length)
             return _json({"error": message}, 413, {"Connection": "close"})
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
         return None
+
+    def _over_limit(self, request: web.Request) -> bool:
+        """Content-Length says the body is over the limit (decided before reading it)."""
+        length = request.content_length
+        return length is not None and length > self.settings.max_body_size
+
+    def _too_large(self, length: int | None) -> str:
+        size = "request body" if length is None else f"request body of {length} bytes"
+        return (
+            f"{size} is over the limit of {self.settings.max_body_size} bytes; send fewer rows "
+            "per request, or raise server.max_body_size"
+        )
 
     def _model(self, request: web.Request) -> ServedModel:
         name = request.match_info["model"]
@@ -263,7 +268,10 @@ class Server:
 
     async def ready(self, request: web.Request) -> web.Response:
         if not self.accepting:
-            body = {"ready": False, "error": "the server is shutting down"}
+            body = {
+                "ready": False,
+                "error": "the server is shutting down; send the request to another instance",
+            }
             return _json(body, 503, {"Retry-After": "0"})
         for served in self.models.values():
             ok, why = served.readiness(self.window)
@@ -275,7 +283,7 @@ class Server:
         served = self._model(request)
         ok, why = served.readiness(self.window)
         if not ok or not self.accepting:
-            why = why or "the server is shutting down"
+            why = why or "the server is shutting down; send the request to another instance"
             body = {"name": served.name, "ready": False, "error": why}
             return _json(body, 503, self._retry_after())
         return _json({"name": served.name, "ready": True})
@@ -328,14 +336,13 @@ class Server:
 
     async def _infer(self, request: web.Request, served: ServedModel) -> web.Response:
         if not self.accepting:
-            raise HTTPError(503, "the server is shutting down", retry_after=0)
-        limit = self.settings.max_body_size
-        if request.content_length is not None and request.content_length > limit:
             raise HTTPError(
-                413,
-                f"request body of {request.content_length} bytes is over the limit of {limit} "
-                "bytes (server.max_body_size)",
+                503,
+                "the server is shutting down; send the request to another instance",
+                retry_after=0,
             )
+        if self._over_limit(request):
+            raise HTTPError(413, self._too_large(request.content_length))
         body = await request.read()
         try:
             encoding = request.headers.get("Content-Encoding")
@@ -379,13 +386,14 @@ class Server:
             outputs = await served.pool.apredict(inputs)
         except InputValidationError as exc:
             raise HTTPError(400, f"model {name!r}: {exc}") from None
-        except PoolOverloadedError as exc:
-            raise HTTPError(
-                503, f"model {name!r}: {exc}", retry_after=self.settings.retry_after
-            ) from None
         except RequestTimeoutError as exc:
             raise HTTPError(504, f"model {name!r}: {exc}") from None
-        except (WorkerCrashedError, ModelSetupError, PoolClosedError) as exc:
+        except (
+            PoolOverloadedError,
+            WorkerCrashedError,
+            ModelSetupError,
+            PoolClosedError,
+        ) as exc:  # temporary: worth retrying after Retry-After
             raise HTTPError(
                 503, f"model {name!r}: {exc}", retry_after=self.settings.retry_after
             ) from None

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -189,9 +190,7 @@ class _Runner:
         if served.inputs:
             spec = served.inputs[0]
             shape = [1 if d == -1 else d for d in spec.shape]
-            n = 1
-            for d in shape:
-                n *= d
+            n = math.prod(shape)
             data = ",".join(["0.5"] * n) if spec.datatype.startswith("FP") else ",".join("1" * n)
             body = (
                 f'{{"inputs":[{{"name":"{spec.name}","datatype":"{spec.datatype}",'
