@@ -262,3 +262,19 @@ class Stagger(modelpool.Model):
     def predict(self, inputs: Any) -> Any:
         time.sleep(float(inputs))
         return os.getpid()
+
+
+class Gate(modelpool.Model):
+    """y = 2x; a request with a negative input waits until the file ``path`` exists (a gate
+    the test opens, so workers stay busy exactly as long as the test needs)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.path = options["path"]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        if float(x.min()) < 0:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(self.path) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return {"y": x * 2}

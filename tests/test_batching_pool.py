@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import modelpool
-from _models import BatchProbe, Crashy, Limited, WrongRows
+from _models import BatchProbe, Crashy, Gate, Limited, WrongRows
 
 
 def _gather(pool: modelpool.Pool, inputs: list[dict[str, np.ndarray]], **kw: float) -> list:
@@ -220,3 +222,104 @@ def test_batched_requests_leave_no_reference_cycles() -> None:
     with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
         assert asyncio.run(run(pool)) == 0
         assert max(pool.stats().batch_sizes) > 1
+
+
+# ---------------------------------------------------------------- abandoned requests (issue 10)
+#
+# Callers that give up before their answer (an HTTP client hanging up, a cancelled task, a
+# cancelled future, a deadline) leave settled entries in the queue. The next live request must
+# still be answered within the batch delay plus its service time, never wait for a full batch.
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def _hold_both_workers(pool: modelpool.Pool) -> list[asyncio.Task[Any]]:
+    """Occupy both workers with requests that wait on the gate (different widths: two
+    batches, so one per worker)."""
+    loop = asyncio.get_running_loop()
+    held = [loop.create_task(pool.apredict({"x": np.full((1, w), -1, np.float32)})) for w in (3, 4)]
+    await _until(lambda: pool.stats().in_flight == 2, "both workers to be busy")
+    return held
+
+
+ABANDON = ["apredict-cancelled", "future-cancelled", "deadline"]
+
+
+@pytest.mark.parametrize("how", ABANDON)
+def test_abandoned_requests_never_wedge_the_batch_queue(tmp_path: Path, how: str) -> None:
+    gate = tmp_path / "open"
+    pool = modelpool.Pool(
+        Gate, workers=2, options={"path": str(gate)}, max_batch_size=32, max_batch_delay=0.005
+    )
+    with pool:
+
+        async def scenario() -> float:
+            loop = asyncio.get_running_loop()
+            held = await _hold_both_workers(pool)
+            x = {"x": np.ones((1, 3), np.float32)}
+            for _burst in range(3):  # bursts of clients that hang up
+                if how == "apredict-cancelled":
+                    tasks = [loop.create_task(pool.apredict(x)) for _ in range(10)]
+                    await _until(lambda: pool.stats().queued >= 10, "the burst to queue")
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with pytest.raises(asyncio.CancelledError):
+                            await task
+                elif how == "future-cancelled":
+                    futures = [pool.submit(abs, -1) for _ in range(10)]
+                    assert all(f.cancel() for f in futures)
+                else:  # timed out while queued
+                    tasks = [loop.create_task(pool.apredict(x, timeout=0.05)) for _ in range(10)]
+                    for task in tasks:
+                        with pytest.raises(modelpool.RequestTimeoutError):
+                            await task
+            gate.touch()
+            await asyncio.gather(*held)
+            await _until(lambda: pool.stats().in_flight == 0, "both workers to be idle")
+            t0 = time.monotonic()
+            out = await asyncio.wait_for(pool.apredict(x), timeout=30)
+            elapsed = time.monotonic() - t0
+            np.testing.assert_array_equal(out["y"], x["x"] * 2)
+            return elapsed
+
+        elapsed = asyncio.run(scenario())
+        assert pool.stats().queued == 0
+    # batch delay (5 ms) plus one tiny predict; a wedged queue answers never (or seconds late)
+    assert elapsed < 1.0, f"a live request behind abandoned ones took {elapsed:.2f} s"
+
+
+def test_abandoned_requests_do_not_delay_a_full_batch_count(tmp_path: Path) -> None:
+    """Abandoned rows must not count towards a 'full batch' either: a live request behind
+    31 cancelled ones still waits only its own batch delay, and runs alone."""
+    gate = tmp_path / "open"
+    pool = modelpool.Pool(
+        Gate, workers=2, options={"path": str(gate)}, max_batch_size=32, max_batch_delay=0.005
+    )
+    with pool:
+
+        async def scenario() -> dict:
+            loop = asyncio.get_running_loop()
+            held = await _hold_both_workers(pool)
+            x = {"x": np.ones((1, 3), np.float32)}
+            tasks = [loop.create_task(pool.apredict(x)) for _ in range(31)]
+            await _until(lambda: pool.stats().queued >= 31, "the burst to queue")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            live = loop.create_task(pool.apredict(x))
+            await _until(lambda: pool.stats().queued >= 1, "the live request to queue")
+            gate.touch()
+            await asyncio.gather(*held)
+            return await asyncio.wait_for(live, timeout=30)
+
+        out = asyncio.run(scenario())
+        sizes = pool.stats().batch_sizes
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2, np.float32))
+    assert 31 not in sizes, sizes  # cancelled rows never ran
+    assert 32 not in sizes, sizes

@@ -474,3 +474,36 @@ def test_shutdown_while_loading_does_not_wait_for_a_cancelled_request() -> None:
     started = time.monotonic()
     pool.shutdown()
     assert time.monotonic() - started < 5  # the loading worker is killed, not waited for
+
+
+@pytest.mark.parametrize("path", ["predict", "batched", "submit"])
+def test_a_local_transport_failure_is_a_modelpool_error_never_the_models(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A write that fails in this process (here EINVAL, as writev gives past IOV_MAX) fails the
+    request with TransportError, replaces the worker, and the pool keeps serving."""
+    from modelpool import _transport
+
+    real = _transport._Wire.send
+    failed: list[int] = []
+
+    def send_once_then_fail(self: _transport._Wire, parts: list, total: int | None = None) -> None:
+        if not failed:
+            failed.append(1)
+            raise OSError(22, "Invalid argument")
+        real(self, parts, total)
+
+    batch = 8 if path == "batched" else 1
+    with modelpool.Pool(Echo, workers=1, max_batch_size=batch) as pool:
+        pid = pool.stats().workers[0].pid
+        monkeypatch.setattr(_transport._Wire, "send", send_once_then_fail)
+        call = (
+            (lambda: pool.submit(abs, -1).result(timeout=60))
+            if path == "submit"
+            else (lambda: pool.predict({"x": np.ones((1, 2), np.float32)}))
+        )
+        with pytest.raises(modelpool.TransportError, match="could not exchange") as info:
+            call()
+        assert isinstance(info.value.__cause__, OSError)
+        assert pool.predict({"x": np.ones((1, 2), np.float32)})["x"].shape == (1, 2)
+        assert pool.stats().workers[0].pid != pid  # out of step: replaced

@@ -222,3 +222,19 @@ def test_devices_spread_over_workers_through_cuda_visible_devices() -> None:
 def test_devices_misuse_is_refused(devices: object) -> None:
     with pytest.raises((TypeError, ValueError), match="cuda"):
         modelpool.Pool(Echo, devices=devices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [3_000, 10_000])
+def test_thousands_of_small_tensors_in_and_out(n: int) -> None:
+    """Each array is one buffer of the message: thousands of them used to fail with a bare
+    ``OSError: [Errno 22] Invalid argument`` from writev (more than IOV_MAX pieces)."""
+    inputs = {f"in{i}": np.full(3, i, np.float32) for i in range(n)}
+    with modelpool.Pool(Echo) as pool:
+        out = pool.predict(inputs)
+        batched = modelpool.Pool(Echo, max_batch_size=8)
+        with batched:
+            out_batched = batched.predict(inputs)
+    for answer in (out, out_batched):
+        assert len(answer) == n
+        np.testing.assert_array_equal(answer[f"in{n - 1}"], np.full(3, n - 1, np.float32))
+        assert answer["in0"].flags.writeable

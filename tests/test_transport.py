@@ -119,3 +119,14 @@ def test_reader_reports_a_region_only_after_its_arrays_die() -> None:
     finally:
         writer.close()
         reader.close()
+
+
+@pytest.mark.parametrize("pieces", [1023, 1024, 1025, 3_000, 10_001])
+def test_a_message_of_more_pieces_than_iov_max_arrives_whole(wires, pieces: int) -> None:  # type: ignore[no-untyped-def]
+    """writev takes at most IOV_MAX (1024 here) buffers: more used to fail with EINVAL."""
+    left, right, _, _ = wires
+    parts = [bytes([i % 256]) * 40 for i in range(pieces)]
+    sender = threading.Thread(target=left.send, args=(parts,))
+    sender.start()
+    assert bytes(right.recv()) == b"".join(parts)
+    sender.join()

@@ -17,6 +17,9 @@ while working), in the manner of trio's ``ClosedResourceError`` / ``BrokenResour
         ├── ModelSetupError        setup() raised, timed out or the worker died while loading
         ├── WorkerCrashedError     the worker died while serving a request
         ├── RequestTimeoutError    the request missed its deadline (also a TimeoutError)
+        ├── TransportError         a message could not be carried between the pool and a worker
+        │                          (shared memory full, a failed write, an answer out of step);
+        │                          never the model's fault
         └── RemoteError            the worker raised an exception that could not be sent back as
                                    itself; carries its type name, message and traceback text
 
@@ -39,6 +42,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "RequestTimeoutError",
+    "TransportError",
     "UnsafeForkError",
     "WorkerCrashedError",
     "WorkerError",
@@ -125,6 +129,12 @@ def _rebuild_crashed(
 
 class RequestTimeoutError(WorkerError, TimeoutError):
     """The request did not finish before its deadline (counted from submission)."""
+
+
+class TransportError(WorkerError):
+    """A request or its answer could not be carried between the pool and a worker: no room in
+    shared memory, a failed write, or an answer that does not belong to the request. Nothing
+    here is the model's doing; the message says whether the worker was replaced."""
 
 
 class RemoteError(WorkerError):

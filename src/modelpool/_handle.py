@@ -20,7 +20,7 @@ import psutil
 
 from . import _shm, _transport
 from ._hygiene import THREAD_PREFIX
-from ._worker import WorkerSpec, run_worker
+from ._worker import EXIT_TRANSPORT, WorkerSpec, run_worker
 
 if TYPE_CHECKING:
     from ._supervisor import Request
@@ -117,6 +117,13 @@ def describe_exit(exitcode: int | None) -> tuple[str, str | None, str]:
         return f"killed by {name}", name, _LIKELY.get(name, "killed by a signal")
     if exitcode == 0:
         return "exited with code 0", None, "the worker process exited on its own"
+    if exitcode == EXIT_TRANSPORT:
+        return (
+            f"exited with code {exitcode}",
+            None,
+            "the worker could not write its answer to the pool (see its message on stderr); "
+            "not the model's doing",
+        )
     return (
         f"exited with code {exitcode}",
         None,

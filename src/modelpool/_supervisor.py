@@ -36,6 +36,7 @@ from ._exceptions import (
     PoolClosedError,
     PoolOverloadedError,
     RequestTimeoutError,
+    TransportError,
     UnsafeForkError,
     WorkerCrashedError,
 )
@@ -280,8 +281,9 @@ class Supervisor:
             kind, payload, answered = ERR, exc.remote, True
         except Exception as exc:
             if not _peer_gone(exc):  # a local failure (no memory, no descriptors...) or a bug
-                self._abandon(worker, req, exc, "a local error while talking to it")
-                raise
+                error = _transport_error(exc, worker)
+                self._abandon(worker, req, error, "a local error while talking to it")
+                raise error from error.__cause__
             # the worker died (or was killed): the supervisor settles the request
         except BaseException as exc:  # interrupted mid-exchange (Ctrl+C): out of step
             self._abandon(worker, req, exc, "its caller was interrupted")
@@ -361,11 +363,8 @@ class Supervisor:
                 self._hold_channel(worker)
             else:
                 self._queue.append(req)
-                # Wake the supervisor only when it has something to do now: the first request
-                # in line (start a batch timer, or a worker may be starting), or enough queued
-                # for a full batch. Otherwise a worker's answer or the timer brings it back.
                 self._rows_queued += req.rows
-                wake = len(self._queue) == 1 or self._rows_queued >= self.settings.max_batch_size
+                wake = self._must_look(req)
             if req.deadline is not None:
                 self._timed[req.id] = req
                 heapq.heappush(self._deadlines, (req.deadline, req.id))
@@ -472,6 +471,20 @@ class Supervisor:
                 best = w
         return best
 
+    def _must_look(self, req: Request) -> bool:
+        """Whether the supervisor must look at the queue now that ``req`` joined it (lock held).
+
+        Otherwise something already due brings it back: a worker's answer (all are busy), or the
+        batch timer it set for the live request at the head. Only live requests count: settled
+        ones (cancelled, timed out) may still sit in the queue until the next dispatch prunes
+        them, and must never stand in for a live head (its timer) or fill a batch.
+        """
+        if not self._batching:
+            return len(self._queue) == 1  # a worker may be starting
+        if self._rows_queued >= self.settings.max_batch_size:
+            return True  # maybe a full batch: dispatch it without waiting for the timer
+        return self._batch_due is None and self._idle_worker() is not None
+
     def _drop_settled(self) -> None:
         """Remove cancelled or timed-out requests from the queue (lock held)."""
         if any(r.future.done() for r in self._queue):
@@ -551,8 +564,9 @@ class Supervisor:
                 if worker.request is req:
                     worker.request = None
                     self._kill(worker, "killed by modelpool: sending to it failed")
+            error = _transport_error(exc, worker) if isinstance(exc, Exception) else exc
             for member in req.members:
-                self._fail(member, exc)
+                self._fail(member, error)
             self._wake()
             if not isinstance(exc, Exception):
                 raise
@@ -706,6 +720,7 @@ class Supervisor:
         """Form batches for idle workers (lock held); see ``_batching``."""
         out: list[tuple[WorkerHandle, Request]] = []
         self._batch_due = None
+        self._drop_settled()  # abandoned requests neither head a batch nor count towards one
         while self._queue:
             worker = self._idle_worker()
             if worker is None:
@@ -739,7 +754,7 @@ class Supervisor:
             self._assign(worker, unit)
             self._hold_channel(worker)
             out.append((worker, unit))
-        self._rows_queued = sum(r.rows for r in self._queue)
+        self._rows_queued = sum(r.rows for r in self._queue if not r.future.done())
         return out
 
     def _expire(self, now: float) -> None:
@@ -1229,6 +1244,20 @@ def _peer_gone(exc: BaseException) -> bool:
     """Does ``exc`` mean the worker's end of the connection is gone (it died, or the pool shut
     the socket to wake us)? Anything else is a failure on our side."""
     return isinstance(exc, EOFError) or (isinstance(exc, OSError) and exc.errno in _PEER_GONE)
+
+
+def _transport_error(exc: Exception, worker: WorkerHandle) -> TransportError:
+    """A local failure while talking to ``worker`` (which is then replaced), as a modelpool
+    error that names it; never blamed on the model."""
+    if isinstance(exc, TransportError):
+        return exc
+    error = TransportError(
+        f"modelpool could not exchange a request with worker pid {worker.pid} "
+        f"({type(exc).__name__}: {exc}); the request did not complete and the worker is being "
+        "replaced. Retry the call; if it keeps failing, please report it."
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _fresh(error: BaseException) -> BaseException:

@@ -24,10 +24,12 @@ back to ``RemoteError``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copyreg
 import dataclasses
 import io
+import itertools
 import os
 import pickle
 import select
@@ -39,7 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _shm
-from ._exceptions import RemoteError, RemoteTraceback
+from ._exceptions import RemoteError, RemoteTraceback, TransportError
 
 __all__ = ["Channel", "DecodeError", "Encoded", "RemoteException", "encode"]
 
@@ -49,11 +51,11 @@ _REL = struct.Struct("<Q")
 _INLINE = -1
 
 
-class PlacementError(MemoryError):
+class PlacementError(TransportError, MemoryError):
     """Large buffers could not be placed in shared memory (no room to grow); nothing was sent."""
 
 
-class ProtocolError(Exception):
+class ProtocolError(TransportError):
     """An answer that does not belong to the request in flight (a bug; the worker is dropped)."""
 
 
@@ -187,6 +189,7 @@ def encode(message: Any) -> Encoded:
 
 _LEN = struct.Struct("<Q")
 _CHUNK = 1 << 16
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class _Wire:
@@ -217,12 +220,16 @@ class _Wire:
             while data:
                 data = data[os.write(self.fd, data) :]
             return
-        views = [memoryview(_LEN.pack(total))] + [memoryview(p).cast("B") for p in parts]
+        views = collections.deque(
+            [memoryview(_LEN.pack(total))] + [memoryview(p).cast("B") for p in parts]
+        )
         while views:
-            sent = os.writev(self.fd, views)
+            # writev takes at most IOV_MAX pieces per call (EINVAL beyond): a message with
+            # thousands of small arrays goes out in several calls, still as one message
+            sent = os.writev(self.fd, list(itertools.islice(views, _IOV_MAX)))
             while views and sent >= views[0].nbytes:
                 sent -= views[0].nbytes
-                views.pop(0)
+                views.popleft()
             if views and sent:
                 views[0] = views[0][sent:]
 

@@ -40,6 +40,8 @@ READY, SETUP_FAILED, OK, ERR = 11, 12, 13, 14
 
 #: Exit code of a worker whose setup failed (after it reported why).
 EXIT_SETUP_FAILED = 3
+#: Exit code of a worker that could not write an answer to the pool (see ``describe_exit``).
+EXIT_TRANSPORT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +190,15 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
             channel.send(reply)
         except (BrokenPipeError, ConnectionResetError):
             return
-        except Exception as exc:  # the result could not be encoded or placed
+        except _transport.PlacementError as exc:  # no room in shared memory; nothing was sent
+            channel.send((ERR, rid, _transport.RemoteException.capture(exc)))
+        except OSError as exc:  # the write itself failed midway: the stream is out of step
+            sys.stderr.write(
+                f"modelpool worker {os.getpid()}: could not send an answer to the pool "
+                f"({type(exc).__name__}: {exc}); exiting so that the pool replaces this worker\n"
+            )
+            os._exit(EXIT_TRANSPORT)
+        except Exception as exc:  # the result could not be encoded
             what = "predict" if kind == PREDICT else "the function"
             err = TypeError(
                 f"{what} returned a result that cannot be sent back to the caller: "
