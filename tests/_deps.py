@@ -14,6 +14,9 @@ from types import ModuleType
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: Every skip for a missing dependency starts with this (tests/conftest.py counts them and
+#: prints a loud summary at the end of the run).
+MISSING = "missing dependency:"
 
 
 def need_module(name: str) -> ModuleType:
@@ -21,7 +24,7 @@ def need_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        message = f"{name} is not installed ({exc}); run: pip install -e '.[test]'"
+        message = f"{MISSING} {name} is not installed ({exc}); run: pip install -e '.[test]'"
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
@@ -31,7 +34,10 @@ def need_program(name: str, package: str) -> str:
     """The path of program ``name``, or skip (locally) / fail (in CI) naming its package."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not on PATH; install Debian's {package} (apt-get install {package})"
+        message = (
+            f"{MISSING} {name} is not on PATH; install Debian's {package} "
+            f"(apt-get install {package})"
+        )
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)

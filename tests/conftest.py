@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
+
+from _deps import MISSING
 
 # Children that the standard library keeps for the life of the test process: the forkserver
 # and the resource tracker. They are not the pool's workers and are excluded from leak checks.
@@ -46,3 +50,25 @@ def no_leaked_children() -> Iterator[None]:
     yield
     left = wait_no_children(ignore=before)
     assert not left, f"leaked child processes: {[(p.pid, p.status()) for p in left]}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly, at the very end, which tests did not run for want of a dependency."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(MISSING):
+            reasons[reason.removeprefix(MISSING).strip()] += 1
+    if not reasons:
+        return
+    total = sum(reasons.values())
+    terminalreporter.section(f"{total} TESTS SKIPPED: MISSING DEPENDENCIES", sep="!", red=True)
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:4d} skipped: {reason}", red=True, bold=True)
+    terminalreporter.write_line(
+        "Install them to run the whole suite (CI=true makes each one a failure instead). System "
+        "packages: apt-get install chromium chromium-driver redis-server",
+        red=True,
+    )

@@ -362,7 +362,10 @@ class Supervisor:
                 self._assign(worker, req)
                 self._hold_channel(worker)
             else:
-                self._queue.append(req)
+                queue = self._queue
+                while queue and queue[0].future.done():  # settled at the head: not in line
+                    self._rows_queued -= queue.popleft().rows
+                queue.append(req)
                 self._rows_queued += req.rows
                 wake = self._must_look(req)
             if req.deadline is not None:
@@ -479,8 +482,8 @@ class Supervisor:
         ones (cancelled, timed out) may still sit in the queue until the next dispatch prunes
         them, and must never stand in for a live head (its timer) or fill a batch.
         """
-        if not self._batching:
-            return len(self._queue) == 1  # a worker may be starting
+        if not self._batching:  # the first live one in line (the head is live, or it)
+            return len(self._queue) == 1  # a worker may be starting, or the pool scale up
         if self._rows_queued >= self.settings.max_batch_size:
             return True  # maybe a full batch: dispatch it without waiting for the timer
         return self._batch_due is None and self._idle_worker() is not None
