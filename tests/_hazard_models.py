@@ -186,3 +186,13 @@ def torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
+
+
+def cv2_threads() -> dict[str, Any]:
+    """Imports OpenCV here, late (not at module top, not in ``setup()``): its thread count."""
+    import sys
+
+    loaded_before = "cv2" in sys.modules
+    import cv2
+
+    return {"loaded_before": loaded_before, "threads": int(cv2.getNumThreads())}

@@ -278,3 +278,82 @@ class Gate(modelpool.Model):
             while not os.path.exists(self.path) and time.monotonic() < deadline:
                 time.sleep(0.005)
         return {"y": x * 2}
+
+
+def wait_for_path(path: str, timeout: float = 120.0) -> bool:
+    """For ``pool.submit``: keep a worker busy until the file ``path`` exists (a gate the test
+    opens when it is ready), at most ``timeout`` s. True if the gate opened."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+class ForksHelperToFile(modelpool.Model):
+    """Like ``ForksHelper``, but the helper writes its pid to ``inputs["path"]`` and lives until
+    the file ``path + ".stop"`` exists (at most ``inputs["seconds"]``), so a test can give it a
+    long life and still end it."""
+
+    def predict(self, inputs: Any) -> Any:
+        seconds, path = float(inputs["seconds"]), str(inputs["path"])
+        if os.fork() == 0:  # the helper: holds every inherited descriptor for a while
+            try:
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(path + ".tmp", path)
+                wait_for_path(path + ".stop", seconds)
+            finally:
+                os._exit(0)
+        time.sleep(3600)
+        return None
+
+
+class RequestIdEcho(modelpool.Model):
+    """Answers ``modelpool.request_id()`` for each row (a batch's ids joined by ',')."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        rid = modelpool.request_id() or ""
+        return {"rid": np.array([rid] * len(inputs["x"]), dtype=object)}
+
+
+class PortPerWorker(modelpool.Model):
+    """Listens on a port of its own from ``setup()`` on (a metrics or side-channel server):
+    ``base + index``, which collides while a recycled worker and its replacement overlap, or
+    with ``use_lane``, ``base + 2 * index + lane``, which does not."""
+
+    def __init__(self, base: int, use_lane: bool = False) -> None:
+        self.base = base
+        self.use_lane = use_lane
+
+    def setup(self) -> None:
+        import socket
+
+        info = modelpool.worker_info()
+        assert info is not None
+        self.port = self.base + (2 * info.index + info.lane if self.use_lane else info.index)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", self.port))  # OSError: Address already in use
+        self.sock.listen()
+
+    def predict(self, inputs: Any) -> Any:
+        info = modelpool.worker_info()
+        assert info is not None
+        return {"pid": info.pid, "generation": info.generation, "lane": info.lane}
+
+    def teardown(self) -> None:
+        self.sock.close()
+
+
+class LoadsOnce(modelpool.Model):
+    """The first worker of each slot loads; every replacement's ``setup()`` fails."""
+
+    def setup(self) -> None:
+        info = modelpool.worker_info()
+        assert info is not None
+        if info.generation > 0:
+            raise RuntimeError(f"replacement {info.generation} cannot load on purpose")
+
+    def predict(self, inputs: Any) -> Any:
+        return os.getpid()

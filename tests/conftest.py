@@ -69,6 +69,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"{count:4d} skipped: {reason}", red=True, bold=True)
     terminalreporter.write_line(
         "Install them to run the whole suite (CI=true makes each one a failure instead). System "
-        "packages: apt-get install chromium chromium-driver redis-server",
+        "packages: apt-get install chromium chromium-driver redis-server tini",
         red=True,
     )

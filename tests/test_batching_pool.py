@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import modelpool
-from _models import BatchProbe, Crashy, Gate, Limited, WrongRows
+from _models import BatchProbe, Crashy, Gate, Limited, WrongRows, wait_for_path
 
 
 def _gather(pool: modelpool.Pool, inputs: list[dict[str, np.ndarray]], **kw: float) -> list:
@@ -91,45 +91,63 @@ def test_batching_off_by_default_and_fifo() -> None:
     assert [int(o["batch"][0]) for o in outs] == [1] * 6
 
 
-def test_overload_is_refused_at_once() -> None:
+def test_overload_is_refused_at_once(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     with modelpool.Pool(Crashy, max_queue=2) as pool:
-        blocker = pool.submit(time.sleep, 0.5)
-        time.sleep(0.1)
+        blocker = pool.submit(wait_for_path, str(gate))  # holds the only worker until opened
         queued = [pool.submit(time.sleep, 0) for _ in range(2)]
         started = time.monotonic()
         with pytest.raises(modelpool.PoolOverloadedError, match="max_queue=2"):
             pool.predict({})
-        assert time.monotonic() - started < 0.1
-        assert blocker.result(timeout=10) is None
-        assert [f.result(timeout=10) for f in queued] == [None, None]
+        # refused in the caller, in milliseconds; a call that waited for room would wait for
+        # the gate, which opens only below
+        assert time.monotonic() - started < 1.0
+        gate.touch()
+        assert blocker.result(timeout=60) is True
+        assert [f.result(timeout=60) for f in queued] == [None, None]
         assert pool.predict({})["pid"] > 0  # room again
 
 
 def test_cancelled_queued_request_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
 
+    gate = tmp_path / "gate"
+
     async def run() -> None:
         with modelpool.Pool(Crashy, workers=1) as pool:
-            blocker = asyncio.ensure_future(asyncio.wrap_future(pool.submit(time.sleep, 0.5)))
-            await asyncio.sleep(0.1)
+            # holds the only worker until the gate opens, so ``doomed`` stays queued
+            blocker = asyncio.wrap_future(pool.submit(wait_for_path, str(gate)))
             doomed = asyncio.ensure_future(pool.apredict({"die_once": str(marker)}))
-            await asyncio.sleep(0.05)
+            await _until(lambda: pool.stats().queued == 1, "the request to queue")
             doomed.cancel()
-            await blocker
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            gate.touch()
+            assert await blocker is True
+            # one worker, a FIFO queue: had ``doomed`` stayed queued, it would run first
             assert (await pool.apredict({}))["pid"] > 0
 
     asyncio.run(run())
     assert not marker.exists()
 
 
-def test_a_member_timing_out_inside_a_batch_disturbs_no_one() -> None:
-    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.05) as pool:
+def test_a_member_timing_out_inside_a_batch_disturbs_no_one(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    # the four requests fill a batch by rows, so they run together however slowly they arrive
+    pool = modelpool.Pool(Gate, options={"path": str(gate)}, max_batch_size=4, max_batch_delay=30.0)
+    with pool:
 
         async def run() -> list:
-            slow = {"x": np.full((1, 1), -5, np.float32)}  # the batch sleeps 0.5 s
-            calls = [pool.apredict(slow, timeout=0.2)]
-            calls += [pool.apredict({"x": np.ones((1, 1), np.float32)}) for _ in range(3)]
-            return await asyncio.gather(*calls, return_exceptions=True)
+            slow = {"x": np.full((1, 1), -1, np.float32)}  # the batch waits for the gate
+            # 2 s: the batch surely starts before this member's deadline (it leaves in
+            # milliseconds), and the gate stays shut until the member has timed out
+            first = asyncio.ensure_future(pool.apredict(slow, timeout=2.0))
+            calls = [pool.apredict({"x": np.ones((1, 1), np.float32)}) for _ in range(3)]
+            others = asyncio.ensure_future(asyncio.gather(*calls, return_exceptions=True))
+            results = [(await asyncio.gather(first, return_exceptions=True))[0]]
+            assert not others.done()
+            gate.touch()
+            return results + list(await others)
 
         pid = pool.stats().workers[0].pid
         results = asyncio.run(run())
@@ -155,34 +173,41 @@ def test_a_crash_fails_every_member_of_the_batch_with_a_clear_error() -> None:
 
 
 def test_a_hung_batch_is_killed_once_every_member_timed_out() -> None:
-    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
+    # the three requests fill a batch by rows: they run together however slowly they arrive
+    with modelpool.Pool(BatchProbe, max_batch_size=3, max_batch_delay=30.0) as pool:
         pid = pool.stats().workers[0].pid
         hung = {"x": np.full((1, 1), -600, np.float32)}  # the batch sleeps a minute
 
         async def run() -> list:
+            # 1 s: the batch surely starts (in milliseconds) before the members' deadlines
             return await asyncio.gather(
-                *(pool.apredict(hung, timeout=0.3) for _ in range(3)), return_exceptions=True
+                *(pool.apredict(hung, timeout=1.0) for _ in range(3)), return_exceptions=True
             )
 
         results = asyncio.run(run())
         assert all(isinstance(r, modelpool.RequestTimeoutError) for r in results), results
-        started = time.monotonic()  # the hung worker was killed and replaced: serving again
-        assert pool.predict({"x": np.ones((1, 1), np.float32)}, timeout=20)["y"][0, 0] == 2
-        assert time.monotonic() - started < 10
+        assert all("in a batch" in str(r) for r in results), results
+        # the hung worker was killed and replaced: serving again well before the batch's
+        # minute would end (the timeout covers the replacement's start; three rows: a full
+        # batch, which does not wait out the delay)
+        out = pool.predict({"x": np.ones((3, 1), np.float32)}, timeout=30)
+        assert out["y"][0, 0] == 2
         assert pool.stats().workers[0].pid != pid
 
 
 def test_a_lone_request_that_hangs_is_killed_like_without_batching() -> None:
     with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=0.01) as pool:
         pid = pool.stats().workers[0].pid
-        with pytest.raises(modelpool.RequestTimeoutError, match="killed"):
-            pool.predict({"x": np.full((1, 1), -600, np.float32)}, timeout=0.3)
-        assert pool.predict({"x": np.ones((1, 1), np.float32)}, timeout=20)["y"][0, 0] == 2
+        with pytest.raises(modelpool.RequestTimeoutError, match="killed"):  # so it ran
+            # 1 s: it surely leaves the queue (after the 10 ms batch delay) before then
+            pool.predict({"x": np.full((1, 1), -600, np.float32)}, timeout=1.0)
+        # the batch would sleep a minute: serving again well before proves it was killed
+        assert pool.predict({"x": np.ones((1, 1), np.float32)}, timeout=30)["y"][0, 0] == 2
         assert pool.stats().workers[0].pid != pid
 
 
 def test_a_batch_full_by_rows_goes_without_waiting_for_the_delay() -> None:
-    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=5.0) as pool:
+    with modelpool.Pool(BatchProbe, max_batch_size=8, max_batch_delay=30.0) as pool:
 
         async def run() -> list:
             first = asyncio.ensure_future(pool.apredict({"x": np.ones((4, 1), np.float32)}))
@@ -192,7 +217,7 @@ def test_a_batch_full_by_rows_goes_without_waiting_for_the_delay() -> None:
 
         started = time.monotonic()
         outs = asyncio.run(run())
-        assert time.monotonic() - started < 2.0  # not the 5 s delay
+        assert time.monotonic() - started < 10  # milliseconds expected; not the 30 s delay
         assert [int(o["batch"][0]) for o in outs] == [8, 8]
 
 

@@ -33,17 +33,17 @@ def _client(pool: modelpool.Pool, stop: threading.Event, seed: int, tally: dict[
         i = rng.randrange(1_000_000)
         try:
             if kind == "good":
-                out = pool.predict({"i": i}, timeout=20)
+                out = pool.predict({"i": i}, timeout=60)  # may wait for a replacement
                 assert out["pid"] > 0, out
             elif kind == "hang":
                 with pytest.raises(modelpool.RequestTimeoutError):
                     pool.predict({"die": "hang"}, timeout=0.3)
             elif kind == "raise":
                 with pytest.raises(RuntimeError, match="boom"):
-                    pool.predict({"die": "raise"}, timeout=20)
+                    pool.predict({"die": "raise"}, timeout=60)
             else:
                 with pytest.raises(modelpool.WorkerCrashedError):
-                    pool.predict({"die": kind}, timeout=20)
+                    pool.predict({"die": kind}, timeout=60)
             tally[kind] = tally.get(kind, 0) + 1
         except ALLOWED_FOR_GOOD:
             tally["good-crashed"] = tally.get("good-crashed", 0) + 1
@@ -52,7 +52,7 @@ def _client(pool: modelpool.Pool, stop: threading.Event, seed: int, tally: dict[
 async def _async_client(pool: modelpool.Pool, stop: threading.Event, tally: dict[str, int]) -> None:
     rng = random.Random(99)
     while not stop.is_set():
-        task = asyncio.ensure_future(pool.apredict({"x": np.arange(3)}, timeout=20))
+        task = asyncio.ensure_future(pool.apredict({"x": np.arange(3)}, timeout=60))
         if rng.random() < 0.3:
             await asyncio.sleep(rng.random() * 0.01)
             task.cancel()
@@ -92,12 +92,12 @@ def test_chaos_soak() -> None:
             finally:
                 stop.set()  # before the executor waits for its clients, whatever happened
             for f in clients:
-                f.result(timeout=60)
+                f.result(timeout=120)  # longer than any one call may take
         assert tally.get("good", 0) > 50, tally
-        assert pool.predict({}, timeout=20)["pid"] > 0
+        assert pool.predict({}, timeout=60)["pid"] > 0
     finally:
         stop.set()
         started = time.monotonic()
         pool.shutdown()
-        assert time.monotonic() - started < 35
+        assert time.monotonic() - started < 60  # nothing is left to drain: it must not hang
     print("soak tally:", tally)

@@ -22,6 +22,7 @@ from ._exceptions import (
     WorkerError,
 )
 from ._handle import WorkerStats
+from ._logs import request_id
 from ._model import Model, TensorSpec
 from ._pool import Pool, PoolStats
 from ._worker import WorkerInfo, current_model, worker_info
@@ -72,5 +73,6 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "current_model",
+    "request_id",
     "worker_info",
 ]

@@ -66,7 +66,24 @@ class UnsafeForkError(ModelpoolError):
 
 
 class InputValidationError(ModelpoolError, ValueError):
-    """The inputs do not match the model's declared ``inputs`` signature."""
+    """The inputs do not match the model's declared ``inputs`` signature.
+
+    ``str(exc)`` is for Python callers (with a NumPy hint where one helps). ``problem`` states
+    the same fact without the model's name or NumPy advice, in protocol terms (``FP32``, not
+    ``float32``), for callers of other languages: the server answers
+    ``model 'NAME': <problem>``. ``None`` when raised without it (e.g. by a model itself).
+    """
+
+    def __init__(self, message: str, *, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_input_error, (self.args[0], self.problem))
+
+
+def _rebuild_input_error(message: str, problem: str | None) -> InputValidationError:
+    return InputValidationError(message, problem=problem)
 
 
 class BatchError(ModelpoolError, ValueError):

@@ -87,6 +87,10 @@ class WorkerHandle:
         self.served = 0
         self.limit: int | None = None  # recycle after this many requests
         self.retiring = False
+        self.lane = 0  # WorkerInfo.lane: distinct among the live processes of its slot
+        # retiring, and its replacements kept failing while it ran: it stops without one, and
+        # the slot is loaded again once it is gone (``Supervisor._count_setup_failure``)
+        self.stop_unreplaced = False
         self.deadline: float | None = None  # setup or stop deadline
         self.setup_error: BaseException | None = None
         self.kill_reason: str | None = None  # set when the pool itself killed the worker
@@ -170,7 +174,9 @@ def launch(ctx: BaseContext, spec: WorkerSpec) -> WorkerHandle:
     child_conn.close()  # the child has its own copies now
     lifeline_r.close()
     channel = _transport.Channel(parent_conn, out_arena=to_worker, in_arena=to_parent)
-    return WorkerHandle(spec.index, spec.generation, process, channel, lifeline_w)
+    handle = WorkerHandle(spec.index, spec.generation, process, channel, lifeline_w)
+    handle.lane = spec.lane
+    return handle
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """What a worker does to itself before it loads a model, and the parent's fork-safety check.
 
 Parent side: ``usable_cores``, ``resolve_threads``, ``thread_env``, ``derive_seed``,
-``fork_hazards``. Worker side: ``ignore_sigint``, ``die_with_parent``, ``apply_env``,
-``limit_thread_pools``, ``seed_rngs``. Nothing here runs at import time.
+``fork_hazards``, ``import_path``. Worker side: ``ignore_sigint``, ``die_with_parent``,
+``apply_env``, ``apply_sys_path``, ``limit_thread_pools``, ``limit_when_imported``,
+``seed_rngs``. Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import random
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = [
     "THREAD_ENV_VARS",
     "apply_env",
+    "apply_sys_path",
     "derive_seed",
     "device_env",
     "die_with_parent",
     "fork_hazards",
     "ignore_sigint",
+    "import_path",
     "limit_thread_pools",
+    "limit_when_imported",
     "resolve_threads",
     "seed_rngs",
     "thread_env",
@@ -155,6 +159,16 @@ _POOL_VARS = {
 }
 
 
+def import_path() -> tuple[str, ...]:
+    """This process's ``sys.path`` for a worker it starts now: ``""`` (the current directory,
+    e.g. under ``python -m``) spelled out, since the worker may start elsewhere."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed
+        cwd = ""
+    return tuple(dict.fromkeys(p or cwd for p in sys.path if isinstance(p, str) and (p or cwd)))
+
+
 def derive_seed(base: int, index: int, generation: int) -> int:
     """A 32-bit seed, distinct per (base, worker index, generation) and reproducible."""
     digest = hashlib.blake2b(f"{base}:{index}:{generation}".encode(), digest_size=4).digest()
@@ -255,9 +269,17 @@ def apply_env(env: Mapping[str, str]) -> None:
     os.environ.update(env)
 
 
+def apply_sys_path(entries: Sequence[str]) -> None:
+    """Make ``entries`` (the pool's ``sys.path``) this worker's module search path, keeping
+    after them any of its own not among them."""
+    if entries:
+        sys.path[:] = [*entries, *(p for p in sys.path if p not in entries)]
+
+
 def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
     """Limit thread pools already loaded: BLAS/OpenMP (threadpoolctl, each by its own variable
-    in ``env``), torch (by ``OMP_NUM_THREADS``), OpenCV (by ``threads``)."""
+    in ``env``), torch (by ``OMP_NUM_THREADS``), OpenCV (by ``threads``), numexpr (by
+    ``NUMEXPR_NUM_THREADS``). Those loaded later: ``limit_when_imported``."""
     limits = {api: int(env.get(var, threads)) for api, var in _POOL_VARS.items()}
     with contextlib.suppress(Exception):
         from threadpoolctl import ThreadpoolController
@@ -276,6 +298,10 @@ def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
     if cv2 is not None:
         with contextlib.suppress(Exception):
             cv2.setNumThreads(threads)
+    numexpr = sys.modules.get("numexpr")
+    if numexpr is not None:
+        with contextlib.suppress(Exception):
+            numexpr.set_num_threads(int(env.get("NUMEXPR_NUM_THREADS", threads)))
 
 
 class _AfterImport:
@@ -290,7 +316,10 @@ class _AfterImport:
             return None
         import importlib.util
 
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
+        try:  # one shot; also keeps find_spec below from recursing
+            sys.meta_path.remove(self)
+        except ValueError:  # another thread got here first: it runs ``after``
+            return None
         spec = importlib.util.find_spec(fullname)
         loader = getattr(spec, "loader", None)
         exec_module = getattr(loader, "exec_module", None)
@@ -300,23 +329,43 @@ class _AfterImport:
 
         def exec_then(module: Any) -> None:
             exec_module(module)
-            after(module)
+            with contextlib.suppress(Exception):
+                after(module)
 
         loader.exec_module = exec_then  # type: ignore[union-attr]
         return spec
 
 
-def seed_torch_when_imported(seed: int, threads: int, env: Mapping[str, str]) -> None:
-    """If torch is imported later (in predict, in a task), seed and limit it at once."""
-    if "torch" in sys.modules:
-        return
+def _late_hooks(seed: int, threads: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """Library -> what to do to it as soon as it is imported (see ``limit_when_imported``)."""
+    omp = int(env.get("OMP_NUM_THREADS", threads))
 
-    def after(torch: Any) -> None:
-        with contextlib.suppress(Exception):
-            torch.manual_seed(seed)
-            torch.set_num_threads(int(env.get("OMP_NUM_THREADS", threads)))
+    def torch(module: Any) -> None:
+        module.manual_seed(seed)
+        module.set_num_threads(omp)
 
-    sys.meta_path.insert(0, _AfterImport("torch", after))
+    def cv2(module: Any) -> None:
+        # OpenCV's own pool (pthreads, TBB...) reads none of the variables: set it directly
+        module.setNumThreads(threads)
+
+    def numexpr(module: Any) -> None:
+        module.set_num_threads(int(env.get("NUMEXPR_NUM_THREADS", threads)))
+
+    return {"torch": torch, "cv2": cv2, "numexpr": numexpr}
+
+
+def limit_when_imported(seed: int, threads: int, env: Mapping[str, str]) -> None:
+    """Libraries not loaded yet are limited (and torch seeded) the moment they are imported,
+    wherever that happens later: in ``predict``, a submitted function or a Celery task.
+
+    torch: seeded, threads by ``OMP_NUM_THREADS``; OpenCV: the budget (it reads no variable);
+    numexpr: ``NUMEXPR_NUM_THREADS``. BLAS and OpenMP runtimes loaded later read their
+    variables, set by ``apply_env``, when they load.
+    """
+    waiting = {f.name for f in sys.meta_path if isinstance(f, _AfterImport)}
+    for name, after in _late_hooks(seed, threads, env).items():
+        if name not in sys.modules and name not in waiting:
+            sys.meta_path.insert(0, _AfterImport(name, after))
 
 
 def seed_rngs(seed: int, *, only_new: frozenset[str] = frozenset()) -> frozenset[str]:

@@ -72,22 +72,29 @@ class TensorSpec:
                 return  # torch tensors are checked by the model itself
             raise InputValidationError(
                 f"{where}: expected a NumPy array, got {type(value).__name__}; "
-                f"pass np.asarray(value, dtype=np.{self.dtype.name})"
+                f"pass np.asarray(value, dtype=np.{self.dtype.name})",
+                problem=f"input {self.name!r}: expected a {self.datatype} tensor, "
+                f"got {type(value).__name__}",
             )
         if value.dtype != self.dtype and not (
             self.datatype == "BYTES" and value.dtype.kind in "OSU"
         ):
+            got = _DATATYPE_OF.get(value.dtype, value.dtype.name)
             raise InputValidationError(
                 f"{where}: expected datatype {self.datatype} ({self.dtype.name}), got "
-                f"{value.dtype.name}; convert with .astype(np.{self.dtype.name})"
+                f"{value.dtype.name}; convert with .astype(np.{self.dtype.name})",
+                problem=f"input {self.name!r}: expected datatype {self.datatype}, got {got}",
             )
         expected = self.shape
         if value.ndim != len(expected) or any(
             e != -1 and e != got for e, got in zip(expected, value.shape, strict=True)
         ):
-            raise InputValidationError(
-                f"{where}: expected shape {list(expected)} (-1 = any), got {list(value.shape)}"
-            )
+            fact = f"expected shape {list(expected)} (-1 = any), got {list(value.shape)}"
+            raise InputValidationError(f"{where}: {fact}", problem=f"input {self.name!r}: {fact}")
+
+
+#: NumPy dtype -> Open Inference Protocol datatype name (for messages)
+_DATATYPE_OF: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 def _is_torch_tensor(value: Any) -> bool:
@@ -143,22 +150,19 @@ def normalize_inputs(inputs: Any, specs: Sequence[TensorSpec], model_name: str) 
             inputs = {specs[0].name: inputs}
         else:
             names = ", ".join(s.name for s in specs)
-            raise InputValidationError(
-                f"model {model_name!r} takes a dict of named inputs ({names}); "
-                f"got {type(inputs).__name__}"
-            )
+            fact = f"takes named inputs ({names}); got {type(inputs).__name__}"
+            raise InputValidationError(f"model {model_name!r} {fact}", problem=fact)
     known = {s.name for s in specs}
     unknown = [k for k in inputs if k not in known]
     if unknown:
-        raise InputValidationError(
-            f"model {model_name!r} has no input named {', '.join(map(repr, unknown))}; "
+        fact = (
+            f"no input named {', '.join(map(repr, unknown))}; "
             f"its inputs are {', '.join(sorted(known))}"
         )
+        raise InputValidationError(f"model {model_name!r} has {fact}", problem=fact)
     for spec in specs:
         if spec.name not in inputs:
-            raise InputValidationError(
-                f"model {model_name!r}: missing input {spec.name!r} "
-                f"({spec.datatype}, shape {list(spec.shape)})"
-            )
+            fact = f"missing input {spec.name!r} ({spec.datatype}, shape {list(spec.shape)})"
+            raise InputValidationError(f"model {model_name!r}: {fact}", problem=fact)
         spec.check(inputs[spec.name], model_name)
     return dict(inputs)

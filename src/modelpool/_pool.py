@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import functools
 import itertools
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import sys
@@ -21,7 +23,7 @@ from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
 from ._supervisor import PoolSettings, Request, Supervisor
-from ._worker import CALL, PREDICT
+from ._worker import CALL, PREDICT, PREDICT_TAGGED
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -100,6 +102,8 @@ class Pool(cf.Executor):
     ``model`` is ``"pkg.module:ClassName"`` or an importable class (see ``modelpool.Model``);
     ``None`` makes a plain, robust process pool for ``submit``. See the README for the safety
     rules applied automatically (start method, thread limits, seeds, signals, parent death).
+    ``name`` is how errors, logs and ``stats()`` name the model (default: its class's name;
+    ``modelpool serve`` passes the name the URL uses).
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class Pool(cf.Executor):
         load_concurrency: int | None = None,
         scale_down_after: float = 30.0,
         devices: Sequence[str | int] | None = None,
+        name: str | None = None,
     ) -> None:
         _positive("workers", workers, integer=True)
         _positive("min_workers", min_workers, integer=True)
@@ -164,7 +169,9 @@ class Pool(cf.Executor):
         self._start_method = method
         ref, cls, specs, model_limit = self._resolve_model(model, method)
         self._model_class = cls
-        name = cls.__name__ if cls is not None else "function pool"
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}")
+        name = name or (cls.__name__ if cls is not None else "function pool")
         self._model_name = name
         self._input_specs: tuple[TensorSpec, ...] = specs
         self._model_limit = model_limit  # rows the model accepts at most (its own declaration)
@@ -340,17 +347,31 @@ class Pool(cf.Executor):
         self._ensure_started()
         return self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
 
-    def _request(self, kind: int, payload: Any, timeout: float | None) -> cf.Future[Any]:
+    def _request(
+        self, kind: int, payload: Any, timeout: float | None, tag: str | None = None
+    ) -> cf.Future[Any]:
+        return self._enqueue(kind, payload, timeout, tag).future
+
+    def _enqueue(
+        self,
+        kind: int,
+        payload: Any,
+        timeout: float | None,
+        tag: str | None = None,
+        *,
+        counted: bool = True,
+    ) -> Request:
         req = self._new_request(timeout)
+        req.tag, req.counted = tag, counted
         signature, rows = (None, 1)
         if kind == PREDICT and self._settings.max_batch_size > 1:
             signature, rows = _batching.signature(payload)
         if signature is not None:  # merged with others at dispatch
             req.inputs, req.signature, req.rows = payload, signature, rows
         else:
-            req.frame = _transport.encode((kind, req.id, payload))
+            req.frame = _transport.encode(_message(kind, req.id, payload, tag))
         self._supervisor.submit(req)
-        return req.future
+        return req
 
     def _check_rows(self, inputs: Any) -> None:
         """A request larger than the model's own declared limit is refused, never cut."""
@@ -365,28 +386,33 @@ class Pool(cf.Executor):
             default=1,
         )
         if rows > self._model_limit:
-            raise InputValidationError(
-                f"model {self._model_name!r} accepts at most {self._model_limit} rows per call "
-                f"(its max_batch_size), and this request has {rows}; split it"
+            fact = (
+                f"accepts at most {self._model_limit} rows per call (its max_batch_size), and "
+                f"this request has {rows}; split it"
             )
+            raise InputValidationError(f"model {self._model_name!r} {fact}", problem=fact)
 
-    def _call(self, kind: int, payload: Any, timeout: float | None) -> Any:
+    def _call(self, kind: int, payload: Any, timeout: float | None, tag: str | None) -> Any:
         req = self._new_request(timeout)
-        req.frame = _transport.encode((kind, req.id, payload))
+        req.frame = _transport.encode(_message(kind, req.id, payload, tag))
         return self._supervisor.call(req)
 
-    def predict(self, inputs: Any, timeout: float | None = None) -> Any:
+    def predict(
+        self, inputs: Any, timeout: float | None = None, *, request_id: str | None = None
+    ) -> Any:
         """Run the model on ``inputs`` in a worker and return its outputs (blocking).
 
         ``timeout`` (seconds, counted from this call) overrides the pool's; ``None`` uses it.
-        Safe to call from any number of threads.
+        ``request_id`` is what ``modelpool.request_id()`` returns in the worker meanwhile (for
+        its log lines). Safe to call from any number of threads.
         """
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         self._check_rows(inputs)
+        tag = _tag(request_id)
         if self._settings.max_batch_size > 1:
-            return self._request(PREDICT, inputs, timeout).result()
-        return self._call(PREDICT, inputs, timeout)
+            return self._request(PREDICT, inputs, timeout, tag).result()
+        return self._call(PREDICT, inputs, timeout, tag)
 
     def _check_has_model(self) -> None:
         if self._settings.model_ref is None:
@@ -395,13 +421,26 @@ class Pool(cf.Executor):
                 "(Pool('pkg.module:Model', ...)) or use submit() to run functions"
             )
 
-    async def apredict(self, inputs: Any, timeout: float | None = None) -> Any:
+    async def apredict(
+        self, inputs: Any, timeout: float | None = None, *, request_id: str | None = None
+    ) -> Any:
         """``predict`` for asyncio; works from any event loop. Cancelling it drops the request
         if it has not started, or its result if it has."""
+        return await _aio.await_future(self._start_predict(inputs, timeout, request_id).future)
+
+    def _start_predict(self, inputs: Any, timeout: float | None, request_id: str | None) -> Request:
+        """Check and queue a predict; the request (its future, the worker that ran it) is
+        returned for the server, which names that worker when the request fails."""
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         self._check_rows(inputs)
-        return await _aio.await_future(self._request(PREDICT, inputs, timeout))
+        return self._enqueue(PREDICT, inputs, timeout, _tag(request_id))
+
+    def _submit_uncounted(self, fn: Callable[..., T]) -> cf.Future[T]:
+        """``submit``, not counted as a request the worker served (nor towards
+        ``max_requests_per_worker``): the server's readiness probes."""
+        payload: tuple[Any, ...] = (portable(fn, self._start_method), (), {})
+        return self._enqueue(CALL, payload, None, counted=False).future
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Run ``fn(*args, **kwargs)`` in a worker; ``modelpool.current_model()`` inside it
@@ -465,6 +504,19 @@ class Pool(cf.Executor):
         )
 
 
+def _tag(request_id: str | None) -> str | None:
+    if request_id is not None and not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a string or None, got {request_id!r}")
+    return request_id
+
+
+def _message(kind: int, rid: int, payload: Any, tag: str | None) -> tuple[int, int, Any]:
+    """The message sent to a worker: a predict with a request id carries it along."""
+    if tag is not None and kind == PREDICT:
+        return (PREDICT_TAGGED, rid, (tag, payload))
+    return (kind, rid, payload)
+
+
 # Supervisors (not pools: a pool may be garbage already) still running at interpreter exit are
 # stopped then, before multiprocessing's own exit handler would wait for their workers forever.
 _running: set[Supervisor] = set()
@@ -479,6 +531,11 @@ def _register_atexit(supervisor: Supervisor) -> None:
         supervisor.on_done = _running.discard
         if not _atexit_registered:
             atexit.register(_stop_running)
+            # the very last step of multiprocessing's exit handler: after its own finalizers
+            # ran and it joined every child, nothing can need the fork server any more
+            multiprocessing.util.Finalize(
+                None, _stop_helpers_at_exit, args=(os.getpid(),), exitpriority=-100
+            )
             _atexit_registered = True
 
 
@@ -487,3 +544,51 @@ def _stop_running() -> None:
         supervisor.close(cancel_futures=True, force=True)
     for supervisor in list(_running):
         supervisor.join(timeout=30.0)
+
+
+def _stop_helpers_at_exit(pid: int) -> None:
+    if os.getpid() == pid:  # not in a child that os.fork() copied the registration into
+        stop_process_helpers()
+
+
+def stop_process_helpers(timeout: float = 10.0) -> bool:
+    """Stop and reap multiprocessing's fork server and resource tracker, when nothing can
+    still need them: no pool of this process is running and no multiprocessing child is alive.
+
+    They are process-wide helpers that multiprocessing starts with the first forkserver (or
+    spawn) process and otherwise leaves running until this process exits; they then exit on
+    their own, after it, as orphans someone else must reap. The server calls this once its
+    pools are stopped; for library users it runs at interpreter exit (see the README), never
+    at ``Pool.shutdown()``, since other pools of the process may use them later. A helper
+    that does not stop within ``timeout`` seconds (something else holds its pipe) is left
+    alone. True when none is left running.
+    """
+    with _atexit_lock:
+        if any(not supervisor.join(timeout=0) for supervisor in _running):
+            return False
+    if multiprocessing.active_children():
+        return False
+    try:
+        from multiprocessing import forkserver, resource_tracker
+    except ImportError:  # no fork server on this platform
+        return True
+    stops = [  # the fork server first: it and its children hold the tracker's pipe too
+        getattr(forkserver._forkserver, "_stop", None),
+        getattr(resource_tracker._resource_tracker, "_stop", None),
+    ]
+
+    def stop_all() -> None:
+        for stop in stops:
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    stop()  # closes its pipe, then waitpid(): it exits on EOF
+
+    thread = threading.Thread(target=stop_all, name=f"{_hygiene.THREAD_PREFIX}stop-helpers")
+    thread.daemon = True
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads this late in interpreter shutdown
+        stop_all()
+        return True
+    thread.join(timeout)
+    return not thread.is_alive()

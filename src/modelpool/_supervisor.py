@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import heapq
 import itertools
+import logging
 import os
 import random
 import selectors
@@ -52,10 +53,13 @@ from ._handle import (
     private_memory,
     rss,
 )
-from ._hygiene import THREAD_PREFIX, derive_seed, fork_hazards
-from ._worker import ERR, OK, PREDICT, READY, SETUP_FAILED, STOP, WorkerSpec
+from ._hygiene import THREAD_PREFIX, derive_seed, fork_hazards, import_path
+from ._worker import ERR, OK, PREDICT, PREDICT_TAGGED, READY, SETUP_FAILED, STOP, WorkerSpec
 
 __all__ = ["PoolSettings", "Request", "Supervisor", "WorkerStats", "describe_exit"]
+
+#: Setup failures (with the worker's traceback), and what the pool does about them.
+log = logging.getLogger("modelpool.pool")
 
 
 #: Setup failures in a row (no worker became ready in between) after which the pool stops
@@ -112,12 +116,14 @@ class Request:
         "arrival",
         "attempts",
         "batch",
+        "counted",
         "deadline",
         "frame",
         "id",
         "inputs",
         "rows",
         "signature",
+        "tag",
         "worker",
     )
     _make_lock = threading.Lock()
@@ -135,6 +141,8 @@ class Request:
         self.rows = 1
         self.signature: _batching.Signature | None = None
         self.batch: Batch | None = None  # the batch this request runs in
+        self.tag: str | None = None  # the caller's request id, carried to the worker
+        self.counted = True  # False: not a served request (a readiness probe)
 
     @property
     def members(self) -> tuple[Request, ...]:
@@ -536,7 +544,9 @@ class Supervisor:
         if isinstance(req, Batch):
             try:  # merging copies rows: done here, outside the lock
                 merged = _batching.merge([part.inputs for part in req.parts])
-                req.frame = _transport.encode((PREDICT, req.id, merged))
+                tags = [part.tag for part in req.parts if part.tag is not None]
+                message = (PREDICT_TAGGED, req.id, (",".join(tags), merged)) if tags else None
+                req.frame = _transport.encode(message or (PREDICT, req.id, merged))
             except BaseException as exc:
                 with self._lock:
                     if worker.request is req:
@@ -590,8 +600,9 @@ class Supervisor:
 
     def _complete(self, worker: WorkerHandle) -> None:
         """``worker`` answered its request (caller holds the lock)."""
+        if worker.request is None or worker.request.counted:
+            worker.served += 1
         worker.request = None
-        worker.served += 1
         if worker.state == BUSY:
             worker.state = IDLE
             worker.idle_since = time.monotonic()
@@ -770,7 +781,7 @@ class Supervisor:
             req = self._timed.pop(rid, None)
             if req is None or req.future.done():
                 continue  # settled already
-            limit = f"{self.settings.model_name!r}"
+            limit = f"model {self.settings.model_name!r}"
             worker = req.worker
             batch = req.batch
             running = worker is not None and (
@@ -870,6 +881,8 @@ class Supervisor:
         s = self.settings
         self._generation[index] += 1
         generation = self._generation[index]
+        lanes = {w.lane for w in self._workers if w.index == index}  # alive: e.g. retiring
+        lane = min(set(range(len(lanes) + 1)) - lanes)
         spec = WorkerSpec(
             model_ref=s.model_ref,
             model_name=s.model_name,
@@ -886,6 +899,8 @@ class Supervisor:
                 **(s.devices[index % len(s.devices)] if s.devices else {}),
             },
             initializer=s.initializer,
+            lane=lane,
+            sys_path=import_path(),
         )
         worker = launch(self._ctx, spec)
         if s.setup_timeout is not None:
@@ -1006,6 +1021,8 @@ class Supervisor:
                 self._setup_failed(worker, what, likely, now)
             elif worker.state != STOPPING:  # died, or killed for a timeout, while serving
                 self._crashed(worker, what, signame, likely, exitcode, now)
+            elif worker.stop_unreplaced and not self._closing and worker.index in self._active:
+                self._respawn_at.setdefault(worker.index, now)  # the slot loads again, alone
             self._changed.notify_all()
         self._settle_pending()
         self._wake()
@@ -1022,25 +1039,68 @@ class Supervisor:
         self._count_setup_failure(worker.index, error, now)
 
     def _count_setup_failure(self, index: int, error: ModelSetupError, now: float) -> None:
-        """A worker could not be started or loaded: back off, or trip the breaker (lock held)."""
+        """A worker could not be started or loaded: back off, or trip the breaker (lock held).
+
+        Each failure is logged with the worker's traceback and recorded in ``events()``. A
+        replacement that fails while the worker it replaces still runs (recycling) may fail
+        *because* the two overlap (a port or a lock per slot, GPU memory for two copies): at
+        the breaker's count, the old worker is stopped without a replacement instead, and the
+        slot loads again alone once it is gone; if that fails too, the breaker trips.
+        """
         self._last_setup_error = error
         self.failure_seq += 1
         if self._closing:
             return
         self._setup_failures += 1
-        if self._setup_failures >= MAX_SETUP_FAILURES:
+        failures = self._setup_failures
+        self._event("setup_failed", str(error))
+        retiring = [
+            w
+            for w in self._workers
+            if w.index == index and w.retiring and w.state != STOPPING and not w.stop_unreplaced
+        ]
+        if failures >= MAX_SETUP_FAILURES and retiring:
+            self._respawn_at.pop(index, None)
+            for w in retiring:
+                w.stop_unreplaced = True  # no new work (_has_successor); _retire stops it
+                if w.state == IDLE:
+                    self._stop(w, now)
+            pids = ", ".join(str(w.pid) for w in retiring)
+            reason = (
+                f"the replacement of worker {index} (pid {pids}) of "
+                f"{self.settings.model_name!r} failed to load {failures} times in a row while "
+                "that worker still ran; it is stopped without a replacement (it is past its "
+                "recycling limit), and the slot loads again once it has exited. A model that "
+                "holds a port, a file or a device per worker must tell the two processes of a "
+                "slot apart during recycling: use worker_info().lane. Last error"
+            )
+            self._event("retired_unreplaced", f"{reason}: {error}")
+            log.error("%s: %s", reason, error, exc_info=error)
+            return
+        if failures >= MAX_SETUP_FAILURES:
             broken = ModelSetupError(
-                f"{self.settings.model_name!r} failed to load {self._setup_failures} times in "
+                f"{self.settings.model_name!r} failed to load {failures} times in "
                 f"a row; the pool stopped starting workers (those already loaded keep "
                 f"serving). Last error: {error}"
             )
             broken.__cause__ = error.__cause__ or error
             self._broken = broken
+            self._event("stopped_starting", str(broken))
+            log.error("%s", broken, exc_info=error)
             if not self._capacity():
                 self._fail_everything(broken)
             return
-        delay = min(5.0, 0.5 * 2 ** (self._setup_failures - 1))
+        delay = min(5.0, 0.5 * 2 ** (failures - 1))
         self._respawn_at[index] = now + delay
+        log.warning(
+            "%s (setup failure %d in a row; the pool stops starting workers after %d); "
+            "starting another in %.1f s",
+            error,
+            failures,
+            MAX_SETUP_FAILURES,
+            delay,
+            exc_info=error,
+        )
 
     def _crashed(
         self,
@@ -1129,7 +1189,9 @@ class Supervisor:
             return list(self._events)
 
     def _has_successor(self, worker: WorkerHandle) -> bool:
-        return any(
+        """Whether ``worker`` (retiring) is to take no more work: its replacement is ready, or
+        it stops without one (``stop_unreplaced``)."""
+        return worker.stop_unreplaced or any(
             w.index == worker.index and w.generation > worker.generation and w.state in (IDLE, BUSY)
             for w in self._workers
         )
@@ -1137,6 +1199,10 @@ class Supervisor:
     def _retire(self, now: float) -> None:
         for w in list(self._workers):
             if not w.retiring or w.state == STOPPING:
+                continue
+            if w.stop_unreplaced:  # its replacements kept failing: stop it once it is idle
+                if w.state == IDLE:
+                    self._stop(w, now)
                 continue
             newer = [x for x in self._workers if x.index == w.index and x.generation > w.generation]
             if not newer and w.index not in self._respawn_at and self._broken is None:

@@ -14,7 +14,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _hygiene, _shm, _transport
+from . import _hygiene, _logs, _output, _shm, _transport
 from ._exceptions import ModelSpecError
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ERR",
     "OK",
     "PREDICT",
+    "PREDICT_TAGGED",
     "READY",
     "SETUP_FAILED",
     "STOP",
@@ -33,8 +34,9 @@ __all__ = [
     "worker_info",
 ]
 
-# Message kinds, parent -> worker
-PREDICT, CALL, STOP = 1, 2, 3
+# Message kinds, parent -> worker. PREDICT_TAGGED: a predict whose payload is
+# (request id, inputs); the id is what ``modelpool.request_id()`` returns while it runs.
+PREDICT, CALL, STOP, PREDICT_TAGGED = 1, 2, 3, 4
 # Message kinds, worker -> parent
 READY, SETUP_FAILED, OK, ERR = 11, 12, 13, 14
 
@@ -50,7 +52,10 @@ class WorkerInfo:
 
     ``index`` is the worker's slot (0..workers-1), ``generation`` how many times that slot has
     been restarted, ``seed`` the seed given to ``random``, NumPy and torch, ``threads`` the
-    thread budget of this worker.
+    thread budget of this worker. ``lane`` tells apart the processes of one slot that run at
+    the same time (a recycled worker still serving while its replacement loads): 0 or 1, never
+    the same for two live processes of a slot, so ``(index, lane)`` names a resource such as a
+    port that no other live worker of the pool uses (``index`` alone does not).
     """
 
     index: int
@@ -58,6 +63,7 @@ class WorkerInfo:
     pid: int
     seed: int
     threads: int
+    lane: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,10 @@ class WorkerSpec:
     threads: int
     env: dict[str, str]
     initializer: tuple[Any, tuple[Any, ...]] | None = None
+    lane: int = 0
+    #: the pool's ``sys.path`` when it started this worker (as spawn would give it: a fork
+    #: server keeps the one it started with), so the model imports as it does in the pool
+    sys_path: tuple[str, ...] = ()
 
 
 _INFO: WorkerInfo | None = None
@@ -122,7 +132,7 @@ def _load(spec: WorkerSpec) -> Any:
         initializer(*initargs)
         _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
     if spec.model_ref is None:
-        _hygiene.seed_torch_when_imported(spec.seed, spec.threads, spec.env)
+        _hygiene.limit_when_imported(spec.seed, spec.threads, spec.env)
         return None
     from ._importer import import_from_string
 
@@ -135,7 +145,7 @@ def _load(spec: WorkerSpec) -> Any:
         setup()
     _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
     _hygiene.limit_thread_pools(spec.threads, spec.env)
-    _hygiene.seed_torch_when_imported(spec.seed, spec.threads, spec.env)
+    _hygiene.limit_when_imported(spec.seed, spec.threads, spec.env)
     return model
 
 
@@ -149,6 +159,7 @@ def run_worker(
     """Entry point of a worker process."""
     global _INFO, _MODEL, _LOADING
     _hygiene.ignore_sigint()
+    _output.guard_std_streams()  # a model's print() never fails once the reader is gone
     _hygiene.die_with_parent(lifeline)
     channel = _transport.Channel(
         conn,
@@ -156,8 +167,9 @@ def run_worker(
         in_arena=_shm.Arena(to_worker.fd) if to_worker is not None else None,
     )
     _hygiene.apply_env(spec.env)
+    _hygiene.apply_sys_path(spec.sys_path)
     _hygiene.limit_thread_pools(spec.threads, spec.env)  # loaded before us (forkserver)
-    _INFO = WorkerInfo(spec.index, spec.generation, os.getpid(), spec.seed, spec.threads)
+    _INFO = WorkerInfo(spec.index, spec.generation, os.getpid(), spec.seed, spec.threads, spec.lane)
     _LOADING = True
     try:
         _MODEL = _load(spec)
@@ -210,6 +222,11 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
 
 
 def _handle(kind: int, rid: int, payload: Any, predict: Any) -> tuple[int, int, Any]:
+    tag = None
+    if kind == PREDICT_TAGGED:
+        kind = PREDICT
+        tag, payload = payload
+    token = _logs.REQUEST_ID.set(tag)
     try:
         if kind == PREDICT:
             if predict is None:
@@ -219,6 +236,8 @@ def _handle(kind: int, rid: int, payload: Any, predict: Any) -> tuple[int, int, 
         return (OK, rid, fn(*args, **kwargs))
     except Exception as exc:
         return (ERR, rid, _transport.RemoteException.capture(exc))
+    finally:
+        _logs.REQUEST_ID.reset(token)
 
 
 def _teardown(model: Any) -> None:

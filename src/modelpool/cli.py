@@ -1,4 +1,10 @@
-"""The ``modelpool`` command: a thin skin over the library."""
+"""The ``modelpool`` command: a thin skin over the library.
+
+Exit statuses, the same for every subcommand (docs/server.md, "Exit status"): 0 done or
+stopped cleanly, 1 a failure while running, 2 a usage error (a bad option, configuration file
+or model import string: nothing was started), 130 interrupted (Ctrl+C). Messages start with
+``Error: ``, as click's own usage errors do.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,27 @@ from . import __version__
 if TYPE_CHECKING:
     from .config import Config
 
+EXIT_USAGE = 2  # as click's UsageError
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
-@click.group()
+
+class _UsageError(click.ClickException):
+    """A wrong configuration: ``Error: <message>`` and exit status 2, without click's usage
+    banner (the message says which file and field are wrong)."""
+
+    exit_code = EXIT_USAGE
+
+
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # click alone would say "Aborted!" and exit 1
+            click.echo("\nInterrupted.", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="modelpool")
 def main() -> None:
     """Run deep-learning models in supervised worker processes."""
@@ -54,6 +79,8 @@ def demo(workers: int, n: int) -> None:
 
 
 DEMO_MODEL = "modelpool.demo:IrisClassifier"
+#: ``serve`` options that set the ``server:`` section (and override a file's)
+SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format")
 
 
 @main.command()
@@ -71,6 +98,21 @@ DEMO_MODEL = "modelpool.demo:IrisClassifier"
 @click.option(
     "--option", "options", multiple=True, metavar="KEY=VALUE", help="Model option (repeatable)."
 )
+@click.option(
+    "--access-log",
+    metavar="on|off|FRACTION",
+    help="Request access log: on, off (default), or the share of requests to log, e.g. 0.1.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Least severe log records written (default info).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="text (default) or json: one JSON object per line, for log collectors.",
+)
 def serve(target: str | None, **flags: object) -> None:
     """Serve models over HTTP (Open Inference Protocol / KServe v2, Triton-compatible).
 
@@ -86,7 +128,7 @@ def serve(target: str | None, **flags: object) -> None:
     try:
         config = _serve_config(target, flags)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _UsageError(str(exc)) from None
     sys.exit(run_server(config))
 
 
@@ -98,7 +140,8 @@ def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
 
     from .config import Config, ConfigError, load_config
 
-    server = {k: flags.pop(k) for k in ("host", "port") if flags.get(k) is not None}
+    server = {k: flags.pop(k) for k in SERVER_FLAGS if k in flags}
+    server = {k: v for k, v in server.items() if v is not None}
     name = flags.pop("name")
     options: dict[str, object] = {}
     for item in flags.pop("options") or ():  # type: ignore[attr-defined]
@@ -114,12 +157,11 @@ def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
         if given:
             raise ConfigError(
                 f"{target}: {', '.join(given)} apply to one model given as 'pkg.module:Class'; "
-                "set them in the file instead (only --host and --port override a file)"
+                "set them in the file instead (only --host, --port and the logging options "
+                "override a file)"
             )
         config = load_config(target)
-        if server:
-            config = config.model_copy(update={"server": config.server.model_copy(update=server)})
-        return config
+        return config.with_server(server) if server else config
     model = target or DEMO_MODEL
     if ":" not in model:
         raise ConfigError(

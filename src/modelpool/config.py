@@ -49,6 +49,33 @@ def _size(value: Any, info: pydantic.ValidationInfo) -> int:
 Size = Annotated[int, pydantic.BeforeValidator(_size)]
 
 
+def _access_log(value: Any) -> float:
+    """off / on / a fraction in (0, 1] -> the fraction of requests logged (0 = off)."""
+    if isinstance(value, bool):  # YAML reads on/off/true/false as booleans
+        return 1.0 if value else 0.0
+    number: Any = value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("on", "true", "yes"):
+            return 1.0
+        if word in ("off", "false", "no"):
+            return 0.0
+        try:
+            number = float(word)
+        except ValueError:
+            number = None
+    if isinstance(number, int | float) and 0 <= number <= 1:
+        return float(number)
+    raise ValueError(
+        f"must be on, off, or the fraction of requests to log, between 0 and 1 (e.g. 0.1), "
+        f"got {value!r}"
+    )
+
+
+#: the access log setting: off (0), on (1), or the fraction of requests logged
+AccessLog = Annotated[float, pydantic.BeforeValidator(_access_log)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +100,18 @@ class ServerSettings(_Strict):
     retry_after: int = Field(1, ge=0)
     #: answer with gzip when the client accepts it and the body is at least this big
     compress_min_size: Size = 1024
+    #: the request access log: off, on, or a fraction such as 0.1 (that share of the requests
+    #: answered below 400, chosen at random; every answer of 400 or above is logged)
+    access_log: AccessLog = 0.0
+    #: the least severe log records written: debug, info, warning or error
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: text: one line per record; json: one JSON object per line (for log collectors)
+    log_format: Literal["text", "json"] = "text"
+
+    @pydantic.field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
 class ModelSettings(_Strict):
@@ -153,6 +192,12 @@ class Config(_Strict):
                     "(it becomes part of the URL /v2/models/NAME)"
                 )
         return value
+
+    def with_server(self, overrides: Mapping[str, Any], source: str = "command line") -> Config:
+        """A copy whose ``server:`` fields are replaced by ``overrides``, validated (a
+        ``ConfigError`` naming ``source`` and the field)."""
+        server = {**self.server.model_dump(), **overrides}
+        return Config.from_mapping({"server": server, "models": dict(self.models)}, source)
 
     @classmethod
     def from_mapping(cls, data: Any, source: str = "<config>") -> Config:

@@ -44,7 +44,12 @@ def tree_of(pids: set[int]) -> set[int]:
 
 
 class CeleryWorker:
-    """``celery -A _celery_app worker`` in a subprocess, logging to ``log_path``."""
+    """``celery -A _celery_app worker`` in a subprocess, logging to ``log_path``.
+
+    ``app`` and ``cwd`` start another app module from another directory. ``console_script``
+    starts it as the ``celery`` command does (``python -P``: the working directory is not on
+    ``sys.path``, as it is under ``python -m``), with only modelpool's sources on PYTHONPATH.
+    """
 
     def __init__(
         self,
@@ -56,6 +61,9 @@ class CeleryWorker:
         pool: str = "threads",
         concurrency: int = 2,
         env: dict[str, str] | None = None,
+        app: str = "_celery_app",
+        cwd: Path = HERE,
+        console_script: bool = False,
     ) -> None:
         self.name = name
         self.broker = broker
@@ -64,7 +72,7 @@ class CeleryWorker:
         self.log_path = log_path
         environment = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(SRC)]),
+            "PYTHONPATH": os.pathsep.join([str(SRC)] if console_script else [str(HERE), str(SRC)]),
             "MODELPOOL_TEST_BROKER": broker,
             "MODELPOOL_TEST_CONFIG": str(config_path),
             "MODELPOOL_TEST_QUEUE": queue,
@@ -72,10 +80,11 @@ class CeleryWorker:
         }
         command = [
             sys.executable,
+            *(["-P"] if console_script else []),
             "-m",
             "celery",
             "-A",
-            "_celery_app",
+            app,
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
@@ -88,7 +97,7 @@ class CeleryWorker:
         ]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=HERE
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=cwd
             )
         self.process = psutil.Process(self.proc.pid)
         self._tree: list[psutil.Process] | None = None

@@ -347,6 +347,72 @@ def test_threads_worker_exits_when_a_model_cannot_load(redis_url: str, tmp_path:
     assert " ready." not in worker.log, "no task was taken"
 
 
+_USER_TASKS = """
+import os
+from celery import Celery
+from modelpool.integrations import celery as modelpool_celery
+
+broker = os.environ["MODELPOOL_TEST_BROKER"]
+app = Celery("inference", broker=broker, backend=broker)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=os.environ["MODELPOOL_TEST_QUEUE"],
+)
+modelpool_celery.install(app, "models.yaml")
+"""
+
+_USER_MODELS = """
+import modelpool
+
+class TorchLinear(modelpool.Model):
+    def setup(self):
+        self.weight = 2.0
+
+    def predict(self, inputs):
+        return {"y": inputs["x"] * self.weight}
+"""
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_model_module_beside_the_app_module_loads(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: str
+) -> None:
+    """What users do: ``models.py`` beside ``tasks.py``, ``model: models:TorchLinear``, and
+    ``celery -A tasks worker`` in that directory (the ``celery`` command: the directory is
+    on ``sys.path`` only while Celery imports ``tasks``). The models load as ``modelpool
+    serve`` loads them, relative to the working directory, also in modelpool's workers."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tasks.py").write_text(_USER_TASKS)
+    (project / "models.py").write_text(_USER_MODELS)
+    config = project / "models.yaml"
+    config.write_text("models:\n  linear:\n    model: models:TorchLinear\n")
+    queue = new_queue()
+    worker = CeleryWorker(
+        "beside",
+        config,
+        queue,
+        redis_url,
+        tmp_path / "w.log",
+        pool=pool,
+        app="tasks",
+        cwd=project,
+        console_script=True,
+    )
+    try:
+        worker.wait_ready()
+        monkeypatch.chdir(project)  # the client runs there too, and install() checks the models
+        app = make_app(redis_url, "models.yaml", queue)
+        try:
+            out = predict(app, "linear", {"x": np.arange(3.0)}).get(timeout=TIMEOUT)
+        finally:
+            app.close()
+        np.testing.assert_array_equal(out["y"], [0.0, 2.0, 4.0])
+    finally:
+        worker.stop()
+
+
 def test_warm_shutdown_finishes_the_running_task(redis_url: str, tmp_path: Path) -> None:
     """SIGTERM: Celery lets the running task finish before modelpool stops the pools."""
     models = (

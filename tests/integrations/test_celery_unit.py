@@ -190,6 +190,27 @@ def test_install_reads_a_yaml_file_and_validates(tmp_path: Path) -> None:
         mp_celery.install(app, 42)
 
 
+def test_install_refuses_a_model_module_no_worker_could_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose module is nowhere to be found fails at install(), in the client, instead
+    of a worker that exits at start-up while the client waits for its result; nothing is
+    imported to check (under prefork install() runs in the parent, before the fork)."""
+    config = {"models": {"linear": {"model": "models_nowhere_to_be_found:TorchLinear"}}}
+    app = Celery("unit", broker="memory://", set_as_current=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.linear\.model: cannot find module 'models_nowhere_to_be_found'",
+    ):
+        mp_celery.install(app, config)
+    mp_celery.install(app, config, check_models=False)  # a client without the models' code
+    # found in the working directory, as a worker started there finds it; not imported
+    (tmp_path / "models_nowhere_to_be_found.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.chdir(tmp_path)
+    mp_celery.install(app, config)
+    assert "models_nowhere_to_be_found" not in sys.modules
+
+
 def test_predict_needs_install_and_refuses_other_serializers(tmp_path: Path) -> None:
     bare = Celery("bare", broker="memory://", set_as_current=False)
     with pytest.raises(ModelpoolError, match=r"call modelpool\.integrations\.celery\.install"):

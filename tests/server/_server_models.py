@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -61,3 +62,37 @@ class Buggy(modelpool.Model):
 
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         raise KeyError("no such feature 'age'")
+
+
+class Abort(modelpool.Model):
+    """Aborts its worker (SIGABRT) in predict, as a failed C assertion would."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        os.abort()
+
+
+class BadReturn(modelpool.Model):
+    """Returns a list, not a dict of arrays."""
+
+    def predict(self, inputs: dict[str, Any]) -> Any:
+        return [1, 2, 3]
+
+
+class Talker(modelpool.Model):
+    """Logs a line about each request, and answers the request id it was given."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import logging
+
+        logging.getLogger("talker").warning("talking about this request")
+        rid = modelpool.request_id() or ""
+        return {"RID": np.array([rid.encode()], dtype=object)}
+
+
+class Printer(modelpool.Model):
+    """Prints to stdout and stderr on every request (debug prints people leave in models)."""
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        print("predict called", flush=True)
+        print("a warning on stderr", file=sys.stderr, flush=True)
+        return {k.replace("INPUT", "OUTPUT"): v for k, v in inputs.items()}

@@ -53,7 +53,7 @@ class ServerProcess:
             match = _LISTENING.search(line)
             if match:
                 self.url = match.group(1)
-            if line.startswith("Press Ctrl+C"):  # the last line of the ready banner
+            if "Press Ctrl+C to stop." in line:  # the banner's last line (plain or JSON)
                 self._ready.set()
 
     @property

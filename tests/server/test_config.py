@@ -155,3 +155,60 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfemodels: {}")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "fraction"),
+    [("on", 1.0), ("off", 0.0), ("0.1", 0.1), ("true", 1.0), ("1", 1.0), ("{}", None)],
+)
+def test_logging_settings_in_the_file(tmp_path: Path, value: str, fraction: float | None) -> None:
+    if value == "{}":
+        path = _write(tmp_path, "models: {m: {model: a.b:C}}")
+    else:
+        text = f"server: {{access_log: {value}, log_level: DEBUG, log_format: json}}\n"
+        path = _write(tmp_path, text + "models: {m: {model: a.b:C}}")
+    server = load_config(path).server
+    if fraction is None:  # the defaults
+        assert (server.access_log, server.log_level, server.log_format) == (0.0, "info", "text")
+    else:
+        assert server.access_log == fraction
+        assert (server.log_level, server.log_format) == ("debug", "json")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("server: {access_log: sometimes}", ["server.access_log", "on, off", "'sometimes'"]),
+        ("server: {access_log: 1.5}", ["server.access_log", "between 0 and 1"]),
+        ("server: {log_level: loud}", ["server.log_level", "'debug'"]),
+        ("server: {log_format: xml}", ["server.log_format", "'json'"]),
+        ("server: {access_logs: on}", ["server.access_logs", "unknown field", "access_log"]),
+    ],
+)
+def test_logging_settings_errors(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    path = _write(tmp_path, text + "\nmodels: {m: {model: a.b:C}}")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_logging_flags_override_the_file(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "server: {port: 9000, access_log: off, log_format: json}\nmodels: {m: {model: a.b:C}}",
+    )
+    flags: dict[str, object] = {
+        "name": None,
+        "options": (),
+        "access_log": "0.25",
+        "log_level": "warning",
+        "log_format": None,
+    }
+    config = _serve_config(str(path), flags)
+    assert config.server.access_log == 0.25
+    assert config.server.log_level == "warning"
+    assert config.server.log_format == "json"  # not given: the file's
+    assert config.server.port == 9000
+    with pytest.raises(ConfigError, match="access_log"):
+        _serve_config(str(path), {"name": None, "options": (), "access_log": "lots"})

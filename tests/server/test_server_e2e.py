@@ -342,6 +342,21 @@ def _slow_body(seconds: float) -> bytes:
     return _infer_body("SECONDS", "FP64", [1], [seconds])
 
 
+def _model_status(server: ServerProcess, name: str) -> dict[str, Any]:
+    """The model's entry in ``/status.json`` (queued, in_flight, workers, latency_ms...)."""
+    status = json.loads(_request(server, "GET", "/status.json")[2])
+    (model,) = [m for m in status["models"] if m["name"] == name]
+    return model
+
+
+def _until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` (a generous bound: it is an event, not a speed, being waited for)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
 def test_worker_killed_mid_request(tmp_path: Path) -> None:
     config = {
         "server": {"ready_probe_interval": 0.2},
@@ -355,7 +370,7 @@ def test_worker_killed_mid_request(tmp_path: Path) -> None:
 
         caller = threading.Thread(target=call)
         caller.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:  # our request, not a quick readiness probe, is running
             (worker,) = json.loads(_request(server, "GET", "/status.json")[2])["models"][0][
                 "workers"
@@ -366,7 +381,7 @@ def test_worker_killed_mid_request(tmp_path: Path) -> None:
             time.sleep(0.02)
         pid = worker["pid"]
         os.kill(pid, signal.SIGKILL)
-        caller.join(20)
+        caller.join(60)
         status, headers, body = answer["r"]
         assert status == 503
         assert headers["Retry-After"]
@@ -376,7 +391,7 @@ def test_worker_killed_mid_request(tmp_path: Path) -> None:
         # readiness dips while the only worker is replaced, then recovers
         status, _, _ = _request(server, "GET", "/v2/models/sleepy/ready")
         seen = {status}
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while status != 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -389,7 +404,10 @@ def test_worker_killed_mid_request(tmp_path: Path) -> None:
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> None:
-    config = {"models": {"sleepy": {"model": "_server_models:Sleepy", "workers": 2}}}
+    config = {  # no readiness probe: only the twelve requests below reach the pool
+        "server": {"ready_probe_interval": 600},
+        "models": {"sleepy": {"model": "_server_models:Sleepy", "workers": 2}},
+    }
     server = ServerProcess(config=config, tmp=tmp_path).wait_ready()
     workers = _worker_pids(server)
     results: list[int] = []
@@ -403,10 +421,15 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> No
     callers = [threading.Thread(target=call) for _ in range(12)]
     for t in callers:
         t.start()
-    time.sleep(0.4)  # all twelve are accepted (and some are running) before the signal
+
+    def accepted() -> int:  # waiting, running, or answered: the pool has them all
+        model = _model_status(server, "sleepy")
+        return model["queued"] + model["in_flight"] + model["latency_ms"]["count"]
+
+    _until(lambda: accepted() == 12, "all twelve requests to be accepted")
     code = server.stop(signal.SIGTERM)
     for t in callers:
-        t.join(30)
+        t.join(60)
     assert code == 0, server.output
     assert results == [200] * 12, (results, server.output)
     assert "stopped" in server.output
@@ -414,7 +437,10 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path: Path) -> No
 
 
 def test_second_ctrl_c_stops_at_once_and_reaps_workers(tmp_path: Path) -> None:
-    config = {"models": {"sleepy": {"model": "_server_models:Sleepy", "workers": 2}}}
+    config = {  # no readiness probe: only the two requests below reach the pool
+        "server": {"ready_probe_interval": 600},
+        "models": {"sleepy": {"model": "_server_models:Sleepy", "workers": 2}},
+    }
     server = ServerProcess(config=config, tmp=tmp_path).wait_ready()
     workers = _worker_pids(server)
     failures: list[BaseException] = []
@@ -428,16 +454,17 @@ def test_second_ctrl_c_stops_at_once_and_reaps_workers(tmp_path: Path) -> None:
     callers = [threading.Thread(target=call) for _ in range(2)]
     for t in callers:
         t.start()
-    time.sleep(0.5)
+    _until(lambda: _model_status(server, "sleepy")["in_flight"] == 2, "both requests to run")
     server.proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    _until(lambda: "answering requests in flight" in server.output, "the first Ctrl+C to act")
     started = time.monotonic()
     code = server.stop(signal.SIGINT)
-    assert time.monotonic() - started < 5
+    # "at once": well under the 60 s requests (and the 30 s drain) it would otherwise wait for
+    assert time.monotonic() - started < 15
     assert code == 130, server.output
     assert not [p for p in workers if _alive(p)]
     for t in callers:
-        t.join(10)
+        t.join(60)
     assert len(failures) == 2  # their connections were closed, not left hanging
 
 
@@ -470,7 +497,7 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
     server = ServerProcess(config=config, tmp=tmp_path)
     code = server.proc.wait(30)
     server.stop()
-    assert code != 0
+    assert code == 2  # a usage error: nothing was started
     assert "modelpool.yaml" in server.output
     assert "models.m.wrkers: unknown field" in server.output
     assert "workers" in server.output  # what is allowed
@@ -531,17 +558,26 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 
 def test_overloaded_is_503_with_retry_after(limited: ServerProcess) -> None:
+    # a request first: the readiness probe (after 60 s of quiet) cannot take the queue's place
+    assert _request(limited, "POST", "/v2/models/queue1/infer", _slow_body(0))[0] == 200
     answers: list[tuple[int, dict[str, str], bytes]] = []
 
-    def call() -> None:
-        answers.append(_request(limited, "POST", "/v2/models/queue1/infer", _slow_body(1.0)))
+    def call(seconds: float) -> None:
+        answers.append(_request(limited, "POST", "/v2/models/queue1/infer", _slow_body(seconds)))
 
-    callers = [threading.Thread(target=call) for _ in range(4)]
-    for t in callers:
+    def model() -> dict[str, Any]:
+        return _model_status(limited, "queue1")
+
+    # one runs (3 s: it surely outlasts the steps below), one waits, the rest find the queue full
+    callers = [threading.Thread(target=call, args=(s,)) for s in (3.0, 0.0, 0.0, 0.0)]
+    callers[0].start()
+    _until(lambda: model()["in_flight"] == 1, "the first request to run")
+    callers[1].start()
+    _until(lambda: model()["queued"] == 1, "the second request to queue")
+    for t in callers[2:]:
         t.start()
-        time.sleep(0.1)  # one runs, one waits, the rest find the queue full
     for t in callers:
-        t.join(20)
+        t.join(60)
     statuses = sorted(status for status, _, _ in answers)
     assert statuses == [200, 200, 503, 503], statuses
     for status, headers, body in answers:
@@ -553,8 +589,12 @@ def test_overloaded_is_503_with_retry_after(limited: ServerProcess) -> None:
 def test_timeout_is_504_and_the_model_keeps_serving(limited: ServerProcess) -> None:
     status, headers, body = _request(limited, "POST", "/v2/models/timed/infer", _slow_body(5))
     assert status == 504
-    assert "timed out" in _error(status, headers, body)
-    deadline = time.monotonic() + 20
+    message = _error(status, headers, body)
+    assert "timed out" in message
+    # named once, as the URL names it: no "model 'timed': request to 'Sleepy' ..." any more
+    assert message.count("'timed'") == 1, message
+    assert "Sleepy" not in message
+    deadline = time.monotonic() + 60
     while True:  # the stuck worker was killed and replaced
         status, _, _ = _request(limited, "POST", "/v2/models/timed/infer", _slow_body(0))
         if status == 200:
@@ -569,12 +609,15 @@ def test_a_client_that_goes_away_takes_its_queued_request_with_it(limited: Serve
         (model,) = [m for m in status["models"] if m["name"] == "queue1"]
         return int(model["workers"][0]["served"])
 
+    # a request first: the readiness probe (after 60 s of quiet) cannot run in between
+    assert _request(limited, "POST", "/v2/models/queue1/infer", _slow_body(0))[0] == 200
     before = served()
+    # 3 s: the running request surely outlasts the steps below
     running = threading.Thread(
-        target=_request, args=(limited, "POST", "/v2/models/queue1/infer", _slow_body(1.0))
+        target=_request, args=(limited, "POST", "/v2/models/queue1/infer", _slow_body(3.0))
     )
     running.start()
-    time.sleep(0.2)
+    _until(lambda: _model_status(limited, "queue1")["in_flight"] == 1, "the request to run")
     body = _slow_body(0)
     host, port = limited.host_port.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:  # queued, then gone
@@ -583,10 +626,12 @@ def test_a_client_that_goes_away_takes_its_queued_request_with_it(limited: Serve
             + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        time.sleep(0.2)
-    running.join(20)
-    time.sleep(0.5)
-    assert served() == before + 1  # the abandoned request never ran
+        _until(lambda: _model_status(limited, "queue1")["queued"] == 1, "the request to queue")
+    _until(lambda: _model_status(limited, "queue1")["queued"] == 0, "the request to be dropped")
+    running.join(60)
+    # one worker, a FIFO queue: had the abandoned request stayed queued, it would run first
+    assert _request(limited, "POST", "/v2/models/queue1/infer", _slow_body(0))[0] == 200
+    assert served() == before + 2  # the running one and the last one: the abandoned never ran
 
 
 def test_modelpool_client_async(identity: ServerProcess) -> None:
@@ -608,8 +653,8 @@ def test_modelpool_client_async(identity: ServerProcess) -> None:
 
 
 def test_readiness_probes_do_not_kill_idle_workers_with_a_short_timeout(tmp_path: Path) -> None:
-    config = {
-        "server": {"ready_probe_interval": 0.2},
+    config = {  # ready means a probe answered within 3 s (three intervals)
+        "server": {"ready_probe_interval": 1.0},
         "models": {
             "quick": {"model": "_server_models:Identity", "timeout": 0.3},
             "busy": {"model": "_server_models:Sleepy"},
@@ -617,13 +662,15 @@ def test_readiness_probes_do_not_kill_idle_workers_with_a_short_timeout(tmp_path
     }
     with ServerProcess(config=config, tmp=tmp_path) as server:
         caller = threading.Thread(
-            target=_request, args=(server, "POST", "/v2/models/busy/infer", _slow_body(2.5))
+            target=_request, args=(server, "POST", "/v2/models/busy/infer", _slow_body(5.0))
         )
         caller.start()
-        time.sleep(2.0)  # probes every 0.2 s meanwhile; "busy" cannot answer them
+        # probes every 1 s meanwhile; "busy" cannot answer them. After 4 s, "quick" is ready
+        # only if its own probes went on (its last answer before them is over 3 s old)
+        time.sleep(4.0)
         status, _, _ = _request(server, "GET", "/v2/models/quick/ready")
         assert status == 200  # a busy model does not hold back another model's probe
-        caller.join(10)
+        caller.join(60)
         text = _request(server, "GET", "/metrics")[2].decode()
         assert 'modelpool_worker_exits_total{model="quick"' not in text, text
 
@@ -631,7 +678,7 @@ def test_readiness_probes_do_not_kill_idle_workers_with_a_short_timeout(tmp_path
 def test_stop_while_loading_is_a_clean_exit(tmp_path: Path) -> None:
     config = {"models": {"slow": {"model": "_models:SlowSetup", "options": {"seconds": 30}}}}
     server = ServerProcess(config=config, tmp=tmp_path)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while "loading" not in server.output:
         assert time.monotonic() < deadline, server.output
         time.sleep(0.05)
@@ -644,15 +691,17 @@ def test_a_failed_model_does_not_wait_for_the_others_to_load(tmp_path: Path) -> 
     config = {
         "models": {
             "broken": {"model": "_server_models:Broken"},
-            "slow": {"model": "_models:SlowSetup", "options": {"seconds": 30}},
+            "slow": {"model": "_models:SlowSetup", "options": {"seconds": 120}},
         }
     }
     started = time.monotonic()
     server = ServerProcess(config=config, tmp=tmp_path)
-    code = server.proc.wait(25)
-    server.stop()
+    try:
+        code = server.proc.wait(90)
+    finally:
+        server.stop()
     assert code == 1
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # far below the 120 s the other model loads for
     assert "model 'broken' could not be loaded" in server.output
 
 

@@ -171,7 +171,7 @@ class InProcessHost:
         os.environ.update(env)
         _hygiene.limit_thread_pools(plan.threads, env)  # e.g. NumPy's BLAS, loaded before fork
         self._seeded = _hygiene.seed_rngs(self._seed)
-        _hygiene.seed_torch_when_imported(self._seed, plan.threads, env)
+        _hygiene.limit_when_imported(self._seed, plan.threads, env)
         _worker._INFO = _worker.WorkerInfo(
             self._index, self._generation, os.getpid(), self._seed, plan.threads
         )

@@ -22,8 +22,11 @@ again, at most ``max_deliveries`` times in all, then fails it with ``PoisonTaskE
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -118,12 +121,55 @@ def _add(values: Any, name: str) -> list[str]:
     return items if name in items else [*items, name]
 
 
+def _source(config: Any) -> str:
+    return os.fspath(config) if isinstance(config, str | os.PathLike) else "install(config=...)"
+
+
+def _module_findable(module: str) -> bool:
+    """Can ``module``'s top-level package be found from here, as a worker started in this
+    directory resolves it? Nothing is imported (under prefork this runs in the parent)."""
+    top = module.split(".", 1)[0]
+    try:
+        if importlib.util.find_spec(top) is not None:
+            return True
+    except (ImportError, ValueError):
+        pass
+    return importlib.machinery.PathFinder.find_spec(top, [os.getcwd()]) is not None
+
+
+def _check_models(config: Config, source: str) -> None:
+    """Raise ``ConfigError`` for a model whose module cannot be found from this process."""
+    for name, settings in config.models.items():
+        module = settings.model.partition(":")[0]
+        if module and _module_findable(module):
+            continue
+        raise ConfigError(
+            f"{source}: models.{name}.model: cannot find module {module!r} (from "
+            f"{settings.model!r}) from this process: it is neither installed nor on sys.path, "
+            f"nor in the working directory {os.getcwd()}. Celery workers look for it there "
+            "too (as `modelpool serve` does), so they could not load it and tasks for "
+            f"{name!r} would wait for a worker that never starts. Check the spelling, start "
+            "the worker and this process in the directory that holds it, or set PYTHONPATH; "
+            "a client that does not have the models' code passes check_models=False"
+        )
+
+
+def _models_from_working_directory() -> None:
+    """Let model modules next to the app module import, in the worker and in every process it
+    starts: ``celery -A tasks`` finds ``tasks.py`` in the working directory only while it
+    imports it, so ``models:Net`` beside it would not import afterwards."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def install(
     app: Any,
     config: Any,
     *,
     worker_lost: WorkerLost = "redeliver",
     max_deliveries: int = 3,
+    check_models: bool = True,
 ) -> Any:
     """Register ``modelpool.predict`` on ``app`` and arrange that the models of ``config`` load
     in the worker processes that run it, never in a parent before it forks.
@@ -137,8 +183,15 @@ def install(
     of memory): ``"redeliver"`` runs it again, ``max_deliveries`` times in all, then fails it
     with ``PoisonTaskError``; ``"fail"`` fails it at once (``WorkerCrashedError`` under
     ``--pool=threads``, Celery's ``WorkerLostError`` under prefork).
+
+    ``check_models``: raise ``ConfigError`` now, in clients and workers alike, for a model
+    whose module cannot be found from this process (searched as workers do: sys.path, then
+    the working directory; nothing is imported). Pass False in a client that sends tasks
+    without having the models' code.
     """
     settings = _Settings(_as_config(config), worker_lost, max_deliveries)
+    if check_models:
+        _check_models(settings.config, _source(config))
     _celery_codec.register()
     # now if configured, and again each time the configuration is (re)loaded, e.g. by a
     # config_from_object() after this call
@@ -373,6 +426,7 @@ class _WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.kind = _pool_kind(worker.pool_cls)
         if self.settings is None:
             return
+        _models_from_working_directory()  # before any pool starts or any child is forked
         backend_cls = _backend_class(worker.app)
         if self.settings.worker_lost == "redeliver" and not _Deliveries.supported(backend_cls):
             raise ConfigError(

@@ -20,22 +20,15 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from modelpool import __version__
-from modelpool._exceptions import (
-    BatchError,
-    InputValidationError,
-    ModelSetupError,
-    PoolClosedError,
-    PoolOverloadedError,
-    RequestTimeoutError,
-    WorkerCrashedError,
-)
+from modelpool import __version__, _aio
 from modelpool._model import TensorSpec
 from modelpool._pool import Pool
+from modelpool._supervisor import Request
 from modelpool._worker import model_loaded
-from modelpool.config import Config, ModelSettings
+from modelpool.config import Config, ModelSettings, ServerSettings
 
-from . import _codec, _status
+from . import _codec, _errors, _logging, _status
+from ._errors import HTTPError
 from ._metrics import Metrics
 
 __all__ = ["ServedModel", "Server"]
@@ -52,23 +45,22 @@ OFF_LOOP_SIZE = 256 * 1024
 RECENT = 2000
 
 
-class HTTPError(Exception):
-    """An answer other than 200, with a message for the user."""
-
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
 class ServedModel:
     """One configured model: its pool, signature and readiness bookkeeping."""
 
-    def __init__(self, name: str, settings: ModelSettings, pool: Pool | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: ModelSettings,
+        pool: Pool | None = None,
+        logs: ServerSettings | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.version = settings.version
-        self.pool = pool or Pool(settings.model, **settings.pool_kwargs())
+        # logs: the server's logging settings, which its workers' log lines follow
+        extra = _logging.worker_logging(logs, name) if logs is not None else {}
+        self.pool = pool or Pool(settings.model, name=name, **settings.pool_kwargs(), **extra)
         cls = self.pool.model_class
         self.inputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "inputs", ()) or ())
         self.outputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "outputs", ()) or ())
@@ -139,7 +131,8 @@ class Server:
         self.config = config
         self.settings = config.server
         self.models = models or {
-            name: ServedModel(name, settings) for name, settings in config.models.items()
+            name: ServedModel(name, settings, logs=config.server)
+            for name, settings in config.models.items()
         }
         self.metrics = Metrics()
         self.in_flight = 0
@@ -153,7 +146,7 @@ class Server:
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_body_size,
-            middlewares=[self._errors],
+            middlewares=[_logging.middleware(self.settings.access_log), self._errors],
             handler_args={
                 "max_line_size": self.settings.max_header_size,
                 "max_field_size": self.settings.max_header_size,
@@ -365,51 +358,44 @@ class Server:
             raise HTTPError(413, str(exc)) from None
         except _codec.CodecError as exc:
             raise HTTPError(400, str(exc)) from None
-        outputs = await self._predict(served, decoded.inputs)
+        rid = _logging.adopt_body_id(request, decoded.id)
+        outputs, pid = await self._predict(served, decoded.inputs, rid)
         try:
             payload, json_length = _codec.encode_infer_response(
-                served.name, served.version, decoded.id, outputs, decoded
+                served.name, served.version, decoded.id or rid, outputs, decoded
             )
         except _codec.CodecError as exc:
             raise HTTPError(400, str(exc)) from None
         except _codec.UnsupportedDatatypeError as exc:
-            raise HTTPError(500, f"model {served.name!r} returned bad outputs: {exc}") from None
+            raise _errors.bad_outputs(served.name, str(exc), rid, pid) from None
         headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
         if json_length is not None:
             headers["Inference-Header-Content-Length"] = str(json_length)
         payload = await self._compress(request, payload, headers)
         return web.Response(body=payload, headers=headers)
 
-    async def _predict(self, served: ServedModel, inputs: dict[str, Any]) -> dict[str, Any]:
-        name = served.name
+    async def _predict(
+        self, served: ServedModel, inputs: dict[str, Any], rid: str
+    ) -> tuple[dict[str, Any], int | None]:
+        """The model's outputs and the pid of the worker that ran it. Failures become the
+        HTTP answer, logged once where they are the model's or a worker's (``_errors``)."""
+        req: Request | None = None
         try:
-            outputs = await served.pool.apredict(inputs)
-        except InputValidationError as exc:
-            raise HTTPError(400, f"model {name!r}: {exc}") from None
-        except RequestTimeoutError as exc:
-            raise HTTPError(504, f"model {name!r}: {exc}") from None
-        except (
-            PoolOverloadedError,
-            WorkerCrashedError,
-            ModelSetupError,
-            PoolClosedError,
-        ) as exc:  # temporary: worth retrying after Retry-After
-            raise HTTPError(
-                503, f"model {name!r}: {exc}", retry_after=self.settings.retry_after
-            ) from None
-        except BatchError as exc:
-            raise HTTPError(500, f"model {name!r} returned bad outputs: {exc}") from None
-        except Exception as exc:  # raised by the model's predict(): a bug in the model
-            log.warning("model %r raised %s: %s", name, type(exc).__name__, exc)
-            raise HTTPError(500, f"model {name!r} raised {type(exc).__name__}: {exc}") from None
+            req = served.pool._start_predict(inputs, None, rid)
+            outputs = await _aio.await_future(req.future)
+        except Exception as exc:
+            pid = _worker_pid(req)
+            retry = self.settings.retry_after
+            raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
         served.last_ok = time.monotonic()
+        pid = _worker_pid(req)
         if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
-            raise HTTPError(
-                500,
-                f"model {name!r} returned {type(outputs).__name__}; predict() must return a "
-                "dict of output name -> array",
+            what = (
+                f"{type(outputs).__name__}, but predict() must return a dict of output "
+                "name -> array"
             )
-        return outputs
+            raise _errors.bad_outputs(served.name, what, rid, pid)
+        return outputs, pid
 
     async def _compress(
         self, request: web.Request, payload: bytes, headers: dict[str, str]
@@ -451,11 +437,12 @@ class Server:
     async def _probe_one(self, served: ServedModel) -> None:
         if not served.alive():  # loading, or all restarting: not ready anyway, and a probe
             return  # queued now would keep a loading worker alive through a shutdown
-        try:
-            ok = await asyncio.wrap_future(served.pool.submit(model_loaded))
+        try:  # not a request the workers served: uncounted
+            ok = await asyncio.wrap_future(served.pool._submit_uncounted(model_loaded))
         except Exception as exc:
             log.debug("readiness probe of %r failed: %s", served.name, exc)
             return
+        log.debug("readiness probe of %r answered", served.name)
         if ok:
             served.last_ok = time.monotonic()
 
@@ -473,6 +460,12 @@ class Server:
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")
+
+
+def _worker_pid(req: Request | None) -> int | None:
+    """The pid of the worker that ran (or last ran) ``req``, if one did."""
+    worker = req.worker if req is not None else None
+    return worker.pid if worker is not None else None
 
 
 def _header_length(value: str | None) -> int | None:

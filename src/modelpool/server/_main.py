@@ -2,7 +2,17 @@
 
 Stopping: the first SIGTERM or Ctrl+C stops accepting, answers every request already
 accepted (within ``server.drain_timeout``), tears the models down and exits 0. A second
-Ctrl+C kills every worker at once, reaps them, and exits 130.
+Ctrl+C kills every worker at once, reaps them, and exits 130. Either way multiprocessing's fork
+server and resource tracker are stopped and reaped before the process exits.
+
+Exit statuses (docs/server.md, "Exit status"): ``EXIT_OK`` 0 clean stop, ``EXIT_FAILURE`` 1
+the server could not run (port in use, a model failed to load), ``EXIT_USAGE`` 2 nothing
+started because the command, the configuration or a model's import string is wrong,
+``EXIT_INTERRUPTED`` 130 stopped at once by a second Ctrl+C. Every error message starts with
+``Error: `` (as click's own usage errors do).
+
+Output (the banner, progress, these messages) goes through ``_output.Output``: a reader that
+went away (``modelpool serve | head``) silences it and never stops or breaks the server.
 """
 
 from __future__ import annotations
@@ -24,11 +34,19 @@ from aiohttp import web
 
 from modelpool import __version__
 from modelpool._exceptions import ModelpoolError
+from modelpool._pool import stop_process_helpers
 from modelpool.config import Config
 
+from . import _logging
 from ._app import ServedModel, Server
+from modelpool._output import Output, settle_std_streams
 
-__all__ = ["serve"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "serve"]
+
+EXIT_OK = 0  # stopped by SIGTERM / Ctrl+C (also while loading)
+EXIT_FAILURE = 1  # could not run: cannot listen, a model failed to load, a crash
+EXIT_USAGE = 2  # nothing started: bad option, configuration or model import string
+EXIT_INTERRUPTED = 130  # a second Ctrl+C: every worker killed at once (128 + SIGINT)
 
 log = logging.getLogger("modelpool.server")
 
@@ -36,7 +54,7 @@ log = logging.getLogger("modelpool.server")
 class _Progress:
     """Model and worker loading progress: one line per change (a live line on a terminal)."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: Output) -> None:
         self.out = out
         self.tty = out.isatty()
         self.seen: dict[tuple[str, int, int], str] = {}
@@ -79,7 +97,7 @@ class _Progress:
 
 
 class _Runner:
-    def __init__(self, config: Config, out: IO[str]) -> None:
+    def __init__(self, config: Config, out: Output) -> None:
         self.config = config
         self.out = out
         self.stop = asyncio.Event()
@@ -87,19 +105,24 @@ class _Runner:
         self.server: Server | None = None
 
     def _on_signal(self, signum: int) -> None:
+        # act first, then say so: nothing said may keep the signal from acting
         self.signals += 1
         if self.signals == 1:
+            self.stop.set()
             name = signal.Signals(signum).name
             self.out.write(
                 f"\n{name}: stopping; answering requests in flight "
                 "(press Ctrl+C again to stop at once)\n"
             )
-            self.stop.set()
         else:
             self.out.write("\nstopping at once: killing every worker\n")
             self.out.flush()
-            self._terminate()  # kills and reaps every worker
-            os._exit(130)
+            try:
+                self._terminate()  # kills and reaps every worker
+                stop_process_helpers(timeout=2.0)
+                settle_std_streams()
+            finally:
+                os._exit(EXIT_INTERRUPTED)
 
     def _terminate(self) -> None:
         if self.server is not None:
@@ -113,9 +136,9 @@ class _Runner:
         s = self.config.server
         try:
             self.server = Server(self.config)
-        except ModelpoolError as exc:
-            self.out.write(f"error: {exc}\n")
-            return 2
+        except ModelpoolError as exc:  # a model's import string: nothing started
+            self.out.write(f"Error: {exc}\n")
+            return EXIT_USAGE
         runner = web.AppRunner(
             self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
@@ -128,10 +151,10 @@ class _Runner:
             self._stop_pools(wait=False)
             why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             self.out.write(
-                f"error: cannot listen on {s.host}:{s.port}: {why}. "
+                f"Error: cannot listen on {s.host}:{s.port}: {why}. "
                 "Choose another port (--port or server.port).\n"
             )
-            return 1
+            return EXIT_FAILURE
         url = _url(runner, s.host)
         self.out.write(f"modelpool {__version__} listening on {url} (ready once models load)\n")
         try:
@@ -142,7 +165,7 @@ class _Runner:
                 gc.freeze()
                 self._banner(url)
                 await self.stop.wait()
-            code = 0 if ok else 1
+            code = EXIT_OK if ok else EXIT_FAILURE
         finally:
             await self._drain(site, runner)
         return code
@@ -173,7 +196,7 @@ class _Runner:
             exc = task.exception()
             if exc is not None:
                 failed = True
-                self.out.write(f"error: model {name!r} could not be loaded: {exc}\n")
+                self.out.write(f"Error: model {name!r} could not be loaded: {exc}\n")
                 cause = exc.__cause__
                 if cause is not None:
                     self.out.write("".join(traceback.format_exception(cause)))
@@ -237,14 +260,15 @@ def _url(runner: web.AppRunner, host: str) -> str:
 
 
 def serve(config: Config, out: IO[str] | None = None) -> int:
-    """Run the server until SIGTERM / Ctrl+C; the process exit code."""
-    out = out or sys.stderr
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    runner = _Runner(config, out)
+    """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``)."""
+    console = _logging.setup(config.server, out or sys.stderr)  # logs: level, format
+    runner = _Runner(config, Output(console))
     try:
         return asyncio.run(runner.run())
     except BaseException:
         runner._terminate()
         raise
+    finally:
+        # the server's own children, last: every pool is stopped by now
+        stop_process_helpers()
+        settle_std_streams()

@@ -1,0 +1,182 @@
+"""The server's logs: set up by ``serve``, request ids, the access log.
+
+Every request gets an id: its ``X-Request-ID`` header, else (for inference) the ``id`` of its
+JSON body, else a new one. It is answered in the ``X-Request-ID`` header, is the request id of
+every log line written while the request is handled (``modelpool._logs.REQUEST_ID``), and
+travels to the worker that runs the request (``modelpool.request_id()`` there).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from modelpool import _logs
+from modelpool.config import ServerSettings
+
+__all__ = ["HEADER", "JsonLines", "adopt_body_id", "middleware", "setup", "worker_logging"]
+
+HEADER = "X-Request-ID"
+ACCESS = logging.getLogger("modelpool.access")
+console = logging.getLogger("modelpool.server")
+#: a request id we take as given: visible ASCII, no spaces, not too long for a log line
+_USABLE = re.compile(r"[\x21-\x7e]{1,128}")
+_KEY = "request_id"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def setup(settings: ServerSettings, stream: IO[str]) -> IO[str]:
+    """Configure this process's logging from ``settings``; returns where the server's console
+    output (banner, progress) should go: ``stream``, or with ``log_format: json`` an adapter
+    that turns each line into a JSON log record, so that every line is JSON."""
+    _logs.configure(settings.log_level, settings.log_format, stream)
+    # on or off by access_log alone: --log-level warning does not silence it
+    ACCESS.setLevel(logging.INFO)
+    if settings.log_format == "json":
+        return JsonLines(stream)  # type: ignore[return-value]
+    return stream
+
+
+def worker_logging(settings: ServerSettings, model: str) -> dict[str, Any]:
+    """``Pool`` keyword arguments that set up a served model's workers' logging like ours."""
+    return {
+        "initializer": _logs.configure_worker,
+        "initargs": (settings.log_level, settings.log_format, model),
+    }
+
+
+class JsonLines:
+    """A text stream whose lines become log records (the console output, in JSON mode).
+    One ``write`` of several lines (a traceback) is one record."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if self.pending.endswith("\n"):
+            message, self.pending = self.pending.strip(), ""
+            if message:
+                level = logging.ERROR if message.lower().startswith("error") else logging.INFO
+                console.log(level, "%s", message)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False  # no live progress line: every line is a record
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def adopt_body_id(request: web.Request, body_id: str | None) -> str:
+    """An inference body's ``id`` becomes the request id when no header gave one (and it is
+    usable in a header and a log line); returns the request id."""
+    rid: str = request[_KEY]
+    if body_id is not None and not request.get("id_given") and _USABLE.fullmatch(body_id):
+        request[_KEY] = rid = body_id
+        _logs.REQUEST_ID.set(rid)
+    return rid
+
+
+def middleware(access_log: float) -> Middleware:
+    """The outermost middleware: the request id, and the access log (``access_log``: the
+    fraction of answers below 400 logged; 0 = off, 1 = all; every answer of 400 or above is
+    logged unless it is off)."""
+
+    @web.middleware
+    async def requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        given = request.headers.get(HEADER)
+        request["id_given"] = given is not None
+        request[_KEY] = given if given is not None else new_id()
+        token = _logs.REQUEST_ID.set(request[_KEY])
+        status = 500
+        response: web.StreamResponse | None = None
+        try:
+            if given is not None and not _USABLE.fullmatch(given):
+                request[_KEY] = new_id()
+                _logs.REQUEST_ID.set(request[_KEY])
+                response = _bad_id(given)
+            else:
+                response = await handler(request)
+            status = response.status
+            if not response.prepared:
+                response.headers[HEADER] = request[_KEY]
+            return response
+        except web.HTTPException as exc:  # a redirect (errors are answered by _errors)
+            status = exc.status
+            exc.headers[HEADER] = request[_KEY]
+            raise
+        except BaseException:
+            status = 499  # the client went away (cancelled), or a bug the caller logs
+            raise
+        finally:
+            if access_log > 0 and (
+                status >= 400 or access_log >= 1 or random.random() < access_log
+            ):
+                _access(request, status, response, started)
+            _logs.REQUEST_ID.reset(token)
+
+    return requests
+
+
+def _bad_id(given: str) -> web.Response:
+    shown = given if len(given) <= 40 else given[:40] + "..."
+    message = (
+        f"{HEADER} {shown!r} is not usable as a request id: use 1 to 128 visible ASCII "
+        "characters without spaces (a UUID, a trace id), or send none and the server makes one"
+    )
+    return web.Response(
+        body=orjson.dumps({"error": message}), status=400, content_type="application/json"
+    )
+
+
+def _access(
+    request: web.Request, status: int, response: web.StreamResponse | None, started: float
+) -> None:
+    ms = (time.perf_counter() - started) * 1000
+    size = 0
+    if isinstance(response, web.Response):
+        size = response.content_length or 0
+    fields: dict[str, Any] = {
+        "remote": request.remote,
+        "method": request.method,
+        "path": request.path_qs,
+        "status": status,
+        "bytes": size,
+        "duration_ms": round(ms, 3),
+        _KEY: request[_KEY],
+    }
+    model = request.match_info.get("model")
+    if model is not None:
+        fields["model"] = model
+    version = f"HTTP/{request.version.major}.{request.version.minor}"
+    ACCESS.info(
+        '%s "%s %s %s" %d %d %.1fms',
+        request.remote,
+        request.method,
+        request.path_qs,
+        version,
+        status,
+        size,
+        ms,
+        extra={"fields": fields},
+    )
