@@ -34,12 +34,12 @@ from aiohttp import web
 
 from modelpool import __version__
 from modelpool._exceptions import ModelpoolError
+from modelpool._output import Output, settle_std_streams
 from modelpool._pool import stop_process_helpers
 from modelpool.config import Config
 
 from . import _logging
 from ._app import ServedModel, Server
-from modelpool._output import Output, settle_std_streams
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "serve"]
 
