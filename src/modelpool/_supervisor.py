@@ -675,13 +675,15 @@ class Supervisor:
             else:
                 self._respawn(now)
                 self._retire(now)
-                if self.settings.floor < self.settings.workers:
-                    self._autoscale(now)
                 if self.settings.max_memory_per_worker and now >= self._next_memory_check:
                     self._check_memory()
                     self._next_memory_check = now + MEMORY_CHECK_INTERVAL
             if not finished:
                 to_send = self._dispatch()
+            if not self._closing and self.settings.floor < self.settings.workers:
+                # after dispatch: a worker that just loaded is busy now, not idle, so requests
+                # still waiting make the pool grow again (before, it grew one step per answer)
+                self._autoscale(now)
             wake_at = self._next_wake()
             self._changed.notify_all()
         self._settle_pending()  # failures decided above, reported now that the lock is free
