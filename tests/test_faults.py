@@ -122,7 +122,7 @@ def test_recovery_after_crash_is_prompt() -> None:
         assert time.monotonic() - started < 30  # generous bound; the benchmark measures it
 
 
-def test_external_sigkill_of_idle_worker_is_replaced() -> None:
+def test_external_sigkill_of_idle_worker_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
     with modelpool.Pool(Echo, workers=1) as pool:
         (pid,) = _pids(pool)
         os.kill(pid, 9)
@@ -130,6 +130,10 @@ def test_external_sigkill_of_idle_worker_is_replaced() -> None:
         assert pool.predict({"a": np.array(1)})["a"] == 1
         assert "SIGKILL" in (pool.stats().workers[0].last_exit or "")
         assert pool.stats().exit_reasons == {"SIGKILL": 1}
+    # no request fails for it, so the log is the one place that says it happened, once
+    lines = [r.getMessage() for r in caplog.records if r.name == "modelpool.pool"]
+    assert len([m for m in lines if "while idle" in m]) == 1, lines
+    assert f"pid {pid}" in next(m for m in lines if "while idle" in m)
 
 
 def test_exit_reasons_count_timeouts_and_busy_for_shows_request_age() -> None:

@@ -1121,6 +1121,16 @@ class Supervisor:
         if not self._closing and not replaced and worker.index in self._active:
             self._respawn_at.setdefault(worker.index, now)
         if req is None:
+            if worker.kill_reason is None and not self._closing:  # no request will tell of it
+                log.warning(
+                    "worker %d (pid %s) of %r %s while idle; likely cause: %s. It is being "
+                    "replaced.",
+                    worker.index,
+                    worker.pid,
+                    self.settings.model_name,
+                    what,
+                    likely,
+                )
             return
         members = req.members
         for member in reversed(members):  # retries go back to the front, in their order
