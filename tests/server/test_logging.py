@@ -5,7 +5,6 @@ texts worded for an HTTP caller. Every wait is for a line or an answer, never a 
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import time
@@ -16,22 +15,11 @@ from typing import Any
 
 import pytest
 from _serving import ServerProcess
+from _serving import request as _request
 
 BODY = json.dumps(
     {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 ).encode()
-
-
-def _request(
-    server: ServerProcess, method: str, path: str, body: bytes = b"", **headers: str
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(server.host_port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def _wait_line(server: ServerProcess, predicate: Callable[[str], bool], what: str) -> str:

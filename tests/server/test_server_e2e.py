@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _serving import ServerProcess
+from _serving import request as _request
 
 from _deps import need_module
 
@@ -52,18 +53,6 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
     }
     with ServerProcess(config=config, tmp=tmp_path_factory.mktemp("identity")) as server:
         yield server
-
-
-def _request(
-    server: ServerProcess, method: str, path: str, body: bytes = b"", **headers: str
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(server.host_port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def _infer_body(name: str, datatype: str, shape: list[int], data: list[Any]) -> bytes:

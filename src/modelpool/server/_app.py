@@ -27,7 +27,7 @@ from modelpool._supervisor import Request
 from modelpool._worker import model_loaded
 from modelpool.config import Config, ModelSettings, ServerSettings
 
-from . import _codec, _errors, _logging, _status
+from . import _codec, _errors, _history, _logging, _status
 from ._errors import HTTPError
 from ._metrics import Metrics
 
@@ -135,6 +135,7 @@ class Server:
             for name, settings in config.models.items()
         }
         self.metrics = Metrics()
+        self.history = _history.History()  # the status page's charts
         self.in_flight = 0
         self.accepting = True
         self.window = 3 * self.settings.ready_probe_interval
@@ -160,6 +161,7 @@ class Server:
             [
                 get("/", self.status_page),
                 get("/status.json", self.status_json),
+                get("/status/history.json", self.status_history),
                 get("/metrics", self.metrics_text),
                 get("/v2", self.server_metadata),
                 get("/v2/health/live", self.live),
@@ -179,6 +181,7 @@ class Server:
         )
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
+        app.cleanup_ctx.append(self.history.sampler(self))
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
@@ -457,6 +460,9 @@ class Server:
 
     async def status_json(self, request: web.Request) -> web.Response:
         return _json(_status.snapshot(self))
+
+    async def status_history(self, request: web.Request) -> web.Response:
+        return _json(self.history.to_json())
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")

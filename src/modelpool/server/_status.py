@@ -1,4 +1,5 @@
-"""The live status page (``GET /``) and the JSON it polls (``GET /status.json``)."""
+"""The live status page (``GET /``) and the JSON it polls (``GET /status.json``; the charts'
+history, ``GET /status/history.json``, is ``_history``'s)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from modelpool import __version__
+
+from . import _charts
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -72,7 +75,8 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 
 
-PAGE = """<!doctype html>
+PAGE = (
+    """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -90,7 +94,7 @@ PAGE = """<!doctype html>
   .down { color: #b00020; font-weight: 600; }
   .busy { color: #9a6700; }
   #error { color: #b00020; }
-</style>
+/*CHARTS-STYLE*/</style>
 </head>
 <body>
 <h1>modelpool</h1>
@@ -101,24 +105,40 @@ PAGE = """<!doctype html>
 function esc(value) {
   const d = document.createElement("div");
   d.textContent = value === null || value === undefined ? "" : String(value);
-  return d.innerHTML;
+  return d.innerHTML.replace(/"/g, "&quot;");
 }
 function mib(bytes) { return bytes ? (bytes / 1048576).toFixed(1) + " MiB" : ""; }
 function sec(s) { return s === null || s === undefined ? "" : s.toFixed(2) + " s"; }
 function ms(v) { return v === null || v === undefined ? "n/a" : v.toFixed(2) + " ms"; }
+// One section per model, kept across updates: its head and table are redrawn from
+// status.json, its charts from status/history.json.
+function modelSection(name) {
+  const container = document.getElementById("models");
+  for (const s of container.children) if (s.dataset.model === name) return s;
+  const s = document.createElement("section");
+  s.className = "model";
+  s.dataset.model = name;
+  s.innerHTML = '<div class="head"></div><div class="charts"></div><div class="workers"></div>';
+  container.appendChild(s);
+  return s;
+}
 function render(data) {
-  const parts = [];
+  const names = new Set(data.models.map(m => m.name));
+  for (const s of Array.from(document.getElementById("models").children)) {
+    if (!names.has(s.dataset.model)) s.remove();
+  }
   for (const m of data.models) {
     const state = m.ready ? '<span class="ready">ready</span>'
                           : '<span class="down">not ready</span> ' + esc(m.why_not_ready);
-    parts.push(
-      '<section class="model" data-model="' + esc(m.name) + '">' +
+    const section = modelSection(m.name);
+    section.querySelector(".head").innerHTML =
       "<h2>" + esc(m.name) + " <small>(" + esc(m.model) + ", version " + esc(m.version) +
       ")</small> " + state + "</h2>" +
       '<div>queue depth <b class="queued">' + m.queued + "</b> &middot; in flight <b>" +
-      m.in_flight + "</b> &middot; recent latency p50 <b class=\\"p50\\">" +
+      m.in_flight + '</b> &middot; recent latency p50 <b class="p50">' +
       ms(m.latency_ms.p50) + "</b> p99 <b>" + ms(m.latency_ms.p99) + "</b> (" +
-      m.latency_ms.count + " requests)</div>" +
+      m.latency_ms.count + " requests)</div>";
+    section.querySelector(".workers").innerHTML =
       "<table><thead><tr><th>worker</th><th>pid</th><th>state</th><th>served</th>" +
       "<th>restarts</th><th>RSS</th><th>current request age</th><th>last exit</th>" +
       "</tr></thead><tbody>" +
@@ -128,24 +148,33 @@ function render(data) {
         '</td><td class="n served">' + w.served + '</td><td class="n">' + w.restarts +
         '</td><td class="n">' + mib(w.rss) + '</td><td class="n">' + sec(w.busy_for) +
         "</td><td>" + esc(w.last_exit) + "</td></tr>").join("") +
-      "</tbody></table></section>");
+      "</tbody></table>";
   }
-  document.getElementById("models").innerHTML = parts.join("");
+}
+/*CHARTS-SCRIPT*/
+async function getJSON(url) {
+  const response = await fetch(url, {cache: "no-store"});
+  if (!response.ok) throw new Error(url + ": HTTP " + response.status);
+  return response.json();
 }
 async function tick() {
-  try {
-    const response = await fetch("status.json", {cache: "no-store"});
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    render(await response.json());
-    document.getElementById("updated").textContent = new Date().toLocaleTimeString();
-    document.getElementById("error").textContent = "";
-  } catch (e) {
-    document.getElementById("error").textContent = "(server unreachable: " + e.message + ")";
-  }
+  const [status, history] = await Promise.allSettled(
+    [getJSON("status.json"), getJSON("status/history.json")]);
+  if (status.status === "fulfilled") render(status.value);
+  if (history.status === "fulfilled") drawCharts(history.value);
+  const failed = [status, history].find(r => r.status === "rejected");
+  document.getElementById("error").textContent =
+    failed ? "(server unreachable: " + failed.reason.message + ")" : "";
+  if (!failed) document.getElementById("updated").textContent = new Date().toLocaleTimeString();
 }
-tick();
-setInterval(tick, 1000);
+async function loop() {
+  try { await tick(); } finally { setTimeout(loop, 1000); }
+}
+loop();
 </script>
 </body>
 </html>
 """
+    .replace("/*CHARTS-STYLE*/", _charts.STYLE.lstrip("\n"))
+    .replace("/*CHARTS-SCRIPT*/", _charts.SCRIPT.strip("\n"))
+)
