@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import collections
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +42,15 @@ def wait_no_children(
         time.sleep(0.05)
         left = [p for p in pool_children() if p.is_running() and p.pid not in ignore]
     return left
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests send Ctrl+C (SIGINT) to the programs they start. A child inherits an ignored
+    SIGINT, and a test process may have one: a shell starts background jobs with SIGINT ignored
+    (`pytest &` in a script), and so may a parallel runner. Restore the default here, so that
+    what the tests check is modelpool's handling of Ctrl+C, not how the suite was launched."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

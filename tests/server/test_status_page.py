@@ -1,10 +1,11 @@
 """The status page in a real headless browser (Debian's chromium + chromedriver): it shows
-each model and worker and updates without a reload."""
+each model and worker and updates without a reload, and charts the server's history."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,11 +55,11 @@ def _until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
         time.sleep(0.1)
 
 
-def _infer(server: ServerProcess, seconds: float) -> int:
+def _infer(server: ServerProcess, seconds: float, model: str = "sleepy") -> int:
     body = {"inputs": [{"name": "SECONDS", "datatype": "FP64", "shape": [1], "data": [seconds]}]}
     conn = http.client.HTTPConnection(server.host_port, timeout=30)
     try:
-        conn.request("POST", "/v2/models/sleepy/infer", body=json.dumps(body))
+        conn.request("POST", f"/v2/models/{model}/infer", body=json.dumps(body))
         return conn.getresponse().status
     finally:
         conn.close()
@@ -118,3 +119,129 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
         caller.join(10)
         (p50,) = texts(f"{sleepy} .p50")
         assert p50.endswith(" ms")
+
+
+#: per model section, read in one script (the charts are redrawn every second): the number of
+#: points of each line, the distinct heights each line takes, the stacked worker-state areas and
+#: the restart markers
+_CHART_INFO = """
+const out = {};
+for (const section of document.querySelectorAll("section.model")) {
+  const info = {charts: section.querySelectorAll("svg.chart").length, points: {}, heights: {},
+                areas: [], restarts: 0};
+  for (const p of section.querySelectorAll("svg.chart path.series")) {
+    const coords = Array.from(p.getAttribute("d").matchAll(/[ML][-0-9.]+,([-0-9.]+)/g));
+    info.points[p.dataset.series] = coords.length;
+    info.heights[p.dataset.series] = new Set(coords.map(c => c[1])).size;
+  }
+  for (const a of section.querySelectorAll('svg.chart[data-chart="workers"] path.area')) {
+    info.areas.push(a.dataset.series);
+  }
+  info.restarts = section.querySelectorAll('svg.chart[data-chart="workers"] line.restart').length;
+  out[section.dataset.model] = info;
+}
+return out;
+"""
+
+
+def _charted(info: dict[str, Any]) -> bool:
+    sleepy, crashy = info.get("sleepy"), info.get("crashy")
+    if not sleepy or not crashy:
+        return False
+    points, heights = sleepy["points"], sleepy["heights"]
+    return (
+        sleepy["charts"] == 4
+        and all(points.get(s, 0) >= 5 for s in ("requests", "queued", "in_flight"))
+        and all(points.get(q, 0) >= 3 for q in ("p50", "p90", "p99"))
+        and heights["requests"] >= 2  # a line that moves, not a flat zero
+        and "busy" in sleepy["areas"]
+        and "idle" in sleepy["areas"]
+        and crashy["restarts"] >= 1
+    )
+
+
+def test_status_page_charts_traffic_latency_queue_workers_and_restarts(
+    browser: Any, tmp_path: Path
+) -> None:
+    ui = need_module("selenium.webdriver.support.ui")
+    cv2 = need_module("cv2")
+    config = {
+        "models": {
+            "sleepy": {"model": "_server_models:Sleepy", "workers": 2},
+            "crashy": {"model": "_server_models:Abort"},
+        }
+    }
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        stop = threading.Event()
+
+        def traffic(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                _infer(server, rng.choice([0.001, 0.005, 0.02, 0.06]))
+                stop.wait(0.02)  # pacing, so three callers sometimes queue behind two workers
+
+        callers = [threading.Thread(target=traffic, args=(i,), daemon=True) for i in range(3)]
+        for caller in callers:
+            caller.start()
+        try:
+            # the worker aborts: the request fails and the worker is restarted (a marker)
+            assert _infer(server, 0, model="crashy") == 503
+            browser.set_window_size(1400, 1200)
+            browser.get(server.url + "/")
+            info: dict[str, Any] = {}
+
+            def charted(driver: Any) -> bool:
+                info.update(driver.execute_script(_CHART_INFO))
+                return _charted(info)
+
+            try:
+                ui.WebDriverWait(browser, 90, poll_frequency=0.2).until(charted)
+            except Exception as exc:
+                raise AssertionError(f"the charts did not fill in: {info}") from exc
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(30)
+
+        # the history the page draws: latency percentiles in order, rates that add up
+        conn = http.client.HTTPConnection(server.host_port, timeout=30)
+        try:
+            conn.request("GET", "/status/history.json")
+            response = conn.getresponse()
+            assert response.status == 200
+            history = json.loads(response.read())
+        finally:
+            conn.close()
+        assert history["window_s"] == 600
+        sleepy = next(m for m in history["models"] if m["name"] == "sleepy")
+        assert sum(sleepy["requests_per_s"]) > 0
+        latency = sleepy["latency_ms"]
+        for p50, p90, p99 in zip(latency["p50"], latency["p90"], latency["p99"], strict=True):
+            assert (p50 is None) == (p99 is None)
+            assert p50 is None or p50 <= p90 <= p99
+        crashy = next(m for m in history["models"] if m["name"] == "crashy")
+        assert crashy["restarts"]
+        assert sum(r["count"] for r in crashy["restarts"]) >= 1
+        assert crashy["restarts"][0]["reasons"]  # the tooltip says why
+
+        # a screenshot: it decodes, and the sleepy charts' region is drawn (many colours)
+        browser.execute_script(
+            "document.querySelector('section[data-model=\"sleepy\"]').scrollIntoView()"
+        )
+        box = browser.execute_script(
+            "const r = document.querySelector('section[data-model=\"sleepy\"] .charts')"
+            ".getBoundingClientRect();"
+            "return [r.left, r.top, r.right, r.bottom, window.devicePixelRatio];"
+        )
+        shot = tmp_path / "status-charts.png"
+        assert browser.save_screenshot(str(shot))
+        image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+        assert image is not None, "the screenshot is not a PNG that decodes"
+        left, top, right, bottom = (v * box[4] for v in box[:4])
+        height, width = image.shape[:2]
+        region = image[
+            max(0, int(top)) : min(height, int(bottom)), max(0, int(left)) : min(width, int(right))
+        ]
+        assert region.size > 0, f"the charts are off screen: {box} in {width}x{height}"
+        colours = {tuple(int(c) for c in px) for px in region.reshape(-1, 3)[::3]}
+        assert len(colours) >= 50, f"the charts look blank: {len(colours)} colours, {shot}"

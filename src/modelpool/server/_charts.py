@@ -6,8 +6,12 @@ from __future__ import annotations
 __all__ = ["SCRIPT", "STYLE"]
 
 STYLE = """
-  .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr));
-            gap: .6rem 1rem; margin: .6rem 0 .8rem; max-width: 96rem; }
+  .charts { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: .6rem 1rem;
+            margin: .6rem 0 .8rem; max-width: 64rem; }
+  @media (min-width: 1900px) {
+    .charts { grid-template-columns: repeat(4, minmax(0, 1fr)); max-width: none; }
+  }
+  @media (max-width: 700px) { .charts { grid-template-columns: 1fr; } }
   .charts .empty { color: #666; font-style: italic; }
   svg.chart { width: 100%; height: auto; background: #fbfbfd; border: 1px solid #e3e3e8;
               border-radius: 4px; font: 11px system-ui, sans-serif; }
@@ -40,7 +44,7 @@ function niceMax(v) {
   return 10 * p;
 }
 function num(v) {
-  if (v === null || v === undefined) return "–";
+  if (v === null || v === undefined) return "\u2013";
   const a = Math.abs(v);
   if (a >= 1e4) return (v / 1e3).toFixed(0) + "k";
   if (a >= 1e3) return (v / 1e3).toFixed(1) + "k";
@@ -80,7 +84,7 @@ function chartSVG(spec) {
   spec.series.forEach((s, i) => {
     let last = null;
     for (let j = n - 1; j >= 0 && last === null; j--) last = s.values[j];
-    const label = s.label + " " + num(last) + (spec.unit || "");
+    const label = s.label + " " + num(last) + (last === null ? "" : spec.unit || "");
     out.push('<rect x="' + lx + '" y="20" width="9" height="9" fill="' + color(s.key, i) + '"/>' +
              '<text class="legend" data-series="' + s.key + '" x="' + (lx + 12) + '" y="28">' +
              esc(label) + "</text>");
@@ -103,14 +107,22 @@ function chartSVG(spec) {
   }
   if (!n) {
     out.push('<text class="axis" x="' + (PAD.l + w / 2) + '" y="' + (PAD.t + h / 2) +
-             '" text-anchor="middle">collecting…</text>');
+             '" text-anchor="middle">collecting\u2026</text>');
   } else if (spec.stacked) {
+    // counts hold until the next sample: steps, not slopes
     const base = new Array(n).fill(0);
+    const xs = spec.t.map(x), xe = j => (j + 1 < n ? xs[j + 1] : xs[j]).toFixed(1);
     spec.series.forEach((s, i) => {
       const upper = base.map((b, j) => b + (s.values[j] || 0));
       const pts = [];
-      for (let j = 0; j < n; j++) pts.push(x(spec.t[j]).toFixed(1) + "," + y(upper[j]).toFixed(1));
-      for (let j = n - 1; j >= 0; j--) pts.push(x(spec.t[j]).toFixed(1) + "," + y(base[j]).toFixed(1));
+      for (let j = 0; j < n; j++) {
+        const yy = y(upper[j]).toFixed(1);
+        pts.push(xs[j].toFixed(1) + "," + yy, xe(j) + "," + yy);
+      }
+      for (let j = n - 1; j >= 0; j--) {
+        const yy = y(base[j]).toFixed(1);
+        pts.push(xe(j) + "," + yy, xs[j].toFixed(1) + "," + yy);
+      }
       out.push('<path class="area" data-series="' + s.key + '" fill="' + color(s.key, i) +
                '" fill-opacity="0.8" stroke="none" d="M' + pts.join("L") + 'Z"/>');
       for (let j = 0; j < n; j++) base[j] = upper[j];
@@ -131,7 +143,8 @@ function chartSVG(spec) {
   for (const r of spec.restarts) {
     if (r.t < spec.t0) continue;
     const xx = x(r.t).toFixed(1);
-    const why = Object.entries(r.reasons).map(([k, v]) => k + (v > 1 ? " ×" + v : "")).join(", ");
+    const why = Object.entries(r.reasons)
+      .map(([k, v]) => k + (v > 1 ? " \u00d7" + v : "")).join(", ");
     const tip = "worker restart at " + new Date(r.t * 1000).toLocaleTimeString() + ": " + why;
     out.push('<g class="restart-marker"><title>' + esc(tip) + '</title><line class="restart" x1="' +
              xx + '" x2="' + xx + '" y1="' + PAD.t + '" y2="' + (PAD.t + h) + '"/>' +
@@ -153,8 +166,9 @@ function modelCharts(m, history) {
               unit: " ms", series: ["p50", "p90", "p99"].map(
                 q => ({key: q, label: q, values: m.latency_ms[q]}))}),
     chartSVG({...common, name: "queue", title: "Queue depth and requests in flight",
-              integer: true, series: [{key: "queued", label: "queued", values: m.queued},
-                                      {key: "in_flight", label: "in flight", values: m.in_flight}]}),
+              integer: true,
+              series: [{key: "queued", label: "queued", values: m.queued},
+                       {key: "in_flight", label: "in flight", values: m.in_flight}]}),
     chartSVG({...common, name: "workers",
               title: "Workers by state" + (m.restarts.length ? " (dashed: restarts)" : ""),
               integer: true, stacked: true,

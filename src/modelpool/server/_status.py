@@ -75,8 +75,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 
 
-PAGE = (
-    """<!doctype html>
+PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -174,7 +173,6 @@ loop();
 </script>
 </body>
 </html>
-"""
-    .replace("/*CHARTS-STYLE*/", _charts.STYLE.lstrip("\n"))
-    .replace("/*CHARTS-SCRIPT*/", _charts.SCRIPT.strip("\n"))
+""".replace("/*CHARTS-STYLE*/", _charts.STYLE.lstrip("\n")).replace(
+    "/*CHARTS-SCRIPT*/", _charts.SCRIPT.strip("\n")
 )
