@@ -584,7 +584,10 @@ try:
 except BaseException as exc:
     out["terminate"] = type(exc).__name__
 for child in psutil.Process().children(recursive=True):  # the pool cannot clean up itself
-    child.kill()
+    try:
+        child.kill()
+    except psutil.NoSuchProcess:  # exited between the listing and the kill
+        pass
 print({RESULT!r} + json.dumps(out), flush=True)
 """
 
