@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import modelpool
-from _models import Echo, Stagger, wait_for_path
+from _models import Echo, Gate, Stagger, wait_for_path
 
 
 def _live(pool: modelpool.Pool) -> int:
@@ -80,3 +82,38 @@ def test_bad_scaling_arguments() -> None:
         modelpool.Pool(Echo, min_workers=3, max_workers=2)
     with pytest.raises(ValueError, match="load_concurrency"):
         modelpool.Pool(Echo, load_concurrency=0)
+
+
+def test_a_batching_pool_grows_for_a_request_that_waits_behind_a_busy_worker(
+    tmp_path: Path,
+) -> None:
+    """With batching on, a request queued while every worker is busy must still wake the
+    scaler (it used to wait until a worker answered: here, never while the gate is shut)."""
+    gate = tmp_path / "open"
+    pool = modelpool.Pool(
+        Gate,
+        options={"path": str(gate)},
+        min_workers=1,
+        max_workers=2,
+        max_batch_size=8,
+        max_batch_delay=0.005,
+    )
+    with pool:
+
+        async def scenario() -> dict:
+            held = asyncio.ensure_future(pool.apredict({"x": np.full((1, 3), -1, np.float32)}))
+            deadline = time.monotonic() + 60
+            while pool.stats().in_flight < 1:
+                assert time.monotonic() < deadline, pool.stats()
+                await asyncio.sleep(0.01)
+            try:  # answered by a second worker while the first still waits on the gate
+                return await asyncio.wait_for(
+                    pool.apredict({"x": np.ones((1, 3), np.float32)}), timeout=60
+                )
+            finally:
+                gate.touch()
+                await held
+
+        out = asyncio.run(scenario())
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2, np.float32))
+    assert "scale_up" in [e["event"] for e in pool.stats().events]

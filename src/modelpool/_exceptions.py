@@ -76,14 +76,7 @@ class InputValidationError(ModelpoolError, ValueError):
 
     def __init__(self, message: str, *, problem: str | None = None) -> None:
         super().__init__(message)
-        self.problem = problem
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_input_error, (self.args[0], self.problem))
-
-
-def _rebuild_input_error(message: str, problem: str | None) -> InputValidationError:
-    return InputValidationError(message, problem=problem)
+        self.problem = problem  # (pickled in __dict__: subclasses keep their own type)
 
 
 class BatchError(ModelpoolError, ValueError):

@@ -16,6 +16,7 @@ fails a request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import IO
@@ -35,15 +36,21 @@ class Output:
             return
         try:
             self.stream.write(text)
-        except (OSError, ValueError):  # EPIPE, EIO, ENOSPC, a closed file
-            self._lose()
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
 
     def flush(self) -> None:
         if self.lost:
             return
         try:
             self.stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A reader that went away (EPIPE), or a closed file: drop everything from now on.
+        Anything else (a full non-blocking pipe, ENOSPC, EIO) loses this write only."""
+        if _gone(exc):
             self._lose()
 
     def isatty(self) -> bool:
@@ -98,6 +105,13 @@ def settle_std_streams() -> None:
             std.flush()
         except (OSError, ValueError):
             _silence(std)
+
+
+def _gone(exc: BaseException) -> bool:
+    """The output will never be read again: its reader exited, or the file is closed."""
+    if isinstance(exc, BrokenPipeError | ConnectionResetError | ValueError):
+        return True
+    return isinstance(exc, OSError) and exc.errno == errno.EBADF
 
 
 class _Guarded:

@@ -551,6 +551,10 @@ def _stop_helpers_at_exit(pid: int) -> None:
         stop_process_helpers()
 
 
+#: A stop of the helpers timed out once (its thread still waits): later calls return at once.
+_helpers_stuck = False
+
+
 def stop_process_helpers(timeout: float = 10.0) -> bool:
     """Stop and reap multiprocessing's fork server and resource tracker, when nothing can
     still need them: no pool of this process is running and no multiprocessing child is alive.
@@ -563,8 +567,11 @@ def stop_process_helpers(timeout: float = 10.0) -> bool:
     that does not stop within ``timeout`` seconds (something else holds its pipe) is left
     alone. True when none is left running.
     """
+    global _helpers_stuck
+    if _helpers_stuck:  # an earlier attempt is still blocked: waiting again would not help
+        return False
     with _atexit_lock:
-        if any(not supervisor.join(timeout=0) for supervisor in _running):
+        if any(not supervisor.join(timeout=0) for supervisor in list(_running)):
             return False
     if multiprocessing.active_children():
         return False
@@ -591,4 +598,5 @@ def stop_process_helpers(timeout: float = 10.0) -> bool:
         stop_all()
         return True
     thread.join(timeout)
-    return not thread.is_alive()
+    _helpers_stuck = thread.is_alive()
+    return not _helpers_stuck

@@ -196,6 +196,7 @@ class Supervisor:
         self._deadlines: list[tuple[float, int]] = []  # (deadline, request id), lazily pruned
         self._timed: dict[int, Request] = {}  # unsettled requests that have a deadline
         self._settle: list[tuple[Request, BaseException]] = []  # failures to report unlocked
+        self._logs: list[tuple[int, str, tuple[object, ...], BaseException | None]] = []
         self._close_requested = False
         self._ids = itertools.count(1)
         self._setup_failures = 0  # in a row
@@ -213,7 +214,9 @@ class Supervisor:
         self._done = threading.Event()
         self._batching = settings.max_batch_size > 1
         self._batch_due: float | None = None  # when the batcher wants to look again
-        self._rows_queued = 0  # rows in the queue (recounted whenever batches are formed)
+        # (batching pools) rows of every request in the queue, settled ones included until
+        # dropped: a hint for waking up on a full batch (too high costs a spurious wake-up)
+        self._rows_queued = 0
         self.on_done: Callable[[Supervisor], object] | None = None
 
     # ------------------------------------------------------------------ caller-facing
@@ -397,6 +400,7 @@ class Supervisor:
             if cancel_futures or force:
                 cancelled = list(self._queue)
                 self._queue.clear()
+                self._rows_queued = 0
         for req in cancelled:  # outside the lock: cancel() runs done-callbacks
             if not req.future.cancel():
                 self._fail(req, PoolClosedError("the pool was shut down"))
@@ -485,21 +489,21 @@ class Supervisor:
     def _must_look(self, req: Request) -> bool:
         """Whether the supervisor must look at the queue now that ``req`` joined it (lock held).
 
-        Otherwise something already due brings it back: a worker's answer (all are busy), or the
-        batch timer it set for the live request at the head. Only live requests count: settled
-        ones (cancelled, timed out) may still sit in the queue until the next dispatch prunes
-        them, and must never stand in for a live head (its timer) or fill a batch.
+        Settled requests (cancelled, timed out, a client that hung up) must never stand in for
+        a live head: ``_admit`` drops them from the head of the queue before this is asked, and
+        every dispatch drops them all, so the queue's head is always one the supervisor saw.
         """
-        if not self._batching:  # the first live one in line (the head is live, or it)
-            return len(self._queue) == 1  # a worker may be starting, or the pool scale up
-        if self._rows_queued >= self.settings.max_batch_size:
-            return True  # maybe a full batch: dispatch it without waiting for the timer
-        return self._batch_due is None and self._idle_worker() is not None
+        if len(self._queue) == 1:  # the first live one in line (settled heads were dropped)
+            return True  # start a batch timer; a worker may be starting, or the pool scale up
+        # Behind a live head the supervisor already knows of: its batch timer, or a worker's
+        # answer, brings it back. Only a full batch is worth waking it early for.
+        return self._batching and self._rows_queued >= self.settings.max_batch_size
 
     def _drop_settled(self) -> None:
         """Remove cancelled or timed-out requests from the queue (lock held)."""
         if any(r.future.done() for r in self._queue):
             self._queue = collections.deque(r for r in self._queue if not r.future.done())
+            self._rows_queued = sum(r.rows for r in self._queue)
 
     def _capacity(self) -> bool:
         """Some worker is loaded (or loading) and able to serve."""
@@ -531,10 +535,21 @@ class Supervisor:
         self._settle.append((req, exc))
 
     def _settle_pending(self) -> None:
-        """Report the failures decided under the lock (call without the lock)."""
+        """Report the failures (and write the log records) decided under the lock (call
+        without the lock)."""
         while self._settle:
             req, exc = self._settle.pop(0)
             self._fail(req, exc)
+        while self._logs:
+            level, message, args, exc_info = self._logs.pop(0)
+            log.log(level, message, *args, exc_info=exc_info)
+
+    def _log_later(
+        self, level: int, message: str, *args: object, exc_info: BaseException | None = None
+    ) -> None:
+        """Log once the lock is released (lock held): formatting a traceback or a blocking
+        write to stderr must not hold up every caller, and a handler may call the pool."""
+        self._logs.append((level, message, args, exc_info))
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -770,7 +785,7 @@ class Supervisor:
             self._assign(worker, unit)
             self._hold_channel(worker)
             out.append((worker, unit))
-        self._rows_queued = sum(r.rows for r in self._queue if not r.future.done())
+        self._rows_queued = sum(r.rows for r in self._queue)
         return out
 
     def _expire(self, now: float) -> None:
@@ -810,6 +825,7 @@ class Supervisor:
             elif not running:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(req)
+                    self._rows_queued -= req.rows
                 loading = sum(1 for w in self._workers if w.state == STARTING)
                 busy = sum(1 for w in self._workers if w.state == BUSY)
                 self._fail_later(
@@ -1077,7 +1093,7 @@ class Supervisor:
                 "slot apart during recycling: use worker_info().lane. Last error"
             )
             self._event("retired_unreplaced", f"{reason}: {error}")
-            log.error("%s: %s", reason, error, exc_info=error)
+            self._log_later(logging.ERROR, "%s: %s", reason, error, exc_info=error)
             return
         if failures >= MAX_SETUP_FAILURES:
             broken = ModelSetupError(
@@ -1088,13 +1104,14 @@ class Supervisor:
             broken.__cause__ = error.__cause__ or error
             self._broken = broken
             self._event("stopped_starting", str(broken))
-            log.error("%s", broken, exc_info=error)
+            self._log_later(logging.ERROR, "%s", broken, exc_info=error)
             if not self._capacity():
                 self._fail_everything(broken)
             return
         delay = min(5.0, 0.5 * 2 ** (failures - 1))
         self._respawn_at[index] = now + delay
-        log.warning(
+        self._log_later(
+            logging.WARNING,
             "%s (setup failure %d in a row; the pool stops starting workers after %d); "
             "starting another in %.1f s",
             error,
@@ -1122,7 +1139,8 @@ class Supervisor:
             self._respawn_at.setdefault(worker.index, now)
         if req is None:
             if worker.kill_reason is None and not self._closing:  # no request will tell of it
-                log.warning(
+                self._log_later(
+                    logging.WARNING,
                     "worker %d (pid %s) of %r %s while idle; likely cause: %s. It is being "
                     "replaced.",
                     worker.index,
@@ -1140,6 +1158,7 @@ class Supervisor:
             if member.attempts <= self.settings.retries and not self._closing:
                 member.worker = None
                 self._queue.appendleft(member)
+                self._rows_queued += member.rows
                 continue
             if worker.kill_reason is not None and self._closing:
                 self._fail_later(

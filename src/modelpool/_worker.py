@@ -203,7 +203,10 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
         except (BrokenPipeError, ConnectionResetError):
             return
         except _transport.PlacementError as exc:  # no room in shared memory; nothing was sent
-            channel.send((ERR, rid, _transport.RemoteException.capture(exc)))
+            try:
+                channel.send((ERR, rid, _transport.RemoteException.capture(exc)))
+            except OSError:
+                return  # the pool is gone (or the stream broke): it sees this worker exit
         except OSError as exc:  # the write itself failed midway: the stream is out of step
             sys.stderr.write(
                 f"modelpool worker {os.getpid()}: could not send an answer to the pool "
@@ -211,7 +214,7 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
             )
             os._exit(EXIT_TRANSPORT)
         except Exception as exc:  # the result could not be encoded
-            what = "predict" if kind == PREDICT else "the function"
+            what = "predict" if kind in (PREDICT, PREDICT_TAGGED) else "the function"
             err = TypeError(
                 f"{what} returned a result that cannot be sent back to the caller: "
                 f"{type(exc).__name__}: {exc}. Return NumPy arrays, torch tensors or other "

@@ -299,6 +299,13 @@ def test_access_log_sampled_from_the_command_line() -> None:
         assert '"GET /nope HTTP/1.1" 404' in line
         sampled = [ln for ln in server.lines if "modelpool.access" in ln and "request_id=s-" in ln]
         assert 40 <= len(sampled) <= 160, len(sampled)  # 100 expected; 8 standard deviations
+        # a percent-encoded line break in the path cannot forge a second log line
+        forged = _new_id("forged")
+        path = "/x%0A2026-01-01 00:00:00 INFO modelpool.access: forged".replace(" ", "%20")
+        assert _request(server, "GET", path, **{"X-Request-ID": forged})[0] == 404
+        line = _wait_line(server, lambda line: f"request_id={forged}]" in line, "forged 404")
+        assert "/x%0A2026" in line
+        assert not [ln for ln in server.lines if ln.startswith("2026-01-01")]
 
 
 def test_access_log_off_by_default_and_text_failures_carry_the_request_id(

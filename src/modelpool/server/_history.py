@@ -173,6 +173,7 @@ class History:
         self.interval = interval
         self.size = size
         self._clock = clock
+        self._failed = False  # sampling failed once already (logged with its traceback)
         self._started = clock()
         self.models: dict[str, ModelHistory] = {}
 
@@ -218,7 +219,10 @@ class History:
             try:
                 self.sample(server)
             except Exception:  # never let a sampling bug take the charts (or more) down
-                log.exception("bug: sampling the status page's history failed")
+                # the first time with its traceback; then quietly, not once a second
+                level = logging.DEBUG if self._failed else logging.ERROR
+                self._failed = True
+                log.log(level, "bug: sampling the status page's history failed", exc_info=True)
 
     def sampler(self, server: Server) -> Callable[[web.Application], AsyncIterator[None]]:
         """For ``app.cleanup_ctx``: sample while the application runs."""
