@@ -275,12 +275,19 @@ async def _hold_both_workers(pool: modelpool.Pool) -> list[asyncio.Task[Any]]:
 ABANDON = ["apredict-cancelled", "future-cancelled", "deadline"]
 
 
-@pytest.mark.parametrize("how", ABANDON)
-def test_abandoned_requests_never_wedge_the_batch_queue(tmp_path: Path, how: str) -> None:
+def _gated_batching_pool(tmp_path: Path) -> tuple[modelpool.Pool, Path]:
+    """Two workers, batches of up to 32 rows after 5 ms; the gate file (not yet there) holds
+    any request with a negative input."""
     gate = tmp_path / "open"
     pool = modelpool.Pool(
         Gate, workers=2, options={"path": str(gate)}, max_batch_size=32, max_batch_delay=0.005
     )
+    return pool, gate
+
+
+@pytest.mark.parametrize("how", ABANDON)
+def test_abandoned_requests_never_wedge_the_batch_queue(tmp_path: Path, how: str) -> None:
+    pool, gate = _gated_batching_pool(tmp_path)
     with pool:
 
         async def scenario() -> float:
@@ -322,10 +329,7 @@ def test_abandoned_requests_never_wedge_the_batch_queue(tmp_path: Path, how: str
 def test_abandoned_requests_do_not_delay_a_full_batch_count(tmp_path: Path) -> None:
     """Abandoned rows must not count towards a 'full batch' either: a live request behind
     31 cancelled ones still waits only its own batch delay, and runs alone."""
-    gate = tmp_path / "open"
-    pool = modelpool.Pool(
-        Gate, workers=2, options={"path": str(gate)}, max_batch_size=32, max_batch_delay=0.005
-    )
+    pool, gate = _gated_batching_pool(tmp_path)
     with pool:
 
         async def scenario() -> dict:
