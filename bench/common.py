@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import modelpool
@@ -78,3 +79,20 @@ class MLP(FixedCostMLP):
 
         h = np.maximum(inputs["x"] @ self.w1, 0)
         return {"y": h @ self.w2}
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, quartiles, extremes and count of per-round values (kept as ``per_round``)."""
+    if len(values) > 1:
+        p25, _, p75 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        p25 = p75 = values[0]
+    return {
+        "median": statistics.median(values),
+        "p25": p25,
+        "p75": p75,
+        "min": min(values),
+        "max": max(values),
+        "rounds": len(values),
+        "per_round": values,
+    }
