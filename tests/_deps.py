@@ -1,7 +1,9 @@
 """Optional dependencies of the tests: skipped locally when missing, a failure in CI.
 
 ``CI=true`` (set by ``.ci/run``) turns every missing optional dependency into an error, so a
-test can never pass CI by quietly skipping.
+test can never pass CI by quietly skipping. Either way it is decided inside the tests (and
+fixtures) that need the dependency: never at module level, where a missing module would stop
+the collection of the whole suite.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import importlib
 import os
 import shutil
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,29 @@ def need_module(name: str) -> ModuleType:
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+class _Deferred(ModuleType):
+    """A module imported on first use of one of its public names (see ``deferred_module``)."""
+
+    def __init__(self, name: str, needs: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self._needs = needs
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith(("__", "_pytest", "_fixture")):  # introspection (pytest collecting
+            raise AttributeError(attr)  # a test module's globals): never an import, or a skip
+        for need in self._needs:
+            need_module(need)
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def deferred_module(name: str, *needs: str) -> Any:
+    """Module ``name``, imported when a test first uses it: a missing optional dependency then
+    skips (or, in CI, fails) that test, instead of aborting the collection of the whole suite
+    as an import or a ``need_module`` call at module level does. ``needs`` are the optional
+    modules to check first, for a message that names them (default: ``name`` itself)."""
+    return _Deferred(name, needs or (name,))
 
 
 def need_program(name: str, package: str) -> str:

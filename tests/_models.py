@@ -357,3 +357,39 @@ class LoadsOnce(modelpool.Model):
 
     def predict(self, inputs: Any) -> Any:
         return os.getpid()
+
+
+class FrozenDoubler(Doubler):
+    """``Doubler`` whose output is read-only in the worker (as an array over ``bytes``, or one a
+    library marks read-only, would be): only the transport can make it writable."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        y = inputs["x"] * 2
+        y.flags.writeable = False
+        return {"y": y}
+
+
+class Journal(modelpool.Model):
+    """Appends a line per row of ``x`` to the file ``path``, as the rows run: the row's first
+    value and the number of rows it ran with (its batch's size)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.path = options["path"]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        with open(self.path, "a") as f:
+            f.writelines(f"{int(row.ravel()[0])} {len(x)}\n" for row in x)
+        return {"y": x * 2}
+
+
+def started_then_wait(started: str, gate: str, timeout: float = 120.0) -> int:
+    """For ``pool.submit``: tell the test this request is running (the file ``started``, holding
+    the worker's pid), then hold the worker until the file ``gate`` exists, like
+    ``wait_for_path``. Returns the worker's pid."""
+    with open(started + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    if not wait_for_path(gate, timeout):
+        raise TimeoutError(f"the gate {gate} never opened")
+    return os.getpid()

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +53,19 @@ def pytest_configure(config: pytest.Config) -> None:
     what the tests check is modelpool's handling of Ctrl+C, not how the suite was launched."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Coverage's `patch = _exit` (pyproject.toml) replaces os._exit with a function that saves
+    the coverage data first; pytest-cov starts coverage in this hook, so it is patched by now.
+    Tests hand os._exit itself to workers (`pool.submit(os._exit, 3)`), and the pool sends a
+    function by name when it can: name the replacement as what it stands for, so that it still
+    goes as `os._exit` (which the worker looks up as its own) and the tests see the real one's
+    behaviour, not an unpicklable closure."""
+    if isinstance(os._exit, types.FunctionType):  # the real one is a builtin
+        os._exit.__module__ = "os"
+        os._exit.__qualname__ = os._exit.__name__ = "_exit"
 
 
 @pytest.fixture(autouse=True)

@@ -69,3 +69,21 @@ def test_a_cancelled_future_cancels_the_await() -> None:
             await task
 
     asyncio.run(run())
+
+
+def test_an_event_loop_that_awaited_answers_can_be_freed() -> None:
+    """The inbox of a loop must not keep the loop alive: every ``asyncio.run`` would leak one."""
+    import gc
+    import weakref
+
+    loops = []
+
+    async def answer() -> int:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        done: cf.Future[int] = cf.Future()
+        threading.Timer(0.01, done.set_result, (7,)).start()
+        return int(await _aio.await_future(done))
+
+    assert asyncio.run(answer()) == 7
+    gc.collect()
+    assert loops[0]() is None

@@ -520,7 +520,7 @@ def test_kubernetes_manifests_fit_the_image_and_the_server(kube: list[dict[str, 
     assert Path(arg).name in config_map["data"]
     # the pod is given the time the server takes to stop: preStop, then the server's drain,
     # then the pools' own drain and each worker's teardown()
-    from modelpool._supervisor import STOP_GRACE
+    from modelpool._fleet import STOP_GRACE
 
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"

@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-import torch
 
 import _hazard_models
 import modelpool
-from _deps import need_module
-from _models import Crashy, Doubler, TorchModel, WhoAmI
+from _deps import deferred_module, need_module
+from _models import Crashy, Doubler, TorchModel, WhoAmI, started_then_wait
+from _waiting import wait_for
 from modelpool import _hygiene
 
+torch = deferred_module("torch")  # optional: imported by the tests that use it
 TESTS_DIR = Path(__file__).resolve().parent
 RESULT = "RESULT "  # prefix of the one JSON line a script prints for the test to read
 
@@ -142,6 +143,13 @@ def _kill_all(procs: list[psutil.Process]) -> None:
 
 
 @pytest.fixture
+def torch_installed() -> None:
+    """For the tests that run torch (here, in a script or in a worker): skipped, or in CI
+    failed, when it is missing, as ``need_module`` does."""
+    need_module("torch")
+
+
+@pytest.fixture
 def no_thread_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No thread limits exported by whoever runs the tests."""
     for name in _hygiene.THREAD_ENV_VARS:
@@ -206,6 +214,7 @@ print({RESULT!r} + json.dumps(out))
 """
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h1_plain_fork_after_openmp_hangs_the_children() -> None:
     """H1 without modelpool: after the parent ran a 2-thread torch matmul, children forked with
     ``multiprocessing``'s "fork" context hang in their own matmul (libgomp's team state is
@@ -216,6 +225,7 @@ def test_h1_plain_fork_after_openmp_hangs_the_children() -> None:
     assert set(result["exitcodes"]) <= {0, -signal.SIGKILL}
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h1_modelpool_workers_run_openmp_and_fork_is_refused() -> None:
     """H1 with modelpool: in the same poisoned parent, a default pool (forkserver) runs a
     2-thread torch matmul in its worker and answers; ``start_method="fork"`` is refused at
@@ -248,6 +258,7 @@ print({RESULT!r} + json.dumps(draws))
 """
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h6_plain_fork_children_draw_identical_numbers() -> None:
     """H6 without modelpool: forked children inherit the parent's NumPy and torch RNG state,
     so every "random" draw is the same in every child (``random`` alone is reseeded by
@@ -260,6 +271,7 @@ def test_h6_plain_fork_children_draw_identical_numbers() -> None:
     assert len({d["torch"] for d in draws}) == 1, draws
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h6_modelpool_workers_draw_distinct_reproducible_numbers() -> None:
     """H6 with modelpool: each worker's ``random``, NumPy and torch streams differ from the
     others', ``worker_info().seed`` differs per worker, and two pools with the same ``seed=``
@@ -294,6 +306,7 @@ def _submitted_draws(seed: int) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "run", [_whoami_draws, _submitted_draws], ids=["model-imports-torch-in-predict", "submit"]
 )
+@pytest.mark.usefixtures("torch_installed")
 def test_h6_torch_imported_after_setup_is_seeded_too(
     run: Callable[[int], dict[str, Any]],
 ) -> None:
@@ -328,6 +341,7 @@ print({RESULT!r} + json.dumps({{
 """
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h7_plain_read_only_array_warns_and_mutates_bytes() -> None:
     """H7 without modelpool: ``torch.from_numpy(np.frombuffer(bytes))`` warns that the array is
     not writable, and an in-place op then changes an immutable ``bytes`` object. Runs in a
@@ -355,6 +369,7 @@ def _assert_safe_for_torch(arr: np.ndarray) -> None:
     assert not [str(w.message) for w in caught], "torch warned about the array"
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h7_modelpool_read_only_input_arrives_writable_in_the_worker() -> None:
     """H7 with modelpool: a read-only input (``np.frombuffer``, as tritonclient's ``as_numpy``
     returns) arrives writable in the worker, where ``torch.from_numpy`` and an in-place add
@@ -369,6 +384,7 @@ def test_h7_modelpool_read_only_input_arrives_writable_in_the_worker() -> None:
     assert raw == np.arange(8, dtype=np.float32).tobytes()  # the worker changed its own copy
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h7_modelpool_predict_outputs_are_writable_for_torch() -> None:
     """H7 with modelpool: a torch model (in-place add on ``torch.from_numpy`` of its input) fed
     a read-only array answers, leaves the caller's bytes untouched, and its outputs reach the
@@ -381,6 +397,7 @@ def test_h7_modelpool_predict_outputs_are_writable_for_torch() -> None:
     _assert_safe_for_torch(out["y"])
 
 
+@pytest.mark.usefixtures("torch_installed")
 def test_h7_modelpool_read_only_result_arrives_writable() -> None:
     """H7 with modelpool: an array that is read-only in the worker (here ``np.frombuffer``)
     reaches the caller writable and safe for ``torch.from_numpy``."""
@@ -510,18 +527,22 @@ def test_h10_plain_executor_breaks_for_good_after_one_crash(how: str) -> None:
     ],
 )
 def test_h10_modelpool_fails_only_the_crashing_request(
-    how: str, signal_name: str | None, exitcode: int
+    how: str, signal_name: str | None, exitcode: int, tmp_path: Path
 ) -> None:
     """H10 with modelpool: only the request whose worker died fails, with a
     ``WorkerCrashedError`` that names the exit; an innocent request running in the other
     worker at the same time succeeds, the dead worker is replaced and later requests succeed."""
+    started, gate = tmp_path / "started", tmp_path / "gate"
     with modelpool.Pool(Crashy, workers=2) as pool:
-        innocent = pool.submit(_hazard_models.sleep_then, "innocent", 1.0)
+        innocent = pool.submit(started_then_wait, str(started), str(gate))
+        wait_for(started.exists, 60, "the innocent request to run")
         with pytest.raises(modelpool.WorkerCrashedError) as info:
             pool.predict({"die": how}, timeout=60)
         assert info.value.signal_name == signal_name
         assert info.value.exitcode == exitcode
-        assert innocent.result(timeout=60) == "innocent"
+        assert not innocent.done()  # it was running beside the crash, and still is
+        gate.touch()
+        assert innocent.result(timeout=60) == int(started.read_text())  # where it started
         later = [pool.predict({"x": np.array(i)}, timeout=60) for i in range(4)]
         assert all(isinstance(out["pid"], int) for out in later)
         assert pool.submit(_hazard_models.sleep_then, "later", 0.0).result(timeout=60) == "later"
@@ -712,7 +733,7 @@ def _cores() -> int:
     return cores
 
 
-@pytest.mark.usefixtures("no_thread_env")
+@pytest.mark.usefixtures("no_thread_env", "torch_installed")
 def test_h16_plain_spawn_child_uses_every_core() -> None:
     """H16 without modelpool: a plain spawned child's torch uses all cores, whatever number of
     sibling workers run beside it (so N workers oversubscribe the machine N times)."""
@@ -723,7 +744,7 @@ def test_h16_plain_spawn_child_uses_every_core() -> None:
     assert threads > cores // 2
 
 
-@pytest.mark.usefixtures("no_thread_env")
+@pytest.mark.usefixtures("no_thread_env", "torch_installed")
 def test_h16_modelpool_default_budget_is_cores_per_worker() -> None:
     """H16 with modelpool: by default each of 2 workers gets usable cores // 2 threads: the
     environment (OMP/MKL/OpenBLAS), every BLAS/OpenMP pool threadpoolctl sees and torch."""
@@ -741,7 +762,7 @@ def test_h16_modelpool_default_budget_is_cores_per_worker() -> None:
     assert {n for _, _, n in report["pools"]} == {expected}, report["pools"]
 
 
-@pytest.mark.usefixtures("no_thread_env")
+@pytest.mark.usefixtures("no_thread_env", "torch_installed")
 def test_h16_modelpool_explicit_threads_per_worker_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     """H16 with modelpool: an explicit ``threads_per_worker`` beats both the default and an
     exported ``OMP_NUM_THREADS``."""
@@ -755,7 +776,7 @@ def test_h16_modelpool_explicit_threads_per_worker_wins(monkeypatch: pytest.Monk
     assert {n for _, _, n in report["pools"]} == {explicit}, report["pools"]
 
 
-@pytest.mark.usefixtures("no_thread_env")
+@pytest.mark.usefixtures("no_thread_env", "torch_installed")
 def test_h16_modelpool_exported_omp_num_threads_wins_over_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,4 +1,7 @@
-"""The framing and arenas under the pool, on a real socketpair and real memfds."""
+"""What crosses between the pool and a worker (``_transport``): the framing, on a real
+socketpair; then what a pool's messages carry: every dtype and layout, torch tensors,
+read-only arrays made writable, thousands of buffers, exceptions and results that cannot
+travel, and a write that fails. (The arenas under it: test_shm.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +13,13 @@ import threading
 import numpy as np
 import pytest
 
-from modelpool import _shm, _transport
+import modelpool
+from _deps import deferred_module
+from _models import Echo, Raiser
+from _waiting import wait_for
+from modelpool import _transport
+
+torch = deferred_module("torch")  # optional: imported by the test that uses it
 
 
 @pytest.fixture
@@ -79,46 +88,17 @@ def test_shutdown_wakes_a_blocked_reader_even_if_the_peer_end_stays_open(wires) 
 
     reader = threading.Thread(target=read)
     reader.start()
-    reader.join(0.2)
-    assert reader.is_alive()  # blocked: the peer (left) is open and silent
+    wait_for(lambda: _blocked_reading(reader), 60, "the reader to block on the socket")
     right.shutdown()
     reader.join(5)
     assert not reader.is_alive()
     assert isinstance(errors[0], EOFError)
 
 
-def test_arena_allocator_reuses_freed_regions_first_fit() -> None:
-    arena = _shm.Arena.create("test")
-    try:
-        a = arena.write(memoryview(bytes(1000)))
-        b = arena.write(memoryview(bytes(5000)))
-        assert (a, b) == (0, 1024)
-        arena.free(a)
-        assert arena.write(memoryview(bytes(900))) == 0  # fits the hole
-        assert arena.write(memoryview(bytes(900))) >= 1024 + 5000  # does not overlap b
-        size = arena.size
-        arena.write(memoryview(bytes(3 * size)))  # grows
-        assert arena.size >= 4 * size
-    finally:
-        arena.close()
-
-
-def test_reader_reports_a_region_only_after_its_arrays_die() -> None:
-    writer = _shm.Arena.create("w")
-    reader = _shm.Arena(os.dup(writer.fd))
-    try:
-        data = np.arange(1000, dtype=np.float64)
-        offset = writer.write(memoryview(data).cast("B"))
-        array = np.frombuffer(reader.read(offset, data.nbytes, writer.size), dtype=np.float64)
-        view = array[10:20]
-        del array
-        assert list(reader.released) == []  # a view still uses the region
-        np.testing.assert_array_equal(view, data[10:20])
-        del view
-        assert list(reader.released) == [offset]
-    finally:
-        writer.close()
-        reader.close()
+def _blocked_reading(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in the kernel reading a Unix socket (it has not been woken)."""
+    with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+        return f.read() == "unix_stream_read_generic"
 
 
 @pytest.mark.parametrize("pieces", [1023, 1024, 1025, 3_000, 10_001])
@@ -130,3 +110,160 @@ def test_a_message_of_more_pieces_than_iov_max_arrives_whole(wires, pieces: int)
     sender.start()
     assert bytes(right.recv()) == b"".join(parts)
     sender.join()
+
+
+# ---------------------------------------------------------------- what a pool's messages carry
+
+
+ALL_DTYPES = [
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+]
+
+
+@pytest.mark.parametrize("size", [3, 200_000])  # through the pipe, and through shared memory
+def test_every_dtype_round_trips_writable(size: int) -> None:
+    """Read-only at the caller (a writable array would arrive writable anyway), each comes back
+    equal, of its dtype and writable."""
+    arrays = {np.dtype(t).name: (np.arange(size) % 2).astype(t) for t in ALL_DTYPES}
+    for array in arrays.values():
+        array.flags.writeable = False
+    with modelpool.Pool(Echo) as pool:
+        out = pool.predict(arrays)
+    for name, array in arrays.items():
+        assert out[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(out[name], array)
+        assert out[name].flags.writeable, name
+
+
+def test_odd_arrays_round_trip() -> None:
+    big = np.arange(1_000_000, dtype=np.float64)
+    arrays = {
+        "strings": np.array(["a", "bc", ""], dtype=object),
+        "bytes": np.array([b"\x00\x01", b""], dtype=object),
+        "unicode": np.array(["héllo", "wörld"]),
+        "empty": np.zeros((0, 5), dtype=np.float32),
+        "strided": big[::3],
+        "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        "scalar": np.array(3.5),
+        "readonly": np.frombuffer(b"\x01\x02\x03\x04", dtype=np.uint8),
+    }
+    with modelpool.Pool(Echo) as pool:
+        out = pool.predict(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(out[name], array)
+        assert out[name].dtype == array.dtype
+        assert out[name].flags.writeable, name
+
+
+def test_torch_tensors_come_back_as_tensors() -> None:
+    tensors = {
+        "f32": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "bf16": torch.ones(300_000, dtype=torch.bfloat16),
+        "int": torch.tensor([1, 2, 3]),
+        "noncontig": torch.arange(20.0)[::2],
+        "grad": torch.ones(3, requires_grad=True),
+    }
+    with modelpool.Pool(Echo) as pool:
+        out = pool.predict(tensors)
+    for name, tensor in tensors.items():
+        assert isinstance(out[name], torch.Tensor), name
+        assert out[name].dtype == tensor.dtype
+        assert torch.equal(out[name], tensor.detach())
+
+
+@pytest.mark.parametrize("size", [5, 100_000], ids=["pipe", "shared-memory"])
+def test_inputs_arrive_writable_in_the_worker(size: int) -> None:
+    """A read-only input (``np.frombuffer`` over bytes, as tritonclient's ``as_numpy`` gives)
+    arrives writable in the worker, over the worker's own memory: the caller's bytes stay."""
+    raw = np.arange(size, dtype=np.float64).tobytes()
+    x = np.frombuffer(raw, dtype=np.float64)
+    assert not x.flags.writeable
+    with modelpool.Pool(Echo) as pool:
+        writeable, out = pool.submit(_add_one_in_place, x).result(timeout=60)
+    assert writeable is True
+    np.testing.assert_array_equal(out, np.arange(size) + 1)
+    assert raw == np.arange(size, dtype=np.float64).tobytes()
+
+
+def _add_one_in_place(a: np.ndarray) -> tuple[bool, np.ndarray]:
+    writeable = bool(a.flags.writeable)
+    a += 1  # raises ValueError on a read-only array
+    return writeable, a
+
+
+@pytest.mark.parametrize("n", [3_000, 10_000])
+def test_thousands_of_small_tensors_in_and_out(n: int) -> None:
+    """Each array is one buffer of the message: thousands of them used to fail with a bare
+    ``OSError: [Errno 22] Invalid argument`` from writev (more than IOV_MAX pieces)."""
+    inputs = {f"in{i}": np.full(3, i, np.float32) for i in range(n)}
+    with modelpool.Pool(Echo) as pool:
+        out = pool.predict(inputs)
+        batched = modelpool.Pool(Echo, max_batch_size=8)
+        with batched:
+            out_batched = batched.predict(inputs)
+    for answer in (out, out_batched):
+        assert len(answer) == n
+        np.testing.assert_array_equal(answer[f"in{n - 1}"], np.full(3, n - 1, np.float32))
+        assert answer["in0"].flags.writeable
+
+
+def test_unpicklable_exception_arrives_as_remote_error() -> None:
+    with modelpool.Pool(Raiser) as pool:
+        with pytest.raises(modelpool.RemoteError) as info:
+            pool.predict("unpicklable")
+        assert info.value.type_name == "_models.Unpicklable"
+        assert "1-2" in info.value.remote_message
+        assert "Traceback" in info.value.remote_traceback
+        assert pool.predict("fine") == "ok"
+
+
+def test_result_that_cannot_be_encoded_fails_only_that_request() -> None:
+    with modelpool.Pool(Raiser) as pool:
+        with pytest.raises(TypeError, match="cannot be sent back"):
+            pool.predict("lock")
+        assert pool.predict("fine") == "ok"
+
+
+@pytest.mark.parametrize("path", ["predict", "batched", "submit"])
+def test_a_local_transport_failure_is_a_modelpool_error_never_the_models(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A write that fails in this process (here EINVAL, as writev gives past IOV_MAX) fails the
+    request with TransportError, replaces the worker, and the pool keeps serving."""
+    from modelpool import _transport
+
+    real = _transport._Wire.send
+    failed: list[int] = []
+
+    def send_once_then_fail(self: _transport._Wire, parts: list, total: int | None = None) -> None:
+        if not failed:
+            failed.append(1)
+            raise OSError(22, "Invalid argument")
+        real(self, parts, total)
+
+    batch = 8 if path == "batched" else 1
+    with modelpool.Pool(Echo, workers=1, max_batch_size=batch) as pool:
+        pid = pool.stats().workers[0].pid
+        monkeypatch.setattr(_transport._Wire, "send", send_once_then_fail)
+        call = (
+            (lambda: pool.submit(abs, -1).result(timeout=60))
+            if path == "submit"
+            else (lambda: pool.predict({"x": np.ones((1, 2), np.float32)}))
+        )
+        with pytest.raises(modelpool.TransportError, match="could not exchange") as info:
+            call()
+        assert isinstance(info.value.__cause__, OSError)
+        assert pool.predict({"x": np.ones((1, 2), np.float32)})["x"].shape == (1, 2)
+        assert pool.stats().workers[0].pid != pid  # out of step: replaced

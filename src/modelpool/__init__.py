@@ -7,17 +7,27 @@ import typing as _typing
 
 from ._exceptions import (
     BatchError,
+    BodyTooLarge,
+    CodecError,
+    ConfigError,
     InputValidationError,
     ModelpoolError,
     ModelSetupError,
     ModelSpecError,
+    PlacementError,
+    PoisonTaskError,
     PoolClosedError,
     PoolOverloadedError,
+    ProtocolError,
     RemoteError,
     RemoteTraceback,
     RequestTimeoutError,
+    SerializationError,
+    ServerError,
+    ServerTimeoutError,
     TransportError,
     UnsafeForkError,
+    UnsupportedDatatypeError,
     WorkerCrashedError,
     WorkerError,
 )
@@ -28,15 +38,16 @@ from ._pool import Pool, PoolStats
 from ._worker import WorkerInfo, current_model, worker_info
 
 if _typing.TYPE_CHECKING:
-    from .client import Client, ServerError, ServerTimeoutError
+    from .client import Client
 
 __version__ = "0.1.0"
 
-_LAZY = {"Client": "client", "ServerError": "client", "ServerTimeoutError": "client"}
+_LAZY = {"Client": "client"}
 
 
 def __getattr__(name: str) -> object:
-    """The HTTP client's names, imported on first use (``modelpool.Client``)."""
+    """The HTTP client, imported on first use (``modelpool.Client``); its errors are in the
+    error tree, imported with the package."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'modelpool' has no attribute {name!r}")
@@ -49,24 +60,32 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BatchError",
+    "BodyTooLarge",
     "Client",
+    "CodecError",
+    "ConfigError",
     "InputValidationError",
     "Model",
     "ModelSetupError",
     "ModelSpecError",
     "ModelpoolError",
+    "PlacementError",
+    "PoisonTaskError",
     "Pool",
     "PoolClosedError",
     "PoolOverloadedError",
     "PoolStats",
+    "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
     "RequestTimeoutError",
+    "SerializationError",
     "ServerError",
     "ServerTimeoutError",
     "TensorSpec",
     "TransportError",
     "UnsafeForkError",
+    "UnsupportedDatatypeError",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerInfo",

@@ -22,7 +22,9 @@ class _Inbox:
     """Answers waiting to be handed to one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # weak: the inbox is the value of a weak-keyed map, and a strong reference to its own
+        # key would keep every event loop that ever awaited an answer alive for good
+        self.loop = weakref.ref(loop)
         self.lock = threading.Lock()
         self.items: list[tuple[asyncio.Future[Any], cf.Future[Any]]] = []
         self.scheduled = False
@@ -34,8 +36,11 @@ class _Inbox:
             if self.scheduled:
                 return
             self.scheduled = True
+        loop = self.loop()
         try:
-            self.loop.call_soon_threadsafe(self.drain)
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self.drain)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             with self.lock:
                 self.items.clear()

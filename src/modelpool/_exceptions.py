@@ -1,7 +1,9 @@
 """Every error modelpool raises, in one tree.
 
 Misuse (you asked for something that cannot work) is kept apart from breakage (something failed
-while working), in the manner of trio's ``ClosedResourceError`` / ``BrokenResourceError``::
+while working: ``WorkerError``), in the manner of trio's ``ClosedResourceError`` /
+``BrokenResourceError``; the HTTP client's errors are a branch of their own. One line each on when
+it is raised (docs/errors.md has what to do about each)::
 
     ModelpoolError
     ├── PoolClosedError            the pool was shut down; calls after shutdown()
@@ -12,14 +14,34 @@ while working), in the manner of trio's ``ClosedResourceError`` / ``BrokenResour
     ├── InputValidationError       inputs do not match the model's declared signature (ValueError)
     ├── BatchError                 with batching on, predict's outputs do not have one row per
     │                              input row, so they cannot be split back (ValueError)
-    ├── PoolOverloadedError        the queue is full; try again later
+    ├── PoolOverloadedError        the queue is full (max_queue); try again later
+    ├── SerializationError         a value could not be pickled or unpickled on its way to or
+    │                              from a worker: an input, a function's arguments, an answer
+    │                              (TypeError)
+    ├── ConfigError                a YAML file, `serve` flags or Celery install() arguments are
+    │                              invalid (ValueError)
+    ├── CodecError                 a body is not a valid Open Inference Protocol request or
+    │   │                          response (ValueError): the server answers 400
+    │   └── BodyTooLarge           a (decompressed) body is over the server's limit: 413
+    ├── UnsupportedDatatypeError   an array's dtype has no protocol datatype (complex, datetime):
+    │                              an input to Client.infer, or a model's output (TypeError)
+    ├── ServerError                (Client) the server answered an error status, or could not be
+    │   │                          reached (status 0)
+    │   └── ServerTimeoutError     (Client) a 504, or no answer within the client's timeout
+    │                              (also a TimeoutError)
     └── WorkerError                breakage in a worker process
         ├── ModelSetupError        setup() raised, timed out or the worker died while loading
         ├── WorkerCrashedError     the worker died while serving a request
+        │   └── PoisonTaskError    (Celery) a task's worker process died on every delivery; it is
+        │                          not delivered again
         ├── RequestTimeoutError    the request missed its deadline (also a TimeoutError)
         ├── TransportError         a message could not be carried between the pool and a worker
-        │                          (shared memory full, a failed write, an answer out of step);
-        │                          never the model's fault
+        │   │                      (a failed write, an answer out of step); never the model's
+        │   │                      fault
+        │   ├── PlacementError     no room in shared memory for a message's arrays: nothing was
+        │   │                      sent, the worker keeps serving (also a MemoryError)
+        │   └── ProtocolError      an answer that does not belong to the request in flight (a
+        │                          bug in modelpool): the worker is replaced
         └── RemoteError            the worker raised an exception that could not be sent back as
                                    itself; carries its type name, message and traceback text
 
@@ -31,19 +53,31 @@ Exceptions here know nothing of HTTP; the server maps them to status codes in on
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BatchError",
+    "BodyTooLarge",
+    "CodecError",
+    "ConfigError",
     "InputValidationError",
     "ModelSetupError",
     "ModelSpecError",
     "ModelpoolError",
+    "PlacementError",
+    "PoisonTaskError",
     "PoolClosedError",
     "PoolOverloadedError",
+    "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
     "RequestTimeoutError",
+    "SerializationError",
+    "ServerError",
+    "ServerTimeoutError",
     "TransportError",
     "UnsafeForkError",
+    "UnsupportedDatatypeError",
     "WorkerCrashedError",
     "WorkerError",
 ]
@@ -88,6 +122,17 @@ class PoolOverloadedError(ModelpoolError):
     """The pool's queue is full; the request was not accepted. Retry later."""
 
 
+class SerializationError(ModelpoolError, TypeError):
+    """A value could not cross between the pool and a worker: an input or a function's
+    arguments that cannot be pickled (raised in the caller, nothing was sent), a message one
+    side cannot unpickle (a class that only one of the two processes can import), or an
+    answer the model returned that cannot be pickled. The pickle error is the ``__cause__``."""
+
+
+class ConfigError(ModelpoolError, ValueError):
+    """The configuration is invalid; the message names the file, the field and the fix."""
+
+
 class WorkerError(ModelpoolError):
     """Something broke inside a worker process."""
 
@@ -117,24 +162,19 @@ class WorkerCrashedError(WorkerError):
         self.exitcode = exitcode
         self.signal_name = signal_name
         self.likely_cause = likely_cause
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild_crashed,
-            (self.args[0], self.pid, self.exitcode, self.signal_name, self.likely_cause),
-        )
+        # No __reduce__: BaseException's rebuilds ``cls(message)`` and restores the facts from
+        # ``__dict__``, so subclasses (PoisonTaskError) pickle with their own type and facts.
 
 
-def _rebuild_crashed(
-    message: str,
-    pid: int | None,
-    exitcode: int | None,
-    signal_name: str | None,
-    likely_cause: str | None,
-) -> WorkerCrashedError:
-    return WorkerCrashedError(
-        message, pid=pid, exitcode=exitcode, signal_name=signal_name, likely_cause=likely_cause
-    )
+class PoisonTaskError(WorkerCrashedError):
+    """(Celery) A task's worker process died every time it ran, and it will not be run again.
+
+    ``deliveries`` is how many times it was delivered. Raised by ``AsyncResult.get()``.
+    """
+
+    def __init__(self, message: str, *, deliveries: int | None = None, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.deliveries = deliveries
 
 
 class RequestTimeoutError(WorkerError, TimeoutError):
@@ -145,6 +185,14 @@ class TransportError(WorkerError):
     """A request or its answer could not be carried between the pool and a worker: no room in
     shared memory, a failed write, or an answer that does not belong to the request. Nothing
     here is the model's doing; the message says whether the worker was replaced."""
+
+
+class PlacementError(TransportError, MemoryError):
+    """Large buffers could not be placed in shared memory (no room to grow); nothing was sent."""
+
+
+class ProtocolError(TransportError):
+    """An answer that does not belong to the request in flight (a bug; the worker is dropped)."""
 
 
 class RemoteError(WorkerError):
@@ -176,3 +224,51 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb.rstrip()}\n"""'
+
+
+# -- the Open Inference Protocol: its codec (modelpool._protocol) and modelpool.Client ------
+
+
+class CodecError(ModelpoolError, ValueError):
+    """A body is not a valid Open Inference Protocol request or response; the message says how
+    to fix it. The server answers it with 400 (413 for ``BodyTooLarge``); ``Client`` raises a
+    malformed answer as a ``ServerError``."""
+
+
+class BodyTooLarge(CodecError):
+    """The (decompressed) body is larger than the server accepts."""
+
+
+class UnsupportedDatatypeError(ModelpoolError, TypeError):
+    """An array's dtype has no Open Inference Protocol datatype (complex, datetime, ...)."""
+
+
+class ServerError(ModelpoolError):
+    """(``modelpool.Client``) The server answered with an error status, or could not be
+    reached (``status`` 0).
+
+    ``message`` is the server's ``error`` text (or what went wrong locally); ``url`` the URL
+    requested.
+    """
+
+    def __init__(self, status: int, message: str, *, url: str = "") -> None:
+        where = f" from {url}" if url else ""
+        text = f"HTTP {status}{where}: {message}" if status else message
+        super().__init__(text)
+        self.status = status
+        self.message = message
+        self.url = url
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_server_error, (type(self), self.status, self.message, self.url))
+
+
+class ServerTimeoutError(ServerError, TimeoutError):
+    """(``modelpool.Client``) The server answered 504, or gave no answer within the client's
+    ``timeout``."""
+
+
+def _rebuild_server_error(
+    cls: type[ServerError], status: int, message: str, url: str
+) -> ServerError:
+    return cls(status, message, url=url)

@@ -14,16 +14,13 @@ import signal
 import sys
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 
 from . import _shm, _transport
 from ._hygiene import THREAD_PREFIX
 from ._worker import EXIT_TRANSPORT, WorkerSpec, run_worker
-
-if TYPE_CHECKING:
-    from ._supervisor import Request
 
 __all__ = [
     "BUSY",
@@ -39,6 +36,17 @@ __all__ = [
 ]
 
 STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
+
+
+class Assigned(Protocol):
+    """What a handle knows of the request it runs (a ``_requests.Request``; this module sits
+    below that one and does not import it)."""
+
+    id: int
+    counted: bool
+
+    @property
+    def members(self) -> tuple[Any, ...]: ...
 
 
 @dataclasses.dataclass
@@ -82,7 +90,7 @@ class WorkerHandle:
         self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
         self.pid: int | None = process.pid
         self.state = STARTING
-        self.request: Request | None = None
+        self.request: Assigned | None = None
         self.busy_since = 0.0
         self.served = 0
         self.limit: int | None = None  # recycle after this many requests

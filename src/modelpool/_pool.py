@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures as cf
-import contextlib
 import functools
 import itertools
 import multiprocessing
-import multiprocessing.util
 import os
 import pickle
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from . import _aio, _batching, _hygiene, _transport
+from ._atexit import register_atexit
 from ._exceptions import InputValidationError, ModelSpecError, PoolClosedError, UnsafeForkError
 from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
 from ._model import TensorSpec, normalize_inputs
-from ._supervisor import PoolSettings, Request, Supervisor
-from ._worker import CALL, PREDICT, PREDICT_TAGGED
+from ._requests import Request
+from ._settings import PoolSettings, check, default_start_method, scaling, validate
+from ._supervisor import Supervisor
+from ._worker import CALL, PREDICT, PREDICT_TAGGED, model_loaded
 
-__all__ = ["Pool", "PoolStats"]
+__all__ = ["Pool", "PoolStats", "StartedPredict"]
 
 T = TypeVar("T")
 
@@ -37,46 +36,6 @@ def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
 def _chunked(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
     while chunk := list(itertools.islice(items, size)):
         yield chunk
-
-
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def _default_start_method() -> str:
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if sys.platform.startswith("linux") and "forkserver" in methods else "spawn"
-
-
-def parse_size(value: int | str, field: str = "size") -> int:
-    """Bytes from an int or a string such as ``'512MB'`` or ``'1.5GB'`` (binary units:
-    1 KB = 1024 bytes, as memory is counted)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"{field} must be bytes (int) or like '2GB', got {value!r}")
-    if isinstance(value, int):
-        number, unit = float(value), ""
-    else:
-        text = value.strip().upper().removesuffix("IB").removesuffix("B").strip()
-        unit = text[-1] if text and text[-1] in "KMGT" else ""
-        try:
-            number = float(text[: len(text) - len(unit)])
-        except ValueError:
-            raise ValueError(
-                f"{field}={value!r} is not a size; use bytes or e.g. '512MB', '1.5GB'"
-            ) from None
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{field} must be positive, got {value!r}")
-    return size
-
-
-def _positive(name: str, value: float | None, *, integer: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
-        kind = "an int" if integer else "a number of seconds"
-        raise TypeError(f"{name} must be {kind} or None, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 class PoolStats(dict[str, Any]):
@@ -133,39 +92,31 @@ class Pool(cf.Executor):
         devices: Sequence[str | int] | None = None,
         name: str | None = None,
     ) -> None:
-        _positive("workers", workers, integer=True)
-        _positive("min_workers", min_workers, integer=True)
-        _positive("max_workers", max_workers, integer=True)
-        _positive("load_concurrency", load_concurrency, integer=True)
-        _positive("scale_down_after", scale_down_after)
-        floor = min_workers if min_workers is not None else workers
-        ceiling = max_workers if max_workers is not None else max(workers, floor)
-        if floor > ceiling:
-            raise ValueError(
-                f"min_workers={floor} is more than max_workers={ceiling}; "
-                "min_workers must be <= max_workers"
-            )
-        _positive("max_batch_size", max_batch_size, integer=True)
-        _positive("max_queue", max_queue, integer=True)
-        if isinstance(max_batch_delay, bool) or not isinstance(max_batch_delay, int | float):
-            raise TypeError(f"max_batch_delay must be seconds (a number), got {max_batch_delay!r}")
-        if max_batch_delay < 0:
-            raise ValueError(f"max_batch_delay must be >= 0, got {max_batch_delay!r}")
-        _positive("threads_per_worker", threads_per_worker, integer=True)
-        _positive("timeout", timeout)
-        _positive("setup_timeout", setup_timeout)
-        _positive("max_requests_per_worker", max_requests_per_worker, integer=True)
-        _positive("drain_timeout", drain_timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise TypeError(f"retries must be an int >= 0, got {retries!r}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        methods = multiprocessing.get_all_start_methods()
-        method = start_method or _default_start_method()
-        if method not in methods:
-            raise ValueError(f"start_method={method!r} is not available here; use one of {methods}")
+        given = validate(
+            {
+                "workers": workers,
+                "options": options,
+                "start_method": start_method,
+                "threads_per_worker": threads_per_worker,
+                "timeout": timeout,
+                "setup_timeout": setup_timeout,
+                "max_requests_per_worker": max_requests_per_worker,
+                "max_memory_per_worker": max_memory_per_worker,
+                "retries": retries,
+                "seed": seed,
+                "drain_timeout": drain_timeout,
+                "max_batch_size": max_batch_size,
+                "max_batch_delay": max_batch_delay,
+                "max_queue": max_queue,
+                "min_workers": min_workers,
+                "max_workers": max_workers,
+                "load_concurrency": load_concurrency,
+                "scale_down_after": scale_down_after,
+                "devices": devices,
+            }
+        )
+        floor, ceiling = scaling(workers, min_workers, max_workers)
+        method = given["start_method"] or default_start_method()
         self._start_method = method
         ref, cls, specs, model_limit = self._resolve_model(model, method)
         self._model_class = cls
@@ -175,8 +126,9 @@ class Pool(cf.Executor):
         self._model_name = name
         self._input_specs: tuple[TensorSpec, ...] = specs
         self._model_limit = model_limit  # rows the model accepts at most (its own declaration)
+        batch_limit = given["max_batch_size"]
         if model_limit is not None:
-            max_batch_size = min(max_batch_size, model_limit)
+            batch_limit = min(batch_limit, model_limit)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         init = None
@@ -186,37 +138,30 @@ class Pool(cf.Executor):
                 pickle.dumps(init[1])
             except Exception as exc:
                 raise ModelSpecError(f"initargs must be picklable: {exc}") from exc
-        if isinstance(devices, str | int):
-            raise TypeError(f"devices must be a list such as ['cuda:0', 'cuda:1'], got {devices!r}")
-        device_envs = tuple(_hygiene.device_env(d) for d in devices or ())
-        threads = _hygiene.resolve_threads(threads_per_worker, ceiling)
+        threads = _hygiene.resolve_threads(given["threads_per_worker"], ceiling)
         env = _hygiene.thread_env(threads, explicit=threads_per_worker is not None)
         self._settings = PoolSettings(
             model_ref=ref,
             model_name=name,
-            options=dict(options or {}),
+            options=given["options"],
             workers=ceiling,
             min_workers=floor if floor < ceiling else 0,
-            load_concurrency=load_concurrency,
-            scale_down_after=float(scale_down_after),
+            load_concurrency=given["load_concurrency"],
+            scale_down_after=given["scale_down_after"],
             threads=threads,
             env=env,
             seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-            timeout=timeout,
-            setup_timeout=setup_timeout,
-            max_requests_per_worker=max_requests_per_worker,
-            max_memory_per_worker=(
-                None
-                if max_memory_per_worker is None
-                else parse_size(max_memory_per_worker, "max_memory_per_worker")
-            ),
-            retries=retries,
-            drain_timeout=drain_timeout,
+            timeout=given["timeout"],
+            setup_timeout=given["setup_timeout"],
+            max_requests_per_worker=given["max_requests_per_worker"],
+            max_memory_per_worker=given["max_memory_per_worker"],
+            retries=given["retries"],
+            drain_timeout=given["drain_timeout"],
             initializer=init,
-            max_batch_size=max_batch_size,
-            max_batch_delay=float(max_batch_delay),
-            max_queue=max_queue,
-            devices=device_envs,
+            max_batch_size=batch_limit,
+            max_batch_delay=given["max_batch_delay"],
+            max_queue=given["max_queue"],
+            devices=tuple(_hygiene.device_env(d) for d in given["devices"] or ()),
         )
         try:
             pickle.dumps(self._settings.options)
@@ -287,7 +232,7 @@ class Pool(cf.Executor):
                             + ". Use the default start method (forkserver/spawn), or create "
                             "the pool before importing or running these."
                         )
-                _register_atexit(self._supervisor)
+                register_atexit(self._supervisor)
                 self._started = True
                 self._supervisor.start()
         if wait:
@@ -295,7 +240,7 @@ class Pool(cf.Executor):
                 self._supervisor.wait_ready(since)
             except BaseException:
                 if first:  # a pool that never got going leaves nothing behind
-                    self._terminate()
+                    self.terminate()
                 raise
         return self
 
@@ -323,11 +268,18 @@ class Pool(cf.Executor):
             try:
                 self._supervisor.join()
             except BaseException:
-                self._terminate()
+                self.terminate()
                 raise
 
-    def _terminate(self) -> None:
-        """Kill every worker now and reap them (used on errors and interrupts)."""
+    def terminate(self) -> None:
+        """Kill every worker now and reap them: the emergency stop, for when ``shutdown()``
+        is too slow (a second Ctrl+C, an error while starting).
+
+        No drain and no ``teardown()``: queued requests are cancelled, running ones fail with
+        ``PoolClosedError``, and the pool takes no more work, as after ``shutdown()``. Returns
+        when every worker is reaped (waiting 30 s at most). Safe to call more than once, and
+        on a pool that was never started.
+        """
         self._closed = True
         self._supervisor.close(cancel_futures=True, force=True)
         self._supervisor.join(timeout=30.0)
@@ -343,7 +295,7 @@ class Pool(cf.Executor):
     def _new_request(self, timeout: float | None) -> Request:
         """Check the per-call timeout, start the pool if needed, and open a request whose
         deadline counts from now."""
-        _positive("timeout", timeout)
+        check("timeout", timeout)
         self._ensure_started()
         return self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
 
@@ -369,7 +321,7 @@ class Pool(cf.Executor):
         if signature is not None:  # merged with others at dispatch
             req.inputs, req.signature, req.rows = payload, signature, rows
         else:
-            req.frame = _transport.encode(_message(kind, req.id, payload, tag))
+            req.frame = _transport.encode_request(_message(kind, req.id, payload, tag), _what(kind))
         self._supervisor.submit(req)
         return req
 
@@ -394,7 +346,7 @@ class Pool(cf.Executor):
 
     def _call(self, kind: int, payload: Any, timeout: float | None, tag: str | None) -> Any:
         req = self._new_request(timeout)
-        req.frame = _transport.encode(_message(kind, req.id, payload, tag))
+        req.frame = _transport.encode_request(_message(kind, req.id, payload, tag), _what(kind))
         return self._supervisor.call(req)
 
     def predict(
@@ -429,18 +381,34 @@ class Pool(cf.Executor):
         return await _aio.await_future(self._start_predict(inputs, timeout, request_id).future)
 
     def _start_predict(self, inputs: Any, timeout: float | None, request_id: str | None) -> Request:
-        """Check and queue a predict; the request (its future, the worker that ran it) is
-        returned for the server, which names that worker when the request fails."""
+        """Check and queue a predict (``apredict`` and ``start_predict``)."""
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         self._check_rows(inputs)
         return self._enqueue(PREDICT, inputs, timeout, _tag(request_id))
 
-    def _submit_uncounted(self, fn: Callable[..., T]) -> cf.Future[T]:
-        """``submit``, not counted as a request the worker served (nor towards
-        ``max_requests_per_worker``): the server's readiness probes."""
-        payload: tuple[Any, ...] = (portable(fn, self._start_method), (), {})
-        return self._enqueue(CALL, payload, None, counted=False).future
+    # for a server that embeds the pool, as modelpool.server does (docs/server.md, "Embedding
+    # a pool in a server"): public names, but not part of the everyday API
+
+    def start_predict(
+        self, inputs: Any, timeout: float | None = None, *, request_id: str | None = None
+    ) -> StartedPredict:
+        """Queue a predict without waiting for it: its future, and afterwards the pid of the
+        worker that ran it (for a server's error answers and logs).
+
+        Arguments as for ``predict``; an invalid request raises here, not in the future.
+        """
+        return StartedPredict(self._start_predict(inputs, timeout, request_id))
+
+    def probe(self) -> cf.Future[bool]:
+        """A readiness probe through the real request path: a call queued to a worker like any
+        request (the pool's ``timeout`` applies), resolving to whether that worker has its
+        model loaded. Not counted as a request served (``stats()``'s ``served``,
+        ``max_requests_per_worker``). Raises or fails like ``submit`` (e.g.
+        ``PoolClosedError``)."""
+        payload: tuple[Any, ...] = (portable(model_loaded, self._start_method), (), {})
+        future: cf.Future[bool] = self._enqueue(CALL, payload, None, counted=False).future
+        return future
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Run ``fn(*args, **kwargs)`` in a worker; ``modelpool.current_model()`` inside it
@@ -504,10 +472,34 @@ class Pool(cf.Executor):
         )
 
 
+class StartedPredict:
+    """A predict queued by ``Pool.start_predict``: ``future`` settles with its outputs (or its
+    error); ``worker_pid`` is the pid of the worker it was last given to (the one that ran it,
+    or died running it), None while it waits for one (queued, or queued again for a retry)."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    @property
+    def future(self) -> cf.Future[Any]:
+        return self._request.future
+
+    @property
+    def worker_pid(self) -> int | None:
+        worker = self._request.worker
+        return worker.pid if worker is not None else None
+
+
 def _tag(request_id: str | None) -> str | None:
     if request_id is not None and not isinstance(request_id, str):
         raise TypeError(f"request_id must be a string or None, got {request_id!r}")
     return request_id
+
+
+def _what(kind: int) -> str:
+    return "the function or its arguments" if kind == CALL else "the inputs"
 
 
 def _message(kind: int, rid: int, payload: Any, tag: str | None) -> tuple[int, int, Any]:
@@ -515,88 +507,3 @@ def _message(kind: int, rid: int, payload: Any, tag: str | None) -> tuple[int, i
     if tag is not None and kind == PREDICT:
         return (PREDICT_TAGGED, rid, (tag, payload))
     return (kind, rid, payload)
-
-
-# Supervisors (not pools: a pool may be garbage already) still running at interpreter exit are
-# stopped then, before multiprocessing's own exit handler would wait for their workers forever.
-_running: set[Supervisor] = set()
-_atexit_registered = False
-_atexit_lock = threading.Lock()
-
-
-def _register_atexit(supervisor: Supervisor) -> None:
-    global _atexit_registered
-    with _atexit_lock:
-        _running.add(supervisor)
-        supervisor.on_done = _running.discard
-        if not _atexit_registered:
-            atexit.register(_stop_running)
-            # the very last step of multiprocessing's exit handler: after its own finalizers
-            # ran and it joined every child, nothing can need the fork server any more
-            multiprocessing.util.Finalize(
-                None, _stop_helpers_at_exit, args=(os.getpid(),), exitpriority=-100
-            )
-            _atexit_registered = True
-
-
-def _stop_running() -> None:
-    for supervisor in list(_running):
-        supervisor.close(cancel_futures=True, force=True)
-    for supervisor in list(_running):
-        supervisor.join(timeout=30.0)
-
-
-def _stop_helpers_at_exit(pid: int) -> None:
-    if os.getpid() == pid:  # not in a child that os.fork() copied the registration into
-        stop_process_helpers()
-
-
-#: A stop of the helpers timed out once (its thread still waits): later calls return at once.
-_helpers_stuck = False
-
-
-def stop_process_helpers(timeout: float = 10.0) -> bool:
-    """Stop and reap multiprocessing's fork server and resource tracker, when nothing can
-    still need them: no pool of this process is running and no multiprocessing child is alive.
-
-    They are process-wide helpers that multiprocessing starts with the first forkserver (or
-    spawn) process and otherwise leaves running until this process exits; they then exit on
-    their own, after it, as orphans someone else must reap. The server calls this once its
-    pools are stopped; for library users it runs at interpreter exit (see the README), never
-    at ``Pool.shutdown()``, since other pools of the process may use them later. A helper
-    that does not stop within ``timeout`` seconds (something else holds its pipe) is left
-    alone. True when none is left running.
-    """
-    global _helpers_stuck
-    if _helpers_stuck:  # an earlier attempt is still blocked: waiting again would not help
-        return False
-    with _atexit_lock:
-        if any(not supervisor.join(timeout=0) for supervisor in list(_running)):
-            return False
-    if multiprocessing.active_children():
-        return False
-    try:
-        from multiprocessing import forkserver, resource_tracker
-    except ImportError:  # no fork server on this platform
-        return True
-    stops = [  # the fork server first: it and its children hold the tracker's pipe too
-        getattr(forkserver._forkserver, "_stop", None),
-        getattr(resource_tracker._resource_tracker, "_stop", None),
-    ]
-
-    def stop_all() -> None:
-        for stop in stops:
-            if stop is not None:
-                with contextlib.suppress(Exception):
-                    stop()  # closes its pipe, then waitpid(): it exits on EOF
-
-    thread = threading.Thread(target=stop_all, name=f"{_hygiene.THREAD_PREFIX}stop-helpers")
-    thread.daemon = True
-    try:
-        thread.start()
-    except RuntimeError:  # no new threads this late in interpreter shutdown
-        stop_all()
-        return True
-    thread.join(timeout)
-    _helpers_stuck = thread.is_alive()
-    return not _helpers_stuck

@@ -41,9 +41,25 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _shm
-from ._exceptions import RemoteError, RemoteTraceback, TransportError
+from ._exceptions import (
+    PlacementError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+)
 
-__all__ = ["Channel", "DecodeError", "Encoded", "RemoteException", "encode"]
+__all__ = [
+    "Channel",
+    "DecodeError",
+    "Encoded",
+    "PlacementError",
+    "ProtocolError",
+    "RemoteException",
+    "encode",
+    "encode_request",
+    "unreadable",
+]
 
 _HEAD = struct.Struct("<IIQQ")
 _BUF = struct.Struct("<Qq")
@@ -51,16 +67,14 @@ _REL = struct.Struct("<Q")
 _INLINE = -1
 
 
-class PlacementError(TransportError, MemoryError):
-    """Large buffers could not be placed in shared memory (no room to grow); nothing was sent."""
-
-
-class ProtocolError(TransportError):
-    """An answer that does not belong to the request in flight (a bug; the worker is dropped)."""
-
-
 class DecodeError(Exception):
-    """A complete message arrived but could not be unpickled here; ``remote`` says why."""
+    """A complete message arrived but could not be unpickled here; ``remote`` says why.
+
+    Internal: never reaches a caller. Whoever receives it answers the request with
+    ``remote`` (the parent, or the worker, which sends it back), as if the other side had
+    raised the unpickling error. (``PlacementError`` and ``ProtocolError``, which do reach
+    callers, live with every other error in ``_exceptions``.)
+    """
 
     def __init__(self, remote: RemoteException) -> None:
         super().__init__(remote.message)
@@ -166,6 +180,30 @@ def _plain(obj: Any, depth: int) -> bool:
     if kind is dict:
         return all(type(k) is str and _plain(v, depth - 1) for k, v in obj.items())
     return False
+
+
+def unreadable(exc: Exception) -> SerializationError:
+    """The error for a message that arrived whole but could not be unpickled here."""
+    error = SerializationError(
+        f"a message between the pool and a worker could not be unpickled on arrival "
+        f"({type(exc).__name__}: {exc}). Values sent to or returned from a worker must be "
+        "importable in both processes: a class defined in __main__ or created at run time in "
+        "only one of them is not."
+    )
+    error.__cause__ = exc
+    return error
+
+
+def encode_request(message: Any, what: str) -> Encoded:
+    """``encode`` for a request the caller made: a value that cannot be pickled is the
+    caller's ``SerializationError`` naming ``what`` (nothing was sent)."""
+    try:
+        return encode(message)
+    except Exception as exc:
+        raise SerializationError(
+            f"{what} could not be pickled to send to a worker ({type(exc).__name__}: {exc}); "
+            "nothing was sent. Pass NumPy arrays, tensors or other picklable values."
+        ) from exc
 
 
 def encode(message: Any) -> Encoded:
@@ -431,7 +469,7 @@ class Channel:
         try:
             return pickle.loads(body, buffers=buffers)
         except Exception as exc:
-            raise DecodeError(RemoteException.capture(exc)) from exc
+            raise DecodeError(RemoteException.capture(unreadable(exc))) from exc
 
 
 # ---------------------------------------------------------------------- exceptions

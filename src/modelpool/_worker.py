@@ -15,7 +15,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _hygiene, _logs, _output, _shm, _transport
-from ._exceptions import ModelSpecError
+from ._exceptions import ModelSpecError, SerializationError
+from ._settings import PoolSettings
 
 __all__ = [
     "CALL",
@@ -31,6 +32,7 @@ __all__ = [
     "current_model",
     "model_loaded",
     "run_worker",
+    "set_worker_info",
     "worker_info",
 ]
 
@@ -68,17 +70,14 @@ class WorkerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs, sent to it at start (must pickle)."""
+    """Everything a worker needs, sent to it at start (must pickle): the pool's settings and
+    what is this worker's own."""
 
-    model_ref: str | None
-    model_name: str
-    options: dict[str, Any]
+    pool: PoolSettings
     index: int
     generation: int
-    seed: int
-    threads: int
-    env: dict[str, str]
-    initializer: tuple[Any, tuple[Any, ...]] | None = None
+    seed: int  # derived from the pool's seed, the slot and the generation
+    env: dict[str, str]  # the whole environment the worker runs with
     lane: int = 0
     #: the pool's ``sys.path`` when it started this worker (as spawn would give it: a fork
     #: server keeps the one it started with), so the model imports as it does in the pool
@@ -93,6 +92,13 @@ _LOADING = False
 def worker_info() -> WorkerInfo | None:
     """This worker's ``WorkerInfo``; ``None`` when not called inside a modelpool worker."""
     return _INFO
+
+
+def set_worker_info(info: WorkerInfo) -> None:
+    """Package-internal seam: make ``worker_info()`` answer ``info`` in a process that hosts
+    models without being a pool's worker (a Celery prefork child). ``run_worker`` sets its own."""
+    global _INFO
+    _INFO = info
 
 
 def current_model() -> Any:
@@ -127,25 +133,25 @@ _SEEDED: frozenset[str] = frozenset()
 def _load(spec: WorkerSpec) -> Any:
     global _SEEDED
     _SEEDED = _hygiene.seed_rngs(spec.seed)
-    if spec.initializer is not None:
-        initializer, initargs = spec.initializer
+    if spec.pool.initializer is not None:
+        initializer, initargs = spec.pool.initializer
         initializer(*initargs)
         _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
-    if spec.model_ref is None:
-        _hygiene.limit_when_imported(spec.seed, spec.threads, spec.env)
+    if spec.pool.model_ref is None:
+        _hygiene.limit_when_imported(spec.seed, spec.pool.threads, spec.env)
         return None
     from ._importer import import_from_string
 
-    cls = import_from_string(spec.model_ref)
+    cls = import_from_string(spec.pool.model_ref)
     _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)  # e.g. torch, imported just now
-    _hygiene.limit_thread_pools(spec.threads, spec.env)
-    model = cls(**spec.options)
+    _hygiene.limit_thread_pools(spec.pool.threads, spec.env)
+    model = cls(**spec.pool.options)
     setup = getattr(model, "setup", None)
     if setup is not None:
         setup()
     _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
-    _hygiene.limit_thread_pools(spec.threads, spec.env)
-    _hygiene.limit_when_imported(spec.seed, spec.threads, spec.env)
+    _hygiene.limit_thread_pools(spec.pool.threads, spec.env)
+    _hygiene.limit_when_imported(spec.seed, spec.pool.threads, spec.env)
     return model
 
 
@@ -168,8 +174,10 @@ def run_worker(
     )
     _hygiene.apply_env(spec.env)
     _hygiene.apply_sys_path(spec.sys_path)
-    _hygiene.limit_thread_pools(spec.threads, spec.env)  # loaded before us (forkserver)
-    _INFO = WorkerInfo(spec.index, spec.generation, os.getpid(), spec.seed, spec.threads, spec.lane)
+    _hygiene.limit_thread_pools(spec.pool.threads, spec.env)  # loaded before us (forkserver)
+    _INFO = WorkerInfo(
+        spec.index, spec.generation, os.getpid(), spec.seed, spec.pool.threads, spec.lane
+    )
     _LOADING = True
     try:
         _MODEL = _load(spec)
@@ -215,7 +223,7 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
             os._exit(EXIT_TRANSPORT)
         except Exception as exc:  # the result could not be encoded
             what = "predict" if kind in (PREDICT, PREDICT_TAGGED) else "the function"
-            err = TypeError(
+            err = SerializationError(
                 f"{what} returned a result that cannot be sent back to the caller: "
                 f"{type(exc).__name__}: {exc}. Return NumPy arrays, torch tensors or other "
                 "picklable values."

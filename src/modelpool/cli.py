@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import __version__
+from .demo import MODEL as DEMO_MODEL
 
 if TYPE_CHECKING:
     from .config import Config
@@ -58,9 +59,9 @@ def demo(workers: int, n: int) -> None:
     flowers = np.array(
         [[5.1, 3.5, 1.4, 0.2], [6.0, 2.7, 4.1, 1.0], [6.9, 3.1, 5.8, 2.2]], dtype=np.float32
     )
-    click.echo(f"starting {workers} workers on modelpool.demo:IrisClassifier ...")
+    click.echo(f"starting {workers} workers on {DEMO_MODEL} ...")
     t0 = time.perf_counter()
-    with Pool("modelpool.demo:IrisClassifier", workers=workers) as pool:
+    with Pool(DEMO_MODEL, workers=workers) as pool:
         click.echo(f"ready in {time.perf_counter() - t0:.2f} s")
         out = pool.predict({"INPUT0": flowers})
         for row, label, p in zip(flowers, out["LABEL"], out["PROBABILITIES"], strict=True):
@@ -78,7 +79,6 @@ def demo(workers: int, n: int) -> None:
     click.echo("pool shut down; all workers reaped")
 
 
-DEMO_MODEL = "modelpool.demo:IrisClassifier"
 #: ``serve`` options that set the ``server:`` section (and override a file's)
 SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format")
 

@@ -15,9 +15,12 @@ concurrency use the coroutines, or one ``Client`` per thread. The coroutines mus
 one event loop.
 
 A non-200 answer raises ``ServerError`` with the HTTP ``status`` and the server's ``message``;
-504 raises ``ServerTimeoutError`` (also a ``TimeoutError``), as does a request that gets no
-answer within ``timeout`` seconds (status 0). An unreachable server raises ``ServerError``
-with status 0.
+504 raises ``ServerTimeoutError`` (also a ``TimeoutError``), as does a request that runs out of
+the client's ``timeout`` (status 0; what it bounds is said in ``Client``'s docstring). An
+unreachable server raises ``ServerError`` with status 0. Both are ``ModelpoolError``s.
+
+Importing this module loads neither ``modelpool.server`` nor aiohttp (until a coroutine is
+first awaited) nor pydantic: the codec is ``modelpool._protocol`` (and ``_compression``).
 """
 
 from __future__ import annotations
@@ -26,20 +29,21 @@ import asyncio
 import http.client
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from modelpool._exceptions import InputValidationError, ModelpoolError
-from modelpool.server._codec import (
+from modelpool._compression import decompress
+from modelpool._exceptions import (
     CodecError,
-    decode_infer_response,
-    decompress,
-    encode_infer_request,
+    InputValidationError,
+    ServerError,
+    ServerTimeoutError,
 )
+from modelpool._protocol import decode_infer_response, encode_infer_request
 
 if TYPE_CHECKING:
     import aiohttp
@@ -51,31 +55,13 @@ _MAX_BODY = 1 << 62  # responses are trusted as far as size goes
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
-class ServerError(ModelpoolError):
-    """The server answered with an error status, or could not be reached (``status`` 0).
+class _Call(NamedTuple):
+    """One HTTP request to make (the path is relative to the Client's url)."""
 
-    ``message`` is the server's ``error`` text (or what went wrong locally); ``url`` the URL
-    requested.
-    """
-
-    def __init__(self, status: int, message: str, *, url: str = "") -> None:
-        where = f" from {url}" if url else ""
-        text = f"HTTP {status}{where}: {message}" if status else message
-        super().__init__(text)
-        self.status = status
-        self.message = message
-        self.url = url
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.status, self.message, self.url))
-
-
-class ServerTimeoutError(ServerError, TimeoutError):
-    """The server answered 504, or gave no answer within the client's ``timeout``."""
-
-
-def _rebuild(cls: type[ServerError], status: int, message: str, url: str) -> ServerError:
-    return cls(status, message, url=url)
+    method: str
+    path: str
+    body: bytes | None = None
+    headers: dict[str, str] | None = None
 
 
 class _Answer(NamedTuple):
@@ -83,6 +69,12 @@ class _Answer(NamedTuple):
     body: bytes | bytearray
     header_length: str | None
     content_encoding: str | None
+
+
+#: An exchange with the server, written once for both modes: it yields the requests to make,
+#: is sent their answers, and returns its result. ``Client._run`` carries the requests over the
+#: blocking connection, ``Client._arun`` over the async session.
+_Exchange: TypeAlias = Generator[_Call, _Answer, dict[str, np.ndarray]]
 
 
 def _error(answer: _Answer, url: str) -> ServerError:
@@ -111,8 +103,22 @@ def _json(answer: _Answer, url: str) -> dict[str, Any]:
 class Client:
     """A client for an Open Inference Protocol server at ``url`` (``http://host:port[/prefix]``).
 
-    ``timeout`` bounds each request, in seconds. ``binary`` sends inputs and asks for outputs
-    as binary tensors (fast, exact); ``binary=False`` uses plain JSON.
+    ``binary`` sends inputs and asks for outputs as binary tensors (fast, exact);
+    ``binary=False`` uses plain JSON.
+
+    ``timeout`` (seconds) applies to each HTTP request on its own, and means slightly different
+    things in the two modes:
+
+    * the blocking methods: it is the socket timeout of ``http.client``. Connecting, and then
+      every single send and receive, may each wait up to ``timeout``; so the wait for the
+      server's answer (the model's run) is bounded by it, but not the request as a whole, which
+      may last longer while bytes keep flowing (a large body over a slow link).
+    * the coroutines: it is aiohttp's ``total`` timeout. The whole request, from connecting to
+      the answer's last byte, must fit in ``timeout``.
+
+    Running out raises ``ServerTimeoutError`` with status 0. An ``infer`` with a bare array
+    first asks for the model's metadata (once per model), a request with its own ``timeout``.
+    The value is read when the connection (or the async session) is opened: set it here.
     """
 
     def __init__(self, url: str, *, timeout: float = 60.0, binary: bool = True) -> None:
@@ -166,6 +172,28 @@ class Client:
             return decode_infer_response(body, answer.header_length)
         except CodecError as exc:
             raise ServerError(200, f"the inference answer is malformed: {exc}", url=url) from exc
+
+    def _infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any] | np.ndarray,
+        outputs: Sequence[str] | None,
+        version: str | None,
+        request_id: str | None,
+    ) -> _Exchange:
+        """``infer`` as an exchange: the model's metadata first for a bare array (unless its
+        input's name is known), then the inference request."""
+        if not isinstance(inputs, Mapping):
+            name = self._input_names.get((model, version))
+            if name is None:
+                path = self._model_path(model, version)
+                doc = _json((yield _Call("GET", path)), self.url + path)
+                name = self._name_from_metadata(model, version, doc)
+            inputs = {name: inputs}
+        body, headers = self._infer_request(inputs, outputs, request_id)
+        path = self._model_path(model, version) + "/infer"
+        answer = yield _Call("POST", path, body, headers)
+        return self._infer_result(answer, self.url + path)
 
     def _name_from_metadata(self, model: str, version: str | None, doc: dict[str, Any]) -> str:
         specs = doc.get("inputs")
@@ -234,6 +262,16 @@ class Client:
                     response.getheader("Content-Encoding"),
                 )
 
+    def _run(self, exchange: _Exchange) -> dict[str, np.ndarray]:
+        """Carry ``exchange``'s requests over the blocking connection; its result."""
+        try:
+            call = next(exchange)
+            while True:
+                call = exchange.send(self._request(*call))
+        except StopIteration as done:
+            result: dict[str, np.ndarray] = done.value
+            return result
+
     def infer(
         self,
         model: str,
@@ -246,16 +284,9 @@ class Client:
         """Run ``model`` on ``inputs`` (named arrays, or one bare array) and return its outputs.
 
         ``outputs`` names the outputs wanted (default: all). Every returned array is writable.
+        Bounded by the Client's ``timeout`` (see the class docstring).
         """
-        if not isinstance(inputs, Mapping):
-            key = (model, version)
-            name = self._input_names.get(key) or self._name_from_metadata(
-                model, version, self.metadata(model, version=version)
-            )
-            inputs = {name: inputs}
-        body, headers = self._infer_request(inputs, outputs, request_id)
-        path = self._model_path(model, version) + "/infer"
-        return self._infer_result(self._request("POST", path, body, headers), self.url + path)
+        return self._run(self._infer(model, inputs, outputs, version, request_id))
 
     def live(self) -> bool:
         """Whether the server is live (``GET /v2/health/live`` answers 200)."""
@@ -331,6 +362,16 @@ class Client:
         except aiohttp.ClientError as exc:
             raise ServerError(0, _unreachable(url, exc), url=url) from exc
 
+    async def _arun(self, exchange: _Exchange) -> dict[str, np.ndarray]:
+        """Carry ``exchange``'s requests over the async session; its result."""
+        try:
+            call = next(exchange)
+            while True:
+                call = exchange.send(await self._arequest(*call))
+        except StopIteration as done:
+            result: dict[str, np.ndarray] = done.value
+            return result
+
     async def ainfer(
         self,
         model: str,
@@ -341,16 +382,7 @@ class Client:
         request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """The coroutine form of ``infer``."""
-        if not isinstance(inputs, Mapping):
-            key = (model, version)
-            name = self._input_names.get(key) or self._name_from_metadata(
-                model, version, await self.ametadata(model, version=version)
-            )
-            inputs = {name: inputs}
-        body, headers = self._infer_request(inputs, outputs, request_id)
-        path = self._model_path(model, version) + "/infer"
-        answer = await self._arequest("POST", path, body, headers)
-        return self._infer_result(answer, self.url + path)
+        return await self._arun(self._infer(model, inputs, outputs, version, request_id))
 
     async def alive(self) -> bool:
         """The coroutine form of ``live``."""

@@ -21,21 +21,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._exceptions import ModelpoolError
-from ._pool import parse_size
+from ._exceptions import ConfigError
+from ._settings import SETTINGS, Setting, parse_size, scaling
 
 __all__ = ["Config", "ConfigError", "ModelSettings", "ServerSettings", "load_config", "parse_size"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-class ConfigError(ModelpoolError, ValueError):
-    """The configuration is invalid; the message names the file, the field and the fix."""
 
 
 def _size(value: Any, info: pydantic.ValidationInfo) -> int:
@@ -114,32 +110,20 @@ class ServerSettings(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
-class ModelSettings(_Strict):
-    """One entry of ``models:``; the fields are ``modelpool.Pool``'s parameters."""
+class _ModelEntry(BaseModel):
+    """One entry of ``models:``: the model's import string, its version and readiness rule,
+    and every setting of ``modelpool.Pool`` (declared once, in ``modelpool._settings``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     model: str = Field(description="import string 'pkg.module:Class'")
-    workers: int = Field(1, ge=1)
     version: str = "1"
-    options: dict[str, Any] = Field(default_factory=dict)
-    start_method: Literal["forkserver", "spawn", "fork"] | None = None
-    threads_per_worker: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    setup_timeout: float | None = Field(None, gt=0)
-    max_requests_per_worker: int | None = Field(None, ge=1)
-    max_memory_per_worker: Size | None = None
-    retries: int = Field(0, ge=0)
-    seed: int | None = None
-    drain_timeout: float | None = Field(30.0, gt=0)
-    max_batch_size: int = Field(1, ge=1)
-    max_batch_delay: float = Field(0.005, ge=0)
-    max_queue: int | None = Field(None, ge=1)
-    min_workers: int | None = Field(None, ge=1)
-    max_workers: int | None = Field(None, ge=1)
-    load_concurrency: int | None = Field(None, ge=1)
-    scale_down_after: float = Field(30.0, gt=0)
-    devices: list[str] | None = None
     #: the server calls the model ready only while at least this many workers are alive
     min_ready_workers: int = Field(1, ge=1)
+
+    if TYPE_CHECKING:  # the Pool's settings, added from the declaration below
+
+        def __getattr__(self, name: str) -> Any: ...
 
     @pydantic.field_validator("model")
     @classmethod
@@ -149,21 +133,9 @@ class ModelSettings(_Strict):
             raise ValueError(f"{value!r} is not an import string; write 'package.module:ClassName'")
         return value
 
-    @pydantic.field_validator("devices")
-    @classmethod
-    def _devices(cls, value: list[str] | None) -> list[str] | None:
-        from ._hygiene import device_env
-
-        for device in value or ():
-            device_env(device)  # raises ValueError naming what is allowed
-        return value
-
     @pydantic.model_validator(mode="after")
-    def _scaling(self) -> ModelSettings:
-        floor = self.min_workers or self.workers
-        ceiling = self.max_workers or max(self.workers, floor)
-        if floor > ceiling:
-            raise ValueError(f"min_workers={floor} is more than max_workers={ceiling}")
+    def _scaling(self) -> _ModelEntry:
+        floor, _ = scaling(self.workers, self.min_workers, self.max_workers)
         if self.min_ready_workers > floor:
             raise ValueError(
                 f"min_ready_workers={self.min_ready_workers} can never be met: the model keeps "
@@ -174,6 +146,30 @@ class ModelSettings(_Strict):
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``modelpool.Pool(self.model, **kwargs)``."""
         return self.model_dump(exclude={"model", "version", "min_ready_workers"})
+
+
+def _field(setting: Setting) -> Any:
+    """A pydantic field that runs the setting's own check (its errors become pydantic's)."""
+
+    def check(value: Any) -> Any:
+        try:
+            return setting.check(setting.name, value)
+        except TypeError as exc:  # pydantic turns only ValueError into a validation error
+            raise ValueError(str(exc)) from None
+
+    validator = pydantic.BeforeValidator(check)
+    return (Annotated[Any, validator, Field(description=setting.doc)], setting.default)
+
+
+if TYPE_CHECKING:
+    ModelSettings = _ModelEntry
+else:
+    ModelSettings = pydantic.create_model(
+        "ModelSettings",
+        __base__=_ModelEntry,
+        __module__=__name__,
+        **{setting.name: _field(setting) for setting in SETTINGS},
+    )
 
 
 class Config(_Strict):

@@ -11,7 +11,11 @@ import numpy as np
 
 from ._model import Model, TensorSpec
 
-__all__ = ["SPECIES", "IrisClassifier"]
+__all__ = ["MODEL", "SPECIES", "IrisClassifier"]
+
+#: The demo model's import string: what ``modelpool demo`` runs and a bare ``modelpool serve``
+#: serves (the server, the YAML examples and the deploy manifests name it so).
+MODEL = "modelpool.demo:IrisClassifier"
 
 SPECIES = ("setosa", "versicolor", "virginica")
 

@@ -1,4 +1,6 @@
-"""modelpool's Celery integration against a real Redis and real ``celery worker`` processes.
+"""modelpool's Celery integration (``integrations/celery``) against a real Redis and real
+``celery worker`` processes; at the end, ``install()``, ``predict()`` and the worker bootstep's
+checks without either. (Its serializer: test_celery_codec.py.)
 
 Starting a worker costs seconds, so each kind lives for the whole module, on its own queue:
 ``threads`` (``--pool=threads``, worker_lost="redeliver", max_deliveries=2), ``pair`` (two
@@ -11,29 +13,43 @@ what, and can kill it mid-task.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from _celery_worker import CeleryWorker, new_queue
 
-from _deps import need_module
+from _deps import deferred_module
+from modelpool import (
+    ModelpoolError,
+    ModelSetupError,
+    ModelSpecError,
+    PoisonTaskError,
+    UnsafeForkError,
+    WorkerCrashedError,
+)
+from modelpool.config import ConfigError
 
-need_module("celery")
-need_module("redis")
+if TYPE_CHECKING:
+    from celery import Celery
 
-from _celery_app import make_app  # noqa: E402
-from _celery_worker import CeleryWorker, new_queue  # noqa: E402
-from billiard.exceptions import WorkerLostError  # noqa: E402
-from celery import Celery  # noqa: E402
-from kombu.exceptions import ContentDisallowed  # noqa: E402
-
-from modelpool import ModelSetupError, ModelSpecError, WorkerCrashedError  # noqa: E402
-from modelpool.integrations.celery import PoisonTaskError, predict  # noqa: E402
+# Celery and what comes with it are optional: imported by the tests that use them, and the
+# fixtures that start Redis and the workers check for them (tests/integrations/conftest.py)
+celery = deferred_module("celery")
+celery_app = deferred_module("_celery_app", "celery", "msgpack")
+mp_celery = deferred_module("modelpool.integrations.celery", "celery", "msgpack")
+billiard_exceptions = deferred_module("billiard.exceptions", "celery")
+kombu_exceptions = deferred_module("kombu.exceptions", "celery")
 
 TIMEOUT = 30.0
 Factory = Callable[..., CeleryWorker]
@@ -48,7 +64,7 @@ class Setup:
         self.marks = marks
 
     def run(self, model: str, inputs: Any) -> Any:
-        return predict(self.app, model, inputs).get(timeout=TIMEOUT)
+        return mp_celery.predict(self.app, model, inputs).get(timeout=TIMEOUT)
 
     def calls(self, prefix: str) -> list[int]:
         """Pids of the processes that started a ``prefix`` call, oldest first."""
@@ -134,7 +150,7 @@ def _setup(fleet: dict[str, Any], kind: str) -> Iterator[Setup]:
     workers, config, queue, marks = fleet[kind]
     for worker in workers:
         worker.wait_ready()
-    app = make_app(workers[0].broker, config, queue, **_KINDS[kind][1])
+    app = celery_app.make_app(workers[0].broker, config, queue, **_KINDS[kind][1])
     try:
         yield Setup(app, workers, marks)
     finally:
@@ -167,7 +183,8 @@ def _check_affine(setup: Setup) -> list[dict[str, Any]]:
         np.arange(5, dtype=np.int64),
         np.linspace(0, 1, 7)[::2],  # not contiguous
     ]
-    results = [predict(setup.app, "affine", {"x": x}) for x in inputs * 3]  # all in flight
+    # all in flight at once
+    results = [mp_celery.predict(setup.app, "affine", {"x": x}) for x in inputs * 3]
     outs = [r.get(timeout=TIMEOUT) for r in results]
     for x, out in zip(inputs * 3, outs, strict=True):
         np.testing.assert_array_equal(out["y"], x * 2 + 1)
@@ -203,7 +220,8 @@ def test_other_content_types_are_refused_and_not_run(threads: Setup, serializer:
     result = threads.app.send_task(
         "modelpool.predict", ("affine", {"x": [1.0]}), serializer=serializer
     )
-    with pytest.raises(ContentDisallowed, match=r"accepts only application/x-modelpool-msgpack"):
+    refused = r"accepts only application/x-modelpool-msgpack"
+    with pytest.raises(kombu_exceptions.ContentDisallowed, match=refused):
         result.get(timeout=TIMEOUT)
     assert threads.calls("affine") == []
     assert "refused task" in threads.workers[0].log
@@ -216,7 +234,7 @@ def test_threads_state_before_fork_model_works(threads: Setup) -> None:
 
 def test_threads_worker_killed_mid_task_is_redelivered(threads: Setup) -> None:
     threads.reset()
-    result = predict(threads.app, "slow", {"x": np.array([1.0])})
+    result = mp_celery.predict(threads.app, "slow", {"x": np.array([1.0])})
     (first,) = threads.wait_calls("start", 1)
     os.kill(first, signal.SIGKILL)
     out = result.get(timeout=TIMEOUT)
@@ -235,7 +253,7 @@ def test_threads_poison_task_is_not_redelivered_forever(threads: Setup) -> None:
     assert "SIGKILL" in str(info.value)
     # 2 deliveries x (1 try + retries=1 inside the pool); then nothing more
     assert len(threads.calls("poison")) == 4
-    time.sleep(0.5)
+    time.sleep(0.5)  # no event to wait for: time in which a wrong redelivery would show
     assert len(threads.calls("poison")) == 4
     _check_affine(threads)  # the worker kept serving
 
@@ -245,7 +263,7 @@ def test_threads_poison_task_is_not_redelivered_forever(threads: Setup) -> None:
 
 def test_two_workers_share_a_queue(pair: Setup) -> None:
     pair.reset()
-    results = [predict(pair.app, "slow", {"x": np.array([0.3])}) for _ in range(6)]
+    results = [mp_celery.predict(pair.app, "slow", {"x": np.array([0.3])}) for _ in range(6)]
     ran_in = {int(r.get(timeout=TIMEOUT)["pid"][0]) for r in results}
     trees = [{p.pid for p in w.children()} for w in pair.workers]
     assert all(ran_in & tree for tree in trees), f"both workers did work: {ran_in}, {trees}"
@@ -260,13 +278,13 @@ def test_threads_pool_even_with_a_runtime_thread_in_the_parent(pair: Setup) -> N
 
 def test_threads_worker_lost_fail_fails_with_the_signal(pair: Setup) -> None:
     pair.reset()
-    result = predict(pair.app, "slow", {"x": np.array([2.0])})
+    result = mp_celery.predict(pair.app, "slow", {"x": np.array([2.0])})
     (pid,) = pair.wait_calls("start", 1)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(WorkerCrashedError, match="SIGKILL") as info:
         result.get(timeout=TIMEOUT)
     assert not isinstance(info.value, PoisonTaskError)
-    time.sleep(0.3)
+    time.sleep(0.3)  # no event to wait for: time in which a wrong rerun would show
     assert pair.calls("start") == [pid], "not run again"
 
 
@@ -298,7 +316,7 @@ def test_prefork_model_that_cannot_load_fails_its_tasks_only(prefork: Setup) -> 
 
 def test_prefork_child_killed_mid_task_is_redelivered(prefork: Setup) -> None:
     prefork.reset()
-    result = predict(prefork.app, "slow", {"x": np.array([1.0])})
+    result = mp_celery.predict(prefork.app, "slow", {"x": np.array([1.0])})
     (first,) = prefork.wait_calls("start", 1)
     os.kill(first, signal.SIGKILL)
     np.testing.assert_array_equal(result.get(timeout=TIMEOUT)["y"], [1.0])
@@ -312,19 +330,19 @@ def test_prefork_poison_task_is_not_redelivered_forever(prefork: Setup) -> None:
     with pytest.raises(PoisonTaskError, match=r"delivered 2 time\(s\) .*\(max_deliveries=2\)"):
         prefork.run("poison", {"x": np.ones(1)})
     assert len(prefork.calls("poison")) == 2
-    time.sleep(0.5)
+    time.sleep(0.5)  # no event to wait for: time in which a wrong redelivery would show
     assert len(prefork.calls("poison")) == 2
     _check_affine(prefork)
 
 
 def test_prefork_worker_lost_fail(prefork_fail: Setup) -> None:
     prefork_fail.reset()
-    result = predict(prefork_fail.app, "slow", {"x": np.array([2.0])})
+    result = mp_celery.predict(prefork_fail.app, "slow", {"x": np.array([2.0])})
     (pid,) = prefork_fail.wait_calls("start", 1)
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(WorkerLostError, match="SIGKILL"):
+    with pytest.raises(billiard_exceptions.WorkerLostError, match="SIGKILL"):
         result.get(timeout=TIMEOUT)
-    time.sleep(0.3)
+    time.sleep(0.3)  # no event to wait for: time in which a wrong rerun would show
     assert prefork_fail.calls("start") == [pid], "not run again"
 
 
@@ -403,9 +421,9 @@ def test_a_model_module_beside_the_app_module_loads(
     try:
         worker.wait_ready()
         monkeypatch.chdir(project)  # the client runs there too, and install() checks the models
-        app = make_app(redis_url, "models.yaml", queue)
+        app = celery_app.make_app(redis_url, "models.yaml", queue)
         try:
-            out = predict(app, "linear", {"x": np.arange(3.0)}).get(timeout=TIMEOUT)
+            out = mp_celery.predict(app, "linear", {"x": np.arange(3.0)}).get(timeout=TIMEOUT)
         finally:
             app.close()
         np.testing.assert_array_equal(out["y"], [0.0, 2.0, 4.0])
@@ -419,9 +437,9 @@ def test_warm_shutdown_finishes_the_running_task(redis_url: str, tmp_path: Path)
         f"models:\n  slow:\n    model: _celery_models:Slow\n    options: {{marks: {tmp_path}}}\n"
     )
     worker = _lone_worker(redis_url, tmp_path, models).wait_ready()
-    app = make_app(worker.broker, worker.config_path, worker.queue)
+    app = celery_app.make_app(worker.broker, worker.config_path, worker.queue)
     try:
-        result = predict(app, "slow", {"x": np.array([1.0])})
+        result = mp_celery.predict(app, "slow", {"x": np.array([1.0])})
         deadline = time.monotonic() + TIMEOUT
         while not list(tmp_path.glob("start-*")):
             assert time.monotonic() < deadline
@@ -455,3 +473,175 @@ def test_prefork_refuses_to_fork_after_a_runtime_started_in_the_parent(
     assert "tfstyle-runtime" in log
     assert "--pool=threads" in log
     assert "ForkPoolWorker" not in log, "no child was forked"
+
+
+# --------------------------------------------------------------------------- without a broker
+
+
+HERE = Path(__file__).resolve().parent
+CONFIG = {"models": {"affine": {"model": "_celery_models:Affine", "workers": 2}}}
+
+
+def _app(tmp_path: Path, **options: Any) -> Celery:
+    app = celery.Celery("unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+    mp_celery.install(app, CONFIG, **options)
+    return app
+
+
+def test_install_registers_the_task_and_the_serializer(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    task = app.tasks[mp_celery.TASK_NAME]
+    assert task.serializer == "modelpool"
+    assert task.acks_late
+    assert task.reject_on_worker_lost
+    assert "modelpool" in app.conf.accept_content
+    assert "pickle" not in app.conf.accept_content
+    assert app.conf.result_serializer == "modelpool"
+    assert not _app(tmp_path, worker_lost="fail").tasks[mp_celery.TASK_NAME].reject_on_worker_lost
+
+
+def test_install_survives_a_later_config_from_object(tmp_path: Path) -> None:
+    app = celery.Celery("unit", broker="memory://", set_as_current=False)
+    mp_celery.install(app, CONFIG)
+    app.config_from_object({"accept_content": ["json"], "result_accept_content": ["json"]})
+    assert app.conf.accept_content == ["json", "modelpool"]
+    assert app.conf.result_accept_content == ["json", "modelpool"]
+    assert app.conf.result_serializer == "modelpool"
+    app.config_from_object({"accept_content": ["json"]}, force=True)  # reloaded again
+    assert app.conf.accept_content == ["json", "modelpool"]
+
+
+def test_poison_error_pickles_with_its_facts() -> None:
+    error = mp_celery.PoisonTaskError("boom", deliveries=3, pid=12, signal_name="SIGKILL")
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, mp_celery.PoisonTaskError)
+    assert (again.args, again.deliveries, again.pid, again.signal_name) == (
+        ("boom",),
+        3,
+        12,
+        "SIGKILL",
+    )
+
+
+def test_eager_execution_says_it_needs_a_worker(tmp_path: Path) -> None:
+    task = _app(tmp_path).tasks[mp_celery.TASK_NAME]
+    with pytest.raises(ModelpoolError, match=r"holds no models .* task_always_eager"):
+        task.apply(("affine", {"x": np.ones(2)})).get()
+
+
+def test_install_reads_a_yaml_file_and_validates(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  affine:\n    model: _celery_models:Affine\n")
+    app = celery.Celery("unit", broker="memory://", set_as_current=False)
+    mp_celery.install(app, path)
+    with pytest.raises(ConfigError, match="no such file"):
+        mp_celery.install(app, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="worker_lost='sometimes'"):
+        mp_celery.install(app, CONFIG, worker_lost="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_deliveries must be >= 1"):
+        mp_celery.install(app, CONFIG, max_deliveries=0)
+    with pytest.raises(TypeError, match="config must be"):
+        mp_celery.install(app, 42)
+
+
+def test_install_refuses_a_model_module_no_worker_could_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose module is nowhere to be found fails at install(), in the client, instead
+    of a worker that exits at start-up while the client waits for its result; nothing is
+    imported to check (under prefork install() runs in the parent, before the fork)."""
+    config = {"models": {"linear": {"model": "models_nowhere_to_be_found:TorchLinear"}}}
+    app = celery.Celery("unit", broker="memory://", set_as_current=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.linear\.model: cannot find module 'models_nowhere_to_be_found'",
+    ):
+        mp_celery.install(app, config)
+    mp_celery.install(app, config, check_models=False)  # a client without the models' code
+    # found in the working directory, as a worker started there finds it; not imported
+    (tmp_path / "models_nowhere_to_be_found.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.chdir(tmp_path)
+    mp_celery.install(app, config)
+    assert "models_nowhere_to_be_found" not in sys.modules
+
+
+def test_predict_needs_install_and_refuses_other_serializers(tmp_path: Path) -> None:
+    bare = celery.Celery("bare", broker="memory://", set_as_current=False)
+    with pytest.raises(ModelpoolError, match=r"call modelpool\.integrations\.celery\.install"):
+        mp_celery.predict(bare, "affine", {"x": np.ones(2)})
+    app = _app(tmp_path)
+    for serializer in ("pickle", "json"):
+        with pytest.raises(ValueError, match="only with serializer='modelpool'"):
+            mp_celery.predict(app, "affine", {"x": np.ones(2)}, serializer=serializer)
+
+
+_CONTROL = """
+import os, concurrent.futures as cf
+from modelpool import _hygiene
+import _tfstyle                      # the runtime's thread starts here, in the parent
+print("hazards:", _hygiene.fork_hazards())
+pid = os.fork()                      # what a prefork pool does next
+if pid == 0:
+    try:
+        _tfstyle.RUNTIME.submit(int).result(timeout=1.0)
+        os._exit(0)
+    except cf.TimeoutError:
+        os._exit(42)                 # the work was never picked up: hung
+_, status = os.waitpid(pid, 0)
+print("child exit:", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_the_state_before_fork_model_hangs_when_forked_without_modelpool() -> None:
+    """The control for the Celery tests: fork after importing ``_tfstyle`` and its runtime never
+    runs the child's work (the Keras-in-prefork hang); ``fork_hazards`` names the thread."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-c", _CONTROL], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert "child exit: 42" in result.stdout, result.stdout + result.stderr
+    assert "tfstyle-runtime" in result.stdout
+
+
+def _pool_cls(module: str) -> type:
+    return type("TaskPool", (), {"__module__": module})
+
+
+def _step(app: Celery, pool_module: str) -> Any:
+    worker = SimpleNamespace(app=app, pool_cls=_pool_cls(pool_module), concurrency=2)
+    return mp_celery._WorkerStep(worker)
+
+
+def test_worker_step_refuses_what_it_cannot_run_safely(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"threads, solo and prefork, not celery\.concurrency\.gevent"
+    ):
+        _step(app, "celery.concurrency.gevent")
+    app.conf.worker_pool_start_method = "spawn"
+    with pytest.raises(ConfigError, match="worker_pool_start_method='fork' only, not 'spawn'"):
+        _step(app, "celery.concurrency.prefork")
+    assert _step(app, "celery.concurrency.thread").kind == "threads"  # loads nothing yet
+
+
+def test_redelivery_needs_a_result_backend_that_counts(tmp_path: Path) -> None:
+    app = celery.Celery("rpc", broker="memory://", backend="rpc://", set_as_current=False)
+    mp_celery.install(app, CONFIG)
+    with pytest.raises(ConfigError, match="cannot count; configure a Redis result backend"):
+        _step(app, "celery.concurrency.thread")
+    app = celery.Celery("rpc", broker="memory://", backend="rpc://", set_as_current=False)
+    mp_celery.install(app, CONFIG, worker_lost="fail")
+    assert _step(app, "celery.concurrency.thread").kind == "threads"
+
+
+def test_prefork_is_refused_when_this_process_cannot_fork_safely(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="some-sdk-flusher")
+    thread.start()
+    try:
+        with pytest.raises(UnsafeForkError, match=r"some-sdk-flusher.*--pool=threads"):
+            _step(app, "celery.concurrency.prefork")
+    finally:
+        stop.set()
+        thread.join()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -104,3 +105,21 @@ def request(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def infer_body(name: str, datatype: str, shape: list[int], data: list[Any]) -> bytes:
+    """The JSON body of an inference request with one tensor."""
+    tensor = {"name": name, "datatype": datatype, "shape": shape, "data": data}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def slow_body(seconds: float) -> bytes:
+    """A request for ``_server_models:Sleepy``: sleep ``seconds``, then answer."""
+    return infer_body("SECONDS", "FP64", [1], [seconds])
+
+
+def model_status(server: ServerProcess, name: str) -> dict[str, Any]:
+    """The model's entry in ``/status.json`` (queued, in_flight, workers, latency_ms...)."""
+    status = json.loads(request(server, "GET", "/status.json")[2])
+    (model,) = [m for m in status["models"] if m["name"] == name]
+    return model  # type: ignore[no-any-return]

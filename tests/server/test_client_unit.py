@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import pickle
 import socket
 import threading
@@ -15,14 +16,9 @@ import pytest
 
 from _deps import need_module
 from modelpool import InputValidationError, ModelpoolError
+from modelpool._compression import decompress
+from modelpool._protocol import CodecError, decode_infer_request, encode_infer_response
 from modelpool.client import Client, ServerError, ServerTimeoutError
-from modelpool.server._codec import (
-    CodecError,
-    decode_infer_request,
-    decompress,
-    encode_error,
-    encode_infer_response,
-)
 
 web = need_module("aiohttp.web")
 
@@ -99,7 +95,7 @@ class FakeServer:
         self._seen(request)
         model = request.match_info["model"]
         if model in ERRORS:
-            body = encode_error(f"{model} says no")
+            body = _error_body(f"{model} says no")
             return web.Response(body=body, status=ERRORS[model], content_type="application/json")
         if model == "sleepy":
             await asyncio.sleep(3)
@@ -113,7 +109,7 @@ class FakeServer:
                 raw, request.headers.get("Inference-Header-Content-Length")
             )
         except CodecError as exc:
-            return web.Response(body=encode_error(str(exc)), status=400)
+            return web.Response(body=_error_body(str(exc)), status=400)
         if model == "pair":
             outputs = {"sum": infer.inputs["a"] + infer.inputs["b"]}
         else:
@@ -127,6 +123,11 @@ class FakeServer:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
+
+
+def _error_body(message: str) -> bytes:
+    """An error answer, as the server writes it: ``{"error": message}``."""
+    return json.dumps({"error": message}).encode()
 
 
 @pytest.fixture(scope="module")

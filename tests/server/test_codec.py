@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _deps import need_module
-from modelpool.server._codec import (
-    BodyTooLarge,
+from modelpool._compression import decompress
+from modelpool._exceptions import BodyTooLarge
+from modelpool._protocol import (
     CodecError,
     InferRequest,
     RequestedOutput,
@@ -23,8 +24,6 @@ from modelpool.server._codec import (
     datatype_of,
     decode_infer_request,
     decode_infer_response,
-    decompress,
-    encode_error,
     encode_infer_request,
     encode_infer_response,
 )
@@ -248,10 +247,27 @@ def test_unencodable_id_is_a_codec_error() -> None:
         encode_infer_response("m", None, request.id, {"y": np.zeros(1)}, request)
 
 
-def test_encode_error() -> None:
-    assert json.loads(encode_error("boom \u00e9")) == {"error": "boom \u00e9"}
-    with pytest.raises(CodecError, match="model is gone"):
-        decode_infer_response(encode_error("model is gone"))
+def test_codec_errors_are_modelpool_errors_and_keep_their_builtin_bases() -> None:
+    import modelpool
+    from modelpool import client
+
+    for cls, builtin in [
+        (CodecError, ValueError),
+        (BodyTooLarge, ValueError),
+        (UnsupportedDatatypeError, TypeError),
+        (client.ServerTimeoutError, TimeoutError),
+    ]:
+        assert issubclass(cls, modelpool.ModelpoolError), cls
+        assert issubclass(cls, builtin), cls
+    assert issubclass(BodyTooLarge, CodecError)
+    assert client.ServerError is modelpool.ServerError
+    assert issubclass(client.ServerTimeoutError, client.ServerError)
+
+
+def test_an_error_answer_decodes_to_its_message() -> None:
+    body = json.dumps({"error": "model is gone \u00e9"}).encode()
+    with pytest.raises(CodecError, match="model is gone \u00e9"):
+        decode_infer_response(body)
 
 
 # -- compression --------------------------------------------------------------------------------

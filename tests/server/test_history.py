@@ -135,7 +135,7 @@ def test_history_samples_what_the_server_keeps() -> None:
         server.models["a"].recent.append(seconds)
     server.metrics.observe("a", 500, 0.1)
     server.models["b"].pool.exits["SIGSEGV"] = 1
-    history.sample(server, now=1.0, wall=50.0)
+    history.sample(server.metrics, server.models, now=1.0, wall=50.0)
     data = history.to_json()
     assert data["interval_s"] == 1.0
     assert data["window_s"] == 10.0
@@ -164,16 +164,16 @@ def test_sampler_runs_while_the_app_runs_and_survives_a_failing_sample(
         calls = 0
         real_sample = history.sample
 
-        def sample(srv: Any) -> None:
+        def sample(metrics: Any, models: Any) -> None:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RuntimeError("boom")
-            real_sample(srv)
+            real_sample(metrics, models)
             sampled.set()
 
         history.sample = sample  # type: ignore[method-assign]
-        context = history.sampler(server)(None)  # type: ignore[arg-type]
+        context = history.sampler(server.metrics, server.models)(None)  # type: ignore[arg-type]
         await context.__anext__()
         await asyncio.wait_for(sampled.wait(), 30)
         with pytest.raises(StopAsyncIteration):

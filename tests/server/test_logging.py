@@ -17,6 +17,8 @@ import pytest
 from _serving import ServerProcess
 from _serving import request as _request
 
+from modelpool import demo
+
 BODY = json.dumps(
     {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 ).encode()
@@ -64,7 +66,7 @@ def jsonlog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
             "ready_probe_interval": 0.2,
         },
         "models": {
-            "iris": {"model": "modelpool.demo:IrisClassifier"},
+            "iris": {"model": demo.MODEL},
             "abort": {"model": "_server_models:Abort"},
             "bad": {"model": "_server_models:BadReturn"},
             "buggy": {"model": "_server_models:Buggy"},

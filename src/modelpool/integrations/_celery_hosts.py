@@ -172,8 +172,8 @@ class InProcessHost:
         _hygiene.limit_thread_pools(plan.threads, env)  # e.g. NumPy's BLAS, loaded before fork
         self._seeded = _hygiene.seed_rngs(self._seed)
         _hygiene.limit_when_imported(self._seed, plan.threads, env)
-        _worker._INFO = _worker.WorkerInfo(
-            self._index, self._generation, os.getpid(), self._seed, plan.threads
+        _worker.set_worker_info(
+            _worker.WorkerInfo(self._index, self._generation, os.getpid(), self._seed, plan.threads)
         )
         threading.Thread(
             target=self._load_all, args=(env,), name="modelpool-celery-load", daemon=True

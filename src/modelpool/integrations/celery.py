@@ -31,7 +31,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from modelpool import _hygiene
-from modelpool._exceptions import ModelpoolError, UnsafeForkError, WorkerCrashedError
+from modelpool._exceptions import (
+    ModelpoolError,
+    PoisonTaskError,
+    UnsafeForkError,
+    WorkerCrashedError,
+)
 from modelpool.config import Config, ConfigError, load_config
 
 from . import _celery_codec, _celery_hosts
@@ -56,31 +61,6 @@ _KEY_PREFIX = "modelpool-deliveries-"
 _KEY_TTL = 7 * 24 * 3600  # a forgotten delivery counter expires after a week
 
 logger = logging.getLogger(__name__)
-
-
-class PoisonTaskError(WorkerCrashedError):
-    """A task's worker process died every time it ran, and it will not be run again.
-
-    ``deliveries`` is how many times it was delivered. Raised by ``AsyncResult.get()``.
-    """
-
-    def __init__(self, message: str, *, deliveries: int | None = None, **facts: Any) -> None:
-        super().__init__(message, **facts)
-        self.deliveries = deliveries
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild_poison,
-            (self.args[0], self.deliveries, self.pid, self.exitcode, self.signal_name),
-        )
-
-
-def _rebuild_poison(
-    message: str, deliveries: int | None, pid: int | None, exitcode: int | None, signal: str | None
-) -> PoisonTaskError:
-    return PoisonTaskError(
-        message, deliveries=deliveries, pid=pid, exitcode=exitcode, signal_name=signal
-    )
 
 
 class _Settings:

@@ -4,7 +4,8 @@
 ``Server(config).app()`` is the aiohttp application, for embedding or tests.
 """
 
-from ._app import ServedModel, Server
+from ._app import Server
 from ._main import serve
+from ._served import ServedModel
 
 __all__ = ["ServedModel", "Server", "serve"]

@@ -9,7 +9,6 @@ ready or overloaded (with Retry-After), 504 timeout, 500 only for bugs (the mode
 from __future__ import annotations
 
 import asyncio
-import collections
 import gzip
 import logging
 import time
@@ -20,102 +19,23 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from modelpool import __version__, _aio
-from modelpool._model import TensorSpec
-from modelpool._pool import Pool
-from modelpool._supervisor import Request
-from modelpool._worker import model_loaded
-from modelpool.config import Config, ModelSettings, ServerSettings
+from modelpool import __version__, _aio, _compression, _protocol
+from modelpool._exceptions import BodyTooLarge, CodecError, UnsupportedDatatypeError
+from modelpool._pool import StartedPredict
+from modelpool.config import Config
 
-from . import _codec, _errors, _history, _logging, _status
+from . import _errors, _history, _logging, _status
 from ._errors import HTTPError
 from ._metrics import Metrics
+from ._served import ServedModel
 
-__all__ = ["ServedModel", "Server"]
+__all__ = ["Server"]
 
 log = logging.getLogger("modelpool.server")
 
 JSON = "application/json"
-ALIVE_STATES = frozenset({"idle", "busy", "retiring"})
-#: Triton's names for datatypes in a model configuration
-_TRITON_TYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
 #: bodies at least this big are decompressed, decoded and compressed in a thread
 OFF_LOOP_SIZE = 256 * 1024
-#: answers kept per model for the status page's recent latency
-RECENT = 2000
-
-
-class ServedModel:
-    """One configured model: its pool, signature and readiness bookkeeping."""
-
-    def __init__(
-        self,
-        name: str,
-        settings: ModelSettings,
-        pool: Pool | None = None,
-        logs: ServerSettings | None = None,
-    ) -> None:
-        self.name = name
-        self.settings = settings
-        self.version = settings.version
-        # logs: the server's logging settings, which its workers' log lines follow
-        extra = _logging.worker_logging(logs, name) if logs is not None else {}
-        self.pool = pool or Pool(settings.model, name=name, **settings.pool_kwargs(), **extra)
-        cls = self.pool.model_class
-        self.inputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "inputs", ()) or ())
-        self.outputs: tuple[TensorSpec, ...] = tuple(getattr(cls, "outputs", ()) or ())
-        self.last_ok = 0.0  # monotonic time a request last went through a worker and back
-        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)
-
-    def alive(self, stats: dict[str, Any] | None = None) -> int:
-        stats = stats or self.pool.stats()
-        return sum(1 for w in stats["workers"] if w.state in ALIVE_STATES)
-
-    def readiness(self, window: float, stats: dict[str, Any] | None = None) -> tuple[bool, str]:
-        """(ready, why not): enough workers alive, and one answered recently."""
-        alive = self.alive(stats)
-        need = self.settings.min_ready_workers  # the config keeps it <= the workers kept
-        if alive < need:
-            return False, f"model {self.name!r}: {alive} of {need} required workers alive"
-        age = time.monotonic() - self.last_ok
-        if age > window:
-            return False, f"model {self.name!r}: no worker has answered for {age:.1f} s"
-        return True, ""
-
-    def metadata(self) -> dict[str, Any]:
-        def tensor(spec: TensorSpec) -> dict[str, Any]:
-            return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-        return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": "modelpool",
-            "inputs": [tensor(s) for s in self.inputs],
-            "outputs": [tensor(s) for s in self.outputs],
-        }
-
-    def triton_config(self) -> dict[str, Any]:
-        batching = self.settings.max_batch_size > 1
-
-        def tensor(spec: TensorSpec) -> dict[str, Any]:
-            dims = list(spec.shape[1:] if batching and spec.shape else spec.shape)
-            kind = _TRITON_TYPES.get(spec.datatype, f"TYPE_{spec.datatype}")
-            return {"name": spec.name, "data_type": kind, "dims": dims}
-
-        config: dict[str, Any] = {
-            "name": self.name,
-            "platform": "modelpool",
-            "backend": "modelpool",
-            "max_batch_size": self.settings.max_batch_size if batching else 0,
-            "input": [tensor(s) for s in self.inputs],
-            "output": [tensor(s) for s in self.outputs],
-            "instance_group": [{"count": self.settings.workers, "kind": "KIND_CPU"}],
-            "parameters": {"model": {"string_value": self.settings.model}},
-        }
-        if batching:
-            delay_us = int(self.settings.max_batch_delay * 1e6)
-            config["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
-        return config
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -181,7 +101,7 @@ class Server:
         )
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
-        app.cleanup_ctx.append(self.history.sampler(self))
+        app.cleanup_ctx.append(self.history.sampler(self.metrics, self.models))
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
@@ -345,31 +265,31 @@ class Server:
             if encoding and encoding.lower() != "identity":
                 body = await self._off_loop(
                     self.settings.max_decompressed_size,  # what it may grow to, not its size
-                    _codec.decompress,
+                    _compression.decompress,
                     body,
                     encoding,
                     self.settings.max_decompressed_size,
                 )
             header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
             if len(body) < OFF_LOOP_SIZE:  # the common case: no coroutine, no thread
-                decoded = _codec.decode_infer_request(body, header_length)
+                decoded = _protocol.decode_infer_request(body, header_length)
             else:
                 decoded = await self._off_loop(
-                    len(body), _codec.decode_infer_request, body, header_length
+                    len(body), _protocol.decode_infer_request, body, header_length
                 )
-        except _codec.BodyTooLarge as exc:
+        except BodyTooLarge as exc:
             raise HTTPError(413, str(exc)) from None
-        except _codec.CodecError as exc:
+        except CodecError as exc:
             raise HTTPError(400, str(exc)) from None
         rid = _logging.adopt_body_id(request, decoded.id)
         outputs, pid = await self._predict(served, decoded.inputs, rid)
         try:
-            payload, json_length = _codec.encode_infer_response(
+            payload, json_length = _protocol.encode_infer_response(
                 served.name, served.version, decoded.id or rid, outputs, decoded
             )
-        except _codec.CodecError as exc:
+        except CodecError as exc:
             raise HTTPError(400, str(exc)) from None
-        except _codec.UnsupportedDatatypeError as exc:
+        except UnsupportedDatatypeError as exc:
             raise _errors.bad_outputs(served.name, str(exc), rid, pid) from None
         headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
         if json_length is not None:
@@ -382,16 +302,16 @@ class Server:
     ) -> tuple[dict[str, Any], int | None]:
         """The model's outputs and the pid of the worker that ran it. Failures become the
         HTTP answer, logged once where they are the model's or a worker's (``_errors``)."""
-        req: Request | None = None
+        started: StartedPredict | None = None
         try:
-            req = served.pool._start_predict(inputs, None, rid)
-            outputs = await _aio.await_future(req.future)
+            started = served.pool.start_predict(inputs, request_id=rid)
+            outputs = await _aio.await_future(started.future)
         except Exception as exc:
-            pid = _worker_pid(req)
+            pid = started.worker_pid if started is not None else None
             retry = self.settings.retry_after
             raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
         served.last_ok = time.monotonic()
-        pid = _worker_pid(req)
+        pid = started.worker_pid
         if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
             what = (
                 f"{type(outputs).__name__}, but predict() must return a dict of output "
@@ -441,7 +361,7 @@ class Server:
         if not served.alive():  # loading, or all restarting: not ready anyway, and a probe
             return  # queued now would keep a loading worker alive through a shutdown
         try:  # not a request the workers served: uncounted
-            ok = await asyncio.wrap_future(served.pool._submit_uncounted(model_loaded))
+            ok = await asyncio.wrap_future(served.pool.probe())
         except Exception as exc:
             log.debug("readiness probe of %r failed: %s", served.name, exc)
             return
@@ -459,19 +379,13 @@ class Server:
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def status_json(self, request: web.Request) -> web.Response:
-        return _json(_status.snapshot(self))
+        return _json(_status.snapshot(self.models, self.window, self.accepting))
 
     async def status_history(self, request: web.Request) -> web.Response:
         return _json(self.history.to_json())
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")
-
-
-def _worker_pid(req: Request | None) -> int | None:
-    """The pid of the worker that ran (or last ran) ``req``, if one did."""
-    worker = req.worker if req is not None else None
-    return worker.pid if worker is not None else None
 
 
 def _header_length(value: str | None) -> int | None:
@@ -482,7 +396,7 @@ def _header_length(value: str | None) -> int | None:
     except ValueError:
         length = -1
     if length < 0:
-        raise _codec.CodecError(
+        raise CodecError(
             f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"
         )
     return length

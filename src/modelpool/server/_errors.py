@@ -22,6 +22,7 @@ from modelpool._exceptions import (
     RemoteError,
     RemoteTraceback,
     RequestTimeoutError,
+    SerializationError,
     TransportError,
     WorkerCrashedError,
 )
@@ -75,7 +76,7 @@ def predict_failed(
     if isinstance(exc, TransportError):  # never the model's doing
         log.error("%s: %s", prefix, exc, extra={"fields": _context(model, request_id, pid)})
         return HTTPError(503, f"{prefix}: {exc}", retry_after=retry_after)
-    if isinstance(exc, BatchError):
+    if isinstance(exc, BatchError | SerializationError):  # (inputs here are always arrays)
         return bad_outputs(model, str(exc), request_id, pid)
     # raised by the model's predict(): a bug in the model
     tb: str | None

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from ._metrics import _NOT_REPLACED
+from ._metrics import NOT_REPLACED
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ._app import Server
+    from ._metrics import Metrics
+    from ._served import ServedModel
 
 __all__ = ["INTERVAL", "SIZE", "History", "ModelHistory", "Point", "percentiles"]
 
@@ -118,7 +119,7 @@ class ModelHistory:
         restarts = {
             why: n - last.exits.get(why, 0)
             for why, n in exit_reasons.items()
-            if why not in _NOT_REPLACED and n > last.exits.get(why, 0)
+            if why not in NOT_REPLACED and n > last.exits.get(why, 0)
         }
         point = Point(
             t=round(wall, 3),
@@ -177,14 +178,21 @@ class History:
         self._started = clock()
         self.models: dict[str, ModelHistory] = {}
 
-    def sample(self, server: Server, now: float | None = None, wall: float | None = None) -> None:
-        """Append one point per model from what ``server`` keeps (cheap: no request waits)."""
+    def sample(
+        self,
+        metrics: Metrics,
+        models: Mapping[str, ServedModel],
+        now: float | None = None,
+        wall: float | None = None,
+    ) -> None:
+        """Append one point per model from what the server keeps: its request counters
+        (``metrics``) and its ``models`` (cheap: no request waits)."""
         now = self._clock() if now is None else now
         wall = time.time() if wall is None else wall
         by_model: dict[str, dict[int, int]] = {}
-        for (model, code), n in server.metrics.requests.items():
+        for (model, code), n in metrics.requests.items():
             by_model.setdefault(model, {})[code] = n
-        for name, served in server.models.items():
+        for name, served in models.items():
             stats = served.pool.stats()
             history = self.models.get(name)
             if history is None:
@@ -208,7 +216,7 @@ class History:
             "models": [{"name": name, **h.columns()} for name, h in self.models.items()],
         }
 
-    async def run(self, server: Server) -> None:
+    async def run(self, metrics: Metrics, models: Mapping[str, ServedModel]) -> None:
         """Sample every ``interval`` until cancelled, on a fixed schedule (no drift)."""
         due = self._clock()
         while True:
@@ -217,18 +225,20 @@ class History:
             if self._clock() - due > self.interval:  # the loop was held up: skip, don't burst
                 due = self._clock()
             try:
-                self.sample(server)
+                self.sample(metrics, models)
             except Exception:  # never let a sampling bug take the charts (or more) down
                 # the first time with its traceback; then quietly, not once a second
                 level = logging.DEBUG if self._failed else logging.ERROR
                 self._failed = True
                 log.log(level, "bug: sampling the status page's history failed", exc_info=True)
 
-    def sampler(self, server: Server) -> Callable[[web.Application], AsyncIterator[None]]:
+    def sampler(
+        self, metrics: Metrics, models: Mapping[str, ServedModel]
+    ) -> Callable[[web.Application], AsyncIterator[None]]:
         """For ``app.cleanup_ctx``: sample while the application runs."""
 
         async def context(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(self.run(server))
+            task = asyncio.create_task(self.run(metrics, models))
             try:
                 yield
             finally:

@@ -33,13 +33,14 @@ from typing import IO
 from aiohttp import web
 
 from modelpool import __version__
+from modelpool._atexit import stop_process_helpers
 from modelpool._exceptions import ModelpoolError
 from modelpool._output import Output, settle_std_streams
-from modelpool._pool import stop_process_helpers
 from modelpool.config import Config
 
 from . import _logging
-from ._app import ServedModel, Server
+from ._app import Server
+from ._served import ServedModel
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "serve"]
 
@@ -127,7 +128,7 @@ class _Runner:
     def _terminate(self) -> None:
         if self.server is not None:
             for served in self.server.models.values():
-                served.pool._terminate()
+                served.pool.terminate()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

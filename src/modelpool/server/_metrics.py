@@ -13,15 +13,16 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "NOT_REPLACED", "Metrics"]
 
 #: seconds; fine at the low end, where a small model's answers are
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-#: exit reasons after which no replacement is started (scale-down, pool shutdown)
-_NOT_REPLACED = frozenset({"stopped", "shutdown"})
+#: exit reasons after which no replacement is started (scale-down, pool shutdown): the exits
+#: that are not restarts, here and on the status page's charts (``_history``)
+NOT_REPLACED = frozenset({"stopped", "shutdown"})
 
 
 def _labels(**labels: object) -> str:
@@ -121,7 +122,7 @@ class Metrics:
             # from the exit totals, which only grow: a slot removed by scaling down takes its
             # per-worker restart count with it, and a counter must never go down
             exits = stats["exit_reasons"]
-            restarts = sum(n for why, n in exits.items() if why not in _NOT_REPLACED)
+            restarts = sum(n for why, n in exits.items() if why not in NOT_REPLACED)
             out.append(f"modelpool_worker_restarts_total{_labels(model=model)} {restarts}")
         family("modelpool_worker_exits_total", "counter", "Worker exits by reason.")
         for model, stats in pools.items():

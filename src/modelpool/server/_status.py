@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from modelpool import __version__
@@ -12,7 +13,7 @@ from modelpool import __version__
 from . import _charts
 
 if TYPE_CHECKING:
-    from ._app import Server
+    from ._served import ServedModel
 
 __all__ = ["PAGE", "snapshot"]
 
@@ -26,12 +27,15 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def snapshot(server: Server) -> dict[str, Any]:
-    """Everything the page shows, in one JSON object."""
+def snapshot(
+    served_models: Mapping[str, ServedModel], window: float, accepting: bool
+) -> dict[str, Any]:
+    """Everything the page shows, in one JSON object: the server's models, its readiness
+    ``window`` (seconds) and whether it is ``accepting`` requests."""
     models = []
-    for name, served in server.models.items():
+    for name, served in served_models.items():
         stats = served.pool.stats()
-        ready, why = served.readiness(server.window, stats)
+        ready, why = served.readiness(window, stats)
         recent = list(served.recent)[-500:]
         workers = [
             {
@@ -66,7 +70,7 @@ def snapshot(server: Server) -> dict[str, Any]:
         )
     return {
         "server": {"version": __version__, "uptime_s": time.time() - _STARTED},
-        "accepting": server.accepting,
+        "accepting": accepting,
         "models": models,
     }
 

@@ -16,6 +16,7 @@ import pytest
 from _serving import ServerProcess
 
 from _deps import need_module, need_program
+from modelpool import demo
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
     config = {
         "models": {
             "sleepy": {"model": "_server_models:Sleepy", "workers": 2},
-            "iris": {"model": "modelpool.demo:IrisClassifier"},
+            "iris": {"model": demo.MODEL},
         }
     }
     with ServerProcess(config=config, tmp=tmp_path) as server:

@@ -1,16 +1,26 @@
-"""Faults: crashes, timeouts, retries, setup failures, recycling, shutdown. Nothing hangs,
-nothing is silently lost, nothing leaks (the autouse fixture in conftest checks children)."""
+"""The supervisor: the workers' life cycle as the pool's callers see it.
+
+Crashes and their replacement, timeouts, retries, setup failures and the breaker, recycling,
+shutdown, scaling between ``min_workers`` and ``max_workers``, and the races found in review.
+Nothing hangs, nothing is silently lost, nothing leaks (the autouse fixture in conftest checks
+children)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
 import os
+import random
+import resource
 import socket
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 import modelpool
@@ -18,15 +28,22 @@ from _models import (
     Crashy,
     Echo,
     FailSlot,
+    ForksHelperToFile,
+    Gate,
     Leaky,
     LoadsOnce,
     PortPerWorker,
     SlowSetup,
+    Stagger,
     Teardown,
+    started_then_wait,
     wait_for_path,
 )
+from _waiting import wait_for
 
 HOW = ["sigkill", "sigsegv", "exit", "raise"]
+
+
 EXPECTED_EXIT = {"sigkill": "SIGKILL", "sigsegv": "SIGSEGV", "exit": "code 7"}
 
 
@@ -34,11 +51,8 @@ def _pids(pool: modelpool.Pool) -> set[int]:
     return {w.pid for w in pool.stats().workers if w.pid is not None}
 
 
-def _wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+def _restarts(pool: modelpool.Pool) -> int:
+    return sum(w.restarts for w in pool.stats().workers)
 
 
 # ---------------------------------------------------------------- the crash matrix
@@ -99,18 +113,26 @@ def test_crash_while_serving_fails_only_that_request(stage: str, how: str) -> No
 
 
 def test_crash_does_not_disturb_concurrent_requests(tmp_path: Path) -> None:
+    """A worker dies while two requests run in the other workers: they are neither failed nor
+    run again, their workers are not replaced, and they answer once the test lets them."""
     gate = tmp_path / "gate"
+    started = [tmp_path / f"started-{i}" for i in range(2)]
     with modelpool.Pool(Crashy, workers=3) as pool:
-        # two requests that run until the gate opens: they are surely running during the crash
-        innocent = [pool.submit(wait_for_path, str(gate)) for _ in range(2)]
-        _wait_for(lambda: pool.stats().in_flight == 2)
-        doomed = pool.submit(os._exit, 9)  # in the third worker, beside them
-        with pytest.raises(modelpool.WorkerCrashedError, match="code 9"):
-            doomed.result(timeout=60)
-        assert not any(f.done() for f in innocent)
+        innocent = [pool.submit(started_then_wait, str(s), str(gate)) for s in started]
+        wait_for(lambda: all(s.exists() for s in started), 60, "both requests to run")
+        running_in = {int(s.read_text()) for s in started}
+        assert len(running_in) == 2
+        with pytest.raises(modelpool.WorkerCrashedError, match="code 7") as info:
+            pool.predict({"die": "exit"}, timeout=60)  # in the third worker, while they run
+        assert info.value.pid not in running_in
+        assert not any(f.done() for f in innocent)  # still running: the gate is shut
         gate.touch()
-        assert [f.result(timeout=60) for f in innocent] == [True, True]
-        assert pool.predict({})["pid"] > 0
+        assert sorted(f.result(timeout=60) for f in innocent) == sorted(running_in)
+        assert pool.predict({}, timeout=60)["pid"] != info.value.pid
+        wait_for(lambda: _restarts(pool) == 1, 30, "the crashed worker's replacement")
+        workers = pool.stats().workers
+        assert running_in <= {w.pid for w in workers}, workers  # theirs were not replaced
+        assert _restarts(pool) == 1, workers
 
 
 def test_recovery_after_crash_is_prompt() -> None:
@@ -126,7 +148,11 @@ def test_external_sigkill_of_idle_worker_is_replaced(caplog: pytest.LogCaptureFi
     with modelpool.Pool(Echo, workers=1) as pool:
         (pid,) = _pids(pool)
         os.kill(pid, 9)
-        _wait_for(lambda: _pids(pool) - {pid} and pool.stats().workers[0].state == "idle")
+        wait_for(
+            lambda: _pids(pool) - {pid} and pool.stats().workers[0].state == "idle",
+            30,
+            "a replacement, ready",
+        )
         assert pool.predict({"a": np.array(1)})["a"] == 1
         assert "SIGKILL" in (pool.stats().workers[0].last_exit or "")
         assert pool.stats().exit_reasons == {"SIGKILL": 1}
@@ -142,7 +168,7 @@ def test_exit_reasons_count_timeouts_and_busy_for_shows_request_age() -> None:
     with modelpool.Pool(Echo, workers=1, timeout=3.0) as pool:
         submitted = time.monotonic()
         fut = pool.submit(time.sleep, 30)
-        _wait_for(lambda: pool.stats().workers[0].state == "busy")
+        wait_for(lambda: pool.stats().workers[0].state == "busy", 30, "the request to run")
         time.sleep(0.2)
         busy_for = pool.stats().workers[0].busy_for
         read = time.monotonic()
@@ -152,7 +178,7 @@ def test_exit_reasons_count_timeouts_and_busy_for_shows_request_age() -> None:
         assert 0.2 - 1e-3 <= busy_for <= read - submitted + 1e-3, (busy_for, read - submitted)
         with pytest.raises(modelpool.RequestTimeoutError):
             fut.result(timeout=60)
-        _wait_for(lambda: pool.stats().exit_reasons.get("timeout") == 1)
+        wait_for(lambda: pool.stats().exit_reasons.get("timeout") == 1, 30, "the timeout's exit")
         assert pool.stats().workers[0].busy_for is None or pool.stats().workers[0].state == "busy"
 
 
@@ -165,7 +191,7 @@ def test_retry_reruns_on_another_worker(tmp_path: Path) -> None:
         assert out["pid"] > 0
         assert pool.stats().exit_reasons == {"SIGKILL": 1}  # one try crashed, one succeeded
         # the retry ran on the other worker, maybe before the crashed one's replacement started
-        _wait_for(lambda: sum(w.restarts for w in pool.stats().workers) == 1)
+        wait_for(lambda: _restarts(pool) == 1, 30, "the crashed worker's replacement")
 
 
 def test_poison_request_is_not_retried_forever() -> None:
@@ -175,7 +201,7 @@ def test_poison_request_is_not_retried_forever() -> None:
         assert pool.predict({})["pid"] > 0
         assert pool.stats().exit_reasons == {"SIGKILL": 3}  # three tries, then no more
         # the last crashed worker's replacement may not have started yet: wait for it
-        _wait_for(lambda: sum(w.restarts for w in pool.stats().workers) == 3)
+        wait_for(lambda: _restarts(pool) == 3, 30, "the last crashed worker's replacement")
 
 
 # ---------------------------------------------------------------- timeouts
@@ -280,15 +306,21 @@ def test_recycle_when_memory_limit_exceeded() -> None:
         def replaced() -> bool:
             return pool.predict(0) != first
 
-        _wait_for(replaced, timeout=30)
+        wait_for(replaced, 30, "a new worker")
+        # recycled for its memory: stopped in turn, not killed (an out-of-memory kill reads
+        # SIGKILL), and the only reason it could have had
+        wait_for(lambda: pool.stats().exit_reasons == {"recycled": 1}, 30, "the old one's exit")
 
 
 def _free_ports(count: int) -> int:
-    """A base port such that ``base .. base + count - 1`` can be listened on now."""
+    """A base port such that ``base .. base + count - 1`` can be listened on now. Taken below
+    the ephemeral range: a port the kernel hands out itself (to ``bind(0)`` and to every
+    outgoing connection of the tests running in parallel) could be taken at any moment."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    rng = random.Random()
     for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
+        base = rng.randrange(10_000, ephemeral - count)
         socks = []
         try:
             for port in range(base, base + count):
@@ -344,7 +376,7 @@ def test_a_replacement_that_keeps_failing_is_loud_and_the_limit_holds(
             assert time.monotonic() < deadline, pool.stats()
             time.sleep(0.005)
         assert out["generation"] >= 4, "three replacements failed before the old one stopped"
-        _wait_for(lambda: first not in _pids(pool))
+        wait_for(lambda: first not in _pids(pool), 30, "the old worker to stop")
         events = _events(pool)
     assert events.count("setup_failed") == 3, events
     assert "retired_unreplaced" in events
@@ -396,7 +428,7 @@ def test_shutdown_finishes_in_flight_work(tmp_path: Path) -> None:
 def test_shutdown_meets_its_deadline_and_fails_the_stuck() -> None:
     pool = modelpool.Pool(Crashy, workers=1, drain_timeout=0.5).start()
     stuck = pool.submit(time.sleep, 3600)
-    _wait_for(lambda: pool.stats().in_flight == 1)
+    wait_for(lambda: pool.stats().in_flight == 1, 30, "the request to run")
     started = time.monotonic()
     pool.shutdown(wait=True)
     assert time.monotonic() - started < 30  # drain_timeout=0.5 s; the work would take an hour
@@ -455,50 +487,13 @@ def test_no_leftover_threads_after_shutdown() -> None:
     assert new() == []
 
 
-# ---------------------------------------------------------------- misuse, before any process
-
-
-def test_class_defined_in_a_function_is_refused() -> None:
-    class Local(modelpool.Model):
-        def predict(self, inputs: object) -> object:
-            return inputs
-
-    with pytest.raises(modelpool.ModelSpecError, match="defined inside a function"):
-        modelpool.Pool(Local)
-
-
-@pytest.mark.parametrize(
-    ("spec", "match"),
-    [
-        ("_models", "must have the form"),
-        ("no_such_module_xyz:Model", "no module named 'no_such_module_xyz'"),
-        ("_models:NoSuchModel", "has no attribute 'NoSuchModel'"),
-        ("_models:_die", "not a class"),
-        ("modelpool:Model", "no predict"),
-    ],
-)
-def test_bad_import_strings(spec: str, match: str) -> None:
-    with pytest.raises(modelpool.ModelSpecError, match=match):
-        modelpool.Pool(spec)
-
-
-def test_fork_refused_with_live_threads() -> None:
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, name="someone-elses-thread")
-    thread.start()
-    try:
-        pool = modelpool.Pool(Echo, start_method="fork")
-        with pytest.raises(modelpool.UnsafeForkError, match="someone-elses-thread"):
-            pool.start()
-    finally:
-        stop.set()
-        thread.join()
+# ----------------------------------------------- a slot that cannot load, loading and shutting down
 
 
 def _pool_with_a_failed_slot() -> modelpool.Pool:
     """Two slots; slot 1 cannot load, so the breaker trips for it while slot 0 serves."""
     pool = modelpool.Pool(FailSlot, workers=2, options={"bad_index": 1}).start(wait=False)
-    _wait_for(lambda: pool.stats().workers[1].state == "failed", timeout=60)
+    wait_for(lambda: pool.stats().workers[1].state == "failed", 60, "slot 1 to fail")
     return pool
 
 
@@ -545,50 +540,6 @@ def test_load_is_spread_over_idle_workers() -> None:
         assert sorted(w.served for w in pool.stats().workers) == [10, 10]
 
 
-def test_predict_on_a_pool_without_model_fails_in_the_caller() -> None:
-    with modelpool.Pool(workers=1) as pool:
-        with pytest.raises(modelpool.ModelSpecError, match="without a model"):
-            pool.predict({})
-        assert pool.submit(os.getpid).result() > 0
-
-
-def test_dropped_pool_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
-    script = tmp_path / "drop.py"
-    script.write_text(
-        "import modelpool, os\n"
-        "if __name__ == '__main__':\n"
-        "    pool = modelpool.Pool(workers=2).start()\n"
-        "    print(pool.submit(os.getpid).result(), flush=True)\n"
-        "    del pool\n"
-    )
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    worker = int(done.stdout.split()[0])
-    _wait_for(lambda: not _alive(worker), timeout=30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize(
-    ("text", "size"), [("1.5GB", int(1.5 * 1024**3)), ("512MiB", 512 * 1024**2), (1000, 1000)]
-)
-def test_memory_limits_parse(text: object, size: int) -> None:
-    pool = modelpool.Pool(Echo, max_memory_per_worker=text)  # type: ignore[arg-type]
-    assert pool._settings.max_memory_per_worker == size
-
-
 def test_shutdown_with_a_model_that_cannot_load_fails_queued_work_promptly() -> None:
     pool = modelpool.Pool(Crashy, options={"stage": "setup", "how": "raise"}, drain_timeout=None)
     future = pool.submit(os.getpid)
@@ -609,37 +560,10 @@ def test_start_again_does_not_tear_down_a_serving_pool() -> None:
         pool.shutdown()
 
 
-def test_environment_at_spawn_reaches_forkserver_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    with modelpool.Pool(workers=1) as pool:  # makes sure the fork server is running already
-        pool.submit(os.getpid).result()
-    monkeypatch.setenv("MODELPOOL_TEST_LATE_VAR", "late")
-    with modelpool.Pool(workers=1) as pool:
-        assert pool.submit(os.environ.get, "MODELPOOL_TEST_LATE_VAR").result() == "late"
-
-
-def test_sys_path_at_spawn_reaches_forkserver_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A model module the pool's process can import (its directory added to ``sys.path``
-    after the fork server started, as ``modelpool serve`` and the Celery worker add the
-    working directory) imports in the workers too."""
-    with modelpool.Pool(workers=1) as pool:  # makes sure the fork server is running already
-        pool.submit(os.getpid).result()
-    (tmp_path / "late_path_model.py").write_text(
-        "import modelpool\n\n"
-        "class Model(modelpool.Model):\n"
-        "    def predict(self, inputs):\n"
-        "        return __file__\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with modelpool.Pool("late_path_model:Model", workers=1) as pool:
-        assert pool.predict({}) == str(tmp_path / "late_path_model.py")
-
-
 def test_shutdown_while_loading_does_not_wait_for_a_cancelled_request() -> None:
     pool = modelpool.Pool(SlowSetup, options={"seconds": 30}).start(wait=False)
     fut = pool.submit(os.getpid)
-    _wait_for(lambda: pool.stats().workers[0].state == "starting")
+    wait_for(lambda: pool.stats().workers[0].state == "starting", 30, "the worker to load")
     assert fut.cancel()  # still queued: the only worker is loading
     started = time.monotonic()
     pool.shutdown()
@@ -647,34 +571,218 @@ def test_shutdown_while_loading_does_not_wait_for_a_cancelled_request() -> None:
     assert time.monotonic() - started < 15
 
 
-@pytest.mark.parametrize("path", ["predict", "batched", "submit"])
-def test_a_local_transport_failure_is_a_modelpool_error_never_the_models(
-    monkeypatch: pytest.MonkeyPatch, path: str
+# ------------------------------- races and resource failures found in review (each once reproduced)
+
+
+def test_done_callback_may_call_back_into_the_pool() -> None:
+    """Futures are settled outside the pool's lock: a callback calling stats() must not
+    deadlock the supervisor."""
+    seen: list[int] = []
+    with modelpool.Pool(Crashy, workers=1) as pool:
+        future = pool.submit(os._exit, 3)
+        future.add_done_callback(lambda f: seen.append(len(pool.stats().workers)))
+        with pytest.raises(modelpool.WorkerCrashedError):
+            future.result(timeout=10)
+        assert pool.predict({}, timeout=60)["pid"] > 0  # the supervisor is alive
+    assert seen == [1]
+
+
+def test_timeout_is_honoured_when_the_model_forked_a_helper(tmp_path: Path) -> None:
+    """The helper inherits the worker's socket, so end of file never comes; the deadline must
+    still end the call (the pool shuts the socket when it kills the worker)."""
+    pidfile = tmp_path / "helper.pid"
+    try:
+        with modelpool.Pool(ForksHelperToFile, workers=1) as pool:
+            started = time.monotonic()
+            with pytest.raises(modelpool.RequestTimeoutError):
+                pool.predict({"seconds": 120.0, "path": str(pidfile)}, timeout=0.5)
+            # the helper holds the socket for up to 120 s: ending long before that is the
+            # deadline's doing, however slow the machine
+            assert time.monotonic() - started < 30
+    finally:  # end the helper (a grandchild) and wait for it, before the leak check
+        (tmp_path / "helper.pid.stop").touch()
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() and time.monotonic() < deadline:  # (if it ran at all)
+            time.sleep(0.01)
+        if pidfile.exists():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                helper = psutil.Process(int(pidfile.read_text()))
+                while helper.is_running() and helper.status() != psutil.STATUS_ZOMBIE:
+                    assert time.monotonic() < deadline, "the helper did not stop"
+                    time.sleep(0.01)
+
+
+def test_high_descriptor_numbers_do_not_break_the_supervisor() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1500:
+        pytest.fail(f"this test needs RLIMIT_NOFILE >= 1500 (hard limit is {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1500), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with modelpool.Pool(Crashy, workers=1) as pool:
+            with pytest.raises(modelpool.WorkerCrashedError):
+                pool.predict({"die": "sigkill"})
+            assert pool.predict({})["pid"] > 0
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_shutdown_does_not_wait_for_a_finished_direct_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from _models import Teardown
+
+    pool = modelpool.Pool(Teardown, workers=1, options={"path": str(tmp_path / "t")}).start()
+    caller = threading.Thread(target=pool.predict, args=("slow",))  # blocking: the fast path
+    caller.start()
+    deadline = time.monotonic() + 60
+    while pool.stats().in_flight != 1:  # the call is under way before the shutdown
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    started = time.monotonic()
+    pool.shutdown()  # drain_timeout is 30 s: it must not be waited out
+    assert time.monotonic() - started < 15  # the call needs 0.5 s; waiting it out, 30 s
+    caller.join()
+
+
+def test_a_failed_process_start_is_retried_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelpool import _handle
+
+    real = _handle.launch
+    failures = []
+
+    def flaky(ctx, spec):  # type: ignore[no-untyped-def]
+        if spec.generation == 1 and not failures:
+            failures.append(spec.index)
+            raise BlockingIOError(11, "Resource temporarily unavailable (fork)")
+        return real(ctx, spec)
+
+    monkeypatch.setattr(_handle, "launch", flaky)
+    with modelpool.Pool(Crashy, workers=1) as pool:
+        with pytest.raises(modelpool.WorkerCrashedError):
+            pool.predict({"die": "sigkill"})
+        assert pool.predict({}, timeout=60)["pid"] > 0  # the second try started it
+    assert failures == [0]
+
+
+def test_forced_shutdown_reports_shutdown_not_a_crash(tmp_path: Path) -> None:
+    """A request running when ``terminate()`` kills its worker fails with PoolClosedError."""
+    started = tmp_path / "started"
+    pool = modelpool.Pool(Crashy, workers=1).start()
+    future = pool.submit(started_then_wait, str(started), str(tmp_path / "never"))
+    wait_for(started.exists, 60, "the request to run")
+    pool.terminate()
+    with pytest.raises(modelpool.PoolClosedError):
+        future.result(timeout=5)
+
+
+# --------------------------------------------- scaling: min_workers / max_workers, load_concurrency
+
+
+def _live(pool: modelpool.Pool) -> int:
+    return sum(1 for w in pool.stats().workers if w.pid is not None and w.state != "stopping")
+
+
+def test_grows_when_requests_wait_and_shrinks_after_quiet(tmp_path: Path) -> None:
+    pool = modelpool.Pool(
+        Stagger,
+        options={"path": str(tmp_path / "loads")},
+        min_workers=1,
+        max_workers=3,
+        scale_down_after=0.5,
+    )
+    gate = tmp_path / "gate"
+    with pool:
+        assert _live(pool) == 1
+        # twelve requests that hold their worker until the gate opens: requests keep waiting
+        # however long a new worker takes to load, so the pool must grow
+        futures = [pool.submit(wait_for_path, str(gate)) for _ in range(12)]
+        peak = 0
+        deadline = time.monotonic() + 60
+        # all the way to max_workers while every request holds its worker (the scaler used to
+        # stop at 2: it looked before dispatch, saw the newly loaded worker idle, and slept)
+        while peak < 3:
+            assert time.monotonic() < deadline, pool.stats()
+            peak = max(peak, _live(pool))
+            assert peak <= 3, pool.stats()
+            time.sleep(0.02)
+        gate.touch()
+        while not all(f.done() for f in futures):
+            assert time.monotonic() < deadline, pool.stats()
+            assert _live(pool) <= 3, pool.stats()
+            time.sleep(0.02)
+        assert all(f.result() is True for f in futures)
+        deadline = time.monotonic() + 60
+        while _live(pool) > 1:  # back down to min_workers, never below
+            assert time.monotonic() < deadline, pool.stats()
+            time.sleep(0.05)
+        # nothing to wait for: time (two scale_down_after periods) in which the pool would
+        # go below min_workers if it could
+        time.sleep(1.0)
+        assert _live(pool) == 1
+        kinds = [e["event"] for e in pool.stats().events]
+        assert "scale_up" in kinds
+        assert "scale_down" in kinds
+        for event in pool.stats().events:
+            assert 1 <= event["workers"] <= 3
+            assert event["reason"]
+
+
+def test_load_concurrency_one_loads_workers_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "loads"
+    with modelpool.Pool(Stagger, workers=3, options={"path": str(path)}, load_concurrency=1):
+        pass
+    spans = sorted(tuple(map(float, line.split())) for line in path.read_text().splitlines())
+    assert len(spans) == 3
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 0.01, spans  # no overlap
+
+
+def test_without_min_max_the_pool_is_fixed() -> None:
+    with modelpool.Pool(Echo, workers=2) as pool:
+        assert _live(pool) == 2
+        assert pool.stats().events == []
+
+
+def test_bad_scaling_arguments() -> None:
+    with pytest.raises(ValueError, match="min_workers"):
+        modelpool.Pool(Echo, min_workers=3, max_workers=2)
+    with pytest.raises(ValueError, match="load_concurrency"):
+        modelpool.Pool(Echo, load_concurrency=0)
+
+
+def test_a_batching_pool_grows_for_a_request_that_waits_behind_a_busy_worker(
+    tmp_path: Path,
 ) -> None:
-    """A write that fails in this process (here EINVAL, as writev gives past IOV_MAX) fails the
-    request with TransportError, replaces the worker, and the pool keeps serving."""
-    from modelpool import _transport
+    """With batching on, a request queued while every worker is busy must still wake the
+    scaler (it used to wait until a worker answered: here, never while the gate is shut)."""
+    gate = tmp_path / "open"
+    pool = modelpool.Pool(
+        Gate,
+        options={"path": str(gate)},
+        min_workers=1,
+        max_workers=2,
+        max_batch_size=8,
+        max_batch_delay=0.005,
+    )
+    with pool:
 
-    real = _transport._Wire.send
-    failed: list[int] = []
+        async def scenario() -> dict:
+            held = asyncio.ensure_future(pool.apredict({"x": np.full((1, 3), -1, np.float32)}))
+            deadline = time.monotonic() + 60
+            while pool.stats().in_flight < 1:
+                assert time.monotonic() < deadline, pool.stats()
+                await asyncio.sleep(0.01)
+            try:  # answered by a second worker while the first still waits on the gate
+                return await asyncio.wait_for(
+                    pool.apredict({"x": np.ones((1, 3), np.float32)}), timeout=60
+                )
+            finally:
+                gate.touch()
+                await held
 
-    def send_once_then_fail(self: _transport._Wire, parts: list, total: int | None = None) -> None:
-        if not failed:
-            failed.append(1)
-            raise OSError(22, "Invalid argument")
-        real(self, parts, total)
-
-    batch = 8 if path == "batched" else 1
-    with modelpool.Pool(Echo, workers=1, max_batch_size=batch) as pool:
-        pid = pool.stats().workers[0].pid
-        monkeypatch.setattr(_transport._Wire, "send", send_once_then_fail)
-        call = (
-            (lambda: pool.submit(abs, -1).result(timeout=60))
-            if path == "submit"
-            else (lambda: pool.predict({"x": np.ones((1, 2), np.float32)}))
-        )
-        with pytest.raises(modelpool.TransportError, match="could not exchange") as info:
-            call()
-        assert isinstance(info.value.__cause__, OSError)
-        assert pool.predict({"x": np.ones((1, 2), np.float32)})["x"].shape == (1, 2)
-        assert pool.stats().workers[0].pid != pid  # out of step: replaced
+        out = asyncio.run(scenario())
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2, np.float32))
+    assert "scale_up" in [e["event"] for e in pool.stats().events]

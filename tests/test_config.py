@@ -1,4 +1,6 @@
-"""The YAML configuration and how ``modelpool serve`` builds one from its arguments."""
+"""The YAML configuration (``config``): every setting read and checked, and errors that name
+the file, the field and what is allowed. How ``modelpool serve`` builds one from its
+arguments: test_cli.py."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from modelpool.cli import _serve_config
 from modelpool.config import Config, ConfigError, load_config
 
 
@@ -91,50 +92,6 @@ def test_config_accepts_only_mappings() -> None:
         Config.from_mapping(["models"])
 
 
-def _flags(**given: object) -> dict[str, object]:
-    names = [
-        "name", "workers", "host", "port", "max_batch_size", "max_batch_delay", "timeout",
-        "threads_per_worker", "start_method", "max_queue", "options",
-    ]  # fmt: skip
-    return {n: given.get(n, () if n == "options" else None) for n in names}
-
-
-def test_serve_with_no_target_is_the_demo() -> None:
-    config = _serve_config(None, _flags())
-    (name,) = config.models
-    assert name == "iris"
-    assert config.models["iris"].model == "modelpool.demo:IrisClassifier"
-    assert config.server.port == 8000
-    assert config.server.host == "127.0.0.1"
-
-
-def test_serve_import_string_with_flags() -> None:
-    config = _serve_config(
-        "pkg.mod:Model",
-        _flags(workers=3, port=9001, max_batch_size=8, options=("size=3", "name=big")),
-    )
-    assert list(config.models) == ["Model"]  # --name defaults to the class name
-    settings = config.models["Model"]
-    assert settings.workers == 3
-    assert settings.max_batch_size == 8
-    assert settings.options == {"size": 3, "name": "big"}
-    assert config.server.port == 9001
-    named = _serve_config("pkg.mod:Model", _flags(name="m"))
-    assert list(named.models) == ["m"]
-
-
-def test_serve_file_with_port_override_and_refused_model_flags(tmp_path: Path) -> None:
-    path = _write(tmp_path, "models: {m: {model: a.b:C}}")
-    assert _serve_config(str(path), _flags(port=1234)).server.port == 1234
-    with pytest.raises(ConfigError, match="--workers"):
-        _serve_config(str(path), _flags(workers=2))
-
-
-def test_serve_target_that_is_neither_file_nor_import_string() -> None:
-    with pytest.raises(ConfigError, match="neither a YAML file nor an import string"):
-        _serve_config("model.yaml.missing", _flags())
-
-
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -191,24 +148,3 @@ def test_logging_settings_errors(tmp_path: Path, text: str, fragments: list[str]
         load_config(path)
     for fragment in fragments:
         assert fragment in str(info.value)
-
-
-def test_logging_flags_override_the_file(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path,
-        "server: {port: 9000, access_log: off, log_format: json}\nmodels: {m: {model: a.b:C}}",
-    )
-    flags: dict[str, object] = {
-        "name": None,
-        "options": (),
-        "access_log": "0.25",
-        "log_level": "warning",
-        "log_format": None,
-    }
-    config = _serve_config(str(path), flags)
-    assert config.server.access_log == 0.25
-    assert config.server.log_level == "warning"
-    assert config.server.log_format == "json"  # not given: the file's
-    assert config.server.port == 9000
-    with pytest.raises(ConfigError, match="access_log"):
-        _serve_config(str(path), {"name": None, "options": (), "access_log": "lots"})

@@ -1,7 +1,9 @@
 """The Open Inference Protocol (KServe v2 REST) codec, with Triton's binary tensor extension.
 
 Pure functions over bytes, no I/O: the server decodes requests and encodes responses with them,
-``modelpool.client`` the reverse.
+``modelpool.client`` the reverse; a compressed body is undone first (``_compression``). Outside
+``modelpool.server`` so that the client loads neither the server nor its dependencies (aiohttp,
+pydantic): it needs NumPy and orjson only.
 
 Wire format: one JSON object, then optionally a binary section whose start the
 ``Inference-Header-Content-Length`` header gives. Each binary tensor has
@@ -32,25 +34,18 @@ import json
 import math
 import struct
 import sys
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import numpy as np
+import orjson
 
+from modelpool._compression import Buffer
+from modelpool._exceptions import CodecError, UnsupportedDatatypeError
 from modelpool._model import DATATYPES
 
-_HAVE_ORJSON: bool
-try:
-    import orjson
-
-    _HAVE_ORJSON = True
-except ImportError:  # pragma: no cover - orjson is optional; the stdlib's json is the fallback
-    _HAVE_ORJSON = False
-
 __all__ = [
-    "BodyTooLarge",
     "CodecError",
     "InferRequest",
     "RequestedOutput",
@@ -58,14 +53,9 @@ __all__ = [
     "datatype_of",
     "decode_infer_request",
     "decode_infer_response",
-    "decompress",
-    "encode_error",
     "encode_infer_request",
     "encode_infer_response",
 ]
-
-#: What the codec reads: a body as received.
-Buffer: TypeAlias = bytes | bytearray | memoryview
 
 _ALIGN: Final = 64
 _MAX_DIMS: Final = 32
@@ -79,18 +69,6 @@ _BY_KIND_SIZE: Final = {
 }
 _NON_FINITE: Final = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _TYPES_HINT: Final = ", ".join(DATATYPES)
-
-
-class CodecError(ValueError):
-    """The body is not a valid inference request or response; the message says how to fix it."""
-
-
-class BodyTooLarge(CodecError):
-    """The (decompressed) body is larger than the server accepts."""
-
-
-class UnsupportedDatatypeError(TypeError):
-    """An array's dtype has no Open Inference Protocol datatype (complex, datetime, ...)."""
 
 
 @dataclass(slots=True)
@@ -116,90 +94,25 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-# -- compression ------------------------------------------------------------------------------
-
-
-def decompress(body: Buffer, content_encoding: str | None, max_size: int) -> Buffer:
-    """Undo ``Content-Encoding`` (``gzip``, ``deflate`` as zlib or raw, ``identity``).
-
-    Decompression streams and stops with ``BodyTooLarge`` as soon as the output passes
-    ``max_size`` bytes, so a small compressed bomb never expands in memory. A decompressed
-    body is a fresh ``bytearray`` (decoding it is zero-copy); an identity body is returned as is.
-    """
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
-    for coding in reversed([c for c in codings if c and c != "identity"]):
-        if coding in ("gzip", "x-gzip"):
-            body = _inflate(body, 16 + zlib.MAX_WBITS, max_size, coding)
-        elif coding == "deflate":
-            raw = len(body) < 2 or (body[0] & 0x0F) != 8 or (body[0] * 256 + body[1]) % 31 != 0
-            body = _inflate(body, -zlib.MAX_WBITS if raw else zlib.MAX_WBITS, max_size, coding)
-        else:
-            raise CodecError(
-                f"unsupported Content-Encoding {_short(coding)}; send the body uncompressed or "
-                "compressed with gzip or deflate"
-            )
-    if len(body) > max_size:
-        raise BodyTooLarge(f"the body is {len(body)} bytes; the limit is {max_size} bytes")
-    return body
-
-
-def _inflate(data: Buffer, wbits: int, max_size: int, coding: str) -> bytearray:
-    out = bytearray()
-    pending: Buffer = data
-    try:
-        while True:  # one round per gzip member; zlib and raw deflate have a single one
-            inflater = zlib.decompressobj(wbits)
-            while True:
-                out += inflater.decompress(pending, max_size + 1 - len(out))
-                pending = inflater.unconsumed_tail
-                if inflater.eof or not pending or len(out) > max_size:
-                    break
-            if not inflater.eof and len(out) <= max_size:
-                out += inflater.flush()  # bounded: no input is left, only zlib's window
-            if len(out) > max_size:
-                raise BodyTooLarge(
-                    f"the body decompresses to more than {max_size} bytes, the limit"
-                )
-            if not inflater.eof:
-                raise CodecError(f"the {coding} body is truncated; send the complete stream")
-            pending = inflater.unused_data
-            if not pending or coding == "deflate":
-                break
-    except zlib.error as exc:
-        raise CodecError(f"the body is not valid {coding} data ({exc})") from None
-    if pending:
-        raise CodecError(f"the body has {len(pending)} stray bytes after the {coding} stream")
-    return out
-
-
 # -- JSON -------------------------------------------------------------------------------------
 
 
 def _loads(data: Buffer, what: str) -> Any:
-    first: Exception | None = None
-    if _HAVE_ORJSON:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            first = exc  # orjson is strict; the stdlib also reads NaN tokens and huge ints
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        first = exc  # orjson is strict; the stdlib also reads NaN tokens and huge ints
     try:
         return json.loads(bytes(data) if isinstance(data, memoryview) else data)
-    except (ValueError, RecursionError) as exc:
-        raise CodecError(f"{what} is not valid UTF-8 JSON: {first or exc}") from None
+    except (ValueError, RecursionError):
+        raise CodecError(f"{what} is not valid UTF-8 JSON: {first}") from None
 
 
 def _dumps(doc: Any) -> bytes:
     try:
-        if _HAVE_ORJSON:
-            return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    except (UnicodeEncodeError, TypeError):  # orjson.JSONEncodeError is a TypeError
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
         raise CodecError("a name or id is not valid UTF-8 (a lone surrogate?)") from None
-
-
-def encode_error(message: str) -> bytes:
-    """The body of an error response: ``{"error": message}``."""
-    return _dumps({"error": message})
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -559,7 +472,7 @@ def _to_json(array: np.ndarray, datatype: str, where: str) -> Any:
     flat = np.ascontiguousarray(array.reshape(-1), dtype=DATATYPES[datatype])
     if datatype.startswith("FP") and not np.isfinite(flat).all():
         return [_NON_FINITE.get(repr(x), x) for x in flat.tolist()]
-    return flat if _HAVE_ORJSON else flat.tolist()
+    return flat
 
 
 def _encode(
