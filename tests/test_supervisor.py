@@ -39,7 +39,7 @@ from _models import (
     started_then_wait,
     wait_for_path,
 )
-from _waiting import wait_for
+from _waiting import until, wait_for
 
 HOW = ["sigkill", "sigsegv", "exit", "raise"]
 
@@ -637,10 +637,8 @@ def test_shutdown_does_not_wait_for_a_finished_direct_call(tmp_path) -> None:  #
     pool = modelpool.Pool(Teardown, workers=1, options={"path": str(tmp_path / "t")}).start()
     caller = threading.Thread(target=pool.predict, args=("slow",))  # blocking: the fast path
     caller.start()
-    deadline = time.monotonic() + 60
-    while pool.stats().in_flight != 1:  # the call is under way before the shutdown
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    # the call is under way before the shutdown
+    wait_for(lambda: pool.stats().in_flight == 1, 60, "the call to be in flight", interval=0.005)
     started = time.monotonic()
     pool.shutdown()  # drain_timeout is 30 s: it must not be waited out
     assert time.monotonic() - started < 15  # the call needs 0.5 s; waiting it out, 30 s
@@ -771,10 +769,7 @@ def test_a_batching_pool_grows_for_a_request_that_waits_behind_a_busy_worker(
 
         async def scenario() -> dict:
             held = asyncio.ensure_future(pool.apredict({"x": np.full((1, 3), -1, np.float32)}))
-            deadline = time.monotonic() + 60
-            while pool.stats().in_flight < 1:
-                assert time.monotonic() < deadline, pool.stats()
-                await asyncio.sleep(0.01)
+            await until(lambda: pool.stats().in_flight >= 1, 60, "the held request in flight")
             try:  # answered by a second worker while the first still waits on the gate
                 return await asyncio.wait_for(
                     pool.apredict({"x": np.ones((1, 3), np.float32)}), timeout=60

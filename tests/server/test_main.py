@@ -6,6 +6,7 @@ multiprocessing's fork server and resource tracker are all reaped before it exit
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -38,16 +39,13 @@ def _http(url: str, body: dict[str, object] | None = None) -> tuple[int, bytes]:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert proc.poll() is None, f"the server exited with {proc.returncode}"
-        try:
-            if _http(url + "/v2/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the server did not become ready")
+        with contextlib.suppress(OSError):
+            return _http(url + "/v2/health/ready")[0] == 200
+        return False
+
+    wait_for(ready, timeout, "the server to become ready", interval=0.05)
 
 
 def _worker_pids(server: ServerProcess) -> list[int]:
@@ -201,10 +199,7 @@ def test_second_ctrl_c_stops_at_once_and_reaps_workers(tmp_path: Path) -> None:
 def test_stop_while_loading_is_a_clean_exit(tmp_path: Path) -> None:
     config = {"models": {"slow": {"model": "_models:SlowSetup", "options": {"seconds": 30}}}}
     server = ServerProcess(config=config, tmp=tmp_path)
-    deadline = time.monotonic() + 60
-    while "loading" not in server.output:
-        assert time.monotonic() < deadline, server.output
-        time.sleep(0.05)
+    wait_for(lambda: "loading" in server.output, 60, "the server to report it is loading")
     code = server.stop(signal.SIGTERM)
     assert code == 0, server.output
     assert "Traceback" not in server.output

@@ -7,8 +7,7 @@ import http.client
 import json
 import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from _serving import ServerProcess
 
 from _deps import need_module, need_program
+from _waiting import wait_for
 from modelpool import demo
 
 
@@ -44,16 +44,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def _until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def _infer(server: ServerProcess, seconds: float, model: str = "sleepy") -> int:
@@ -92,7 +82,9 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
             )
             return list(browser.execute_script(script, selector, name))
 
-        _until(lambda: attributes("section.model", "data-model"))
+        wait_for(
+            lambda: attributes("section.model", "data-model"), 15, "the page to list the models"
+        )
         assert sorted(attributes("section.model", "data-model")) == ["iris", "sleepy"]
         sleepy = 'section[data-model="sleepy"]'
         (title,) = texts(f"{sleepy} h2")
@@ -108,14 +100,18 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
         for _ in range(5):
             assert _infer(server, 0) == 200
         # the page updates itself (no reload): the served count goes up by at least 5
-        _until(lambda: served() >= before + 5)
+        wait_for(lambda: served() >= before + 5, 15, "five more requests on the page")
 
         # a long request shows as a busy worker with its age
         caller = threading.Thread(target=_infer, args=(server, 2.0))
         caller.start()
-        busy = _until(lambda: texts(f"{sleepy} td.state.busy"))
+        busy = wait_for(lambda: texts(f"{sleepy} td.state.busy"), 15, "a busy worker on the page")
         assert busy[0] == "busy"
-        ages = _until(lambda: [t for t in texts(f"{sleepy} tr.worker td:nth-child(7)") if t])
+        ages = wait_for(
+            lambda: [t for t in texts(f"{sleepy} tr.worker td:nth-child(7)") if t],
+            15,
+            "a busy worker's age on the page",
+        )
         assert ages[0].endswith(" s")  # the current request's age
         caller.join(10)
         (p50,) = texts(f"{sleepy} .p50")
