@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MLP
 
 import modelpool
+from modelpool import _infer
 from modelpool._protocol import CodecError, decode_infer_response, encode_infer_request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,9 +163,31 @@ class InlinePool:
         self, inputs: Any, timeout: float | None = None, *, request_id: str | None = None
     ) -> Any:
         """What the server calls: the answer, already in a future (no worker ran it)."""
-        future: cf.Future[Any] = cf.Future()
-        future.set_result(self.model.predict(inputs))
-        return types.SimpleNamespace(future=future, worker_pid=None)
+        outputs = self.model.predict(inputs)
+
+        async def wait() -> Any:
+            return outputs
+
+        return types.SimpleNamespace(wait=wait, worker_pid=None)
+
+    def start_infer(self, body: bytes, header_length: int | None = None, **kwargs: Any) -> Any:
+        """What the server calls without batching: the worker's whole job (decode, predict,
+        encode), done here."""
+        payload = _infer.request_payload(
+            "mlp", kwargs.get("version"), body, header_length, kwargs.get("request_id"), True
+        )
+        answer = _infer.handle(self.model, payload)
+
+        async def wait() -> Any:
+            return answer
+
+        return types.SimpleNamespace(wait=wait, worker_pid=None)
+
+    def attach_loop(self, loop: Any) -> None:
+        """Nothing to attach: no worker answers to read."""
+
+    def detach_loop(self) -> None:
+        """Nothing attached."""
 
     def stats(self) -> dict[str, Any]:
         worker = types.SimpleNamespace(state="idle", served=0, pid=None)

@@ -13,9 +13,10 @@ import asyncio
 import concurrent.futures as cf
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["await_future"]
+__all__ = ["await_future", "call_in_loop"]
 
 
 class _Inbox:
@@ -26,13 +27,13 @@ class _Inbox:
         # key would keep every event loop that ever awaited an answer alive for good
         self.loop = weakref.ref(loop)
         self.lock = threading.Lock()
-        self.items: list[tuple[asyncio.Future[Any], cf.Future[Any]]] = []
+        self.items: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
         self.scheduled = False
 
-    def put(self, waiter: asyncio.Future[Any], done: cf.Future[Any]) -> None:
-        """Called in whatever thread settled ``done``."""
+    def put(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        """Run ``fn(*args)`` in the loop soon; called from any thread."""
         with self.lock:
-            self.items.append((waiter, done))
+            self.items.append((fn, args))
             if self.scheduled:
                 return
             self.scheduled = True
@@ -47,19 +48,24 @@ class _Inbox:
                 self.scheduled = False
 
     def drain(self) -> None:
-        """Runs in the loop: copy each settled future's outcome to its waiter."""
+        """Runs in the loop: everything put since the last drain."""
         with self.lock:
             items, self.items = self.items, []
             self.scheduled = False
-        for waiter, done in items:
-            if waiter.done():  # the caller was cancelled meanwhile
-                continue
-            if done.cancelled():
-                waiter.cancel()
-            elif (exc := done.exception()) is not None:
-                waiter.set_exception(exc)
-            else:
-                waiter.set_result(done.result())
+        for fn, args in items:
+            fn(*args)
+
+
+def _copy(waiter: asyncio.Future[Any], done: cf.Future[Any]) -> None:
+    """Copy a settled future's outcome to its waiter (in the waiter's loop)."""
+    if waiter.done():  # the caller was cancelled meanwhile
+        return
+    if done.cancelled():
+        waiter.cancel()
+    elif (exc := done.exception()) is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(done.result())
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
@@ -76,13 +82,19 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
     return inbox
 
 
+def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` in ``loop`` soon, from another thread; calls made while the loop is
+    busy share one wake-up. Dropped if the loop is closed."""
+    _inbox(loop).put(fn, args)
+
+
 async def await_future(done: cf.Future[Any]) -> Any:
     """Await a ``concurrent.futures.Future`` from any event loop. Cancelling the await cancels
     the future (which drops a request that has not started, or its answer if it has)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[Any] = loop.create_future()
     inbox = _inbox(loop)
-    done.add_done_callback(lambda f: inbox.put(waiter, f))
+    done.add_done_callback(lambda f: inbox.put(_copy, (waiter, f)))
     try:
         return await waiter
     except asyncio.CancelledError:

@@ -84,6 +84,7 @@ class WorkerHandle:
         self.channel = channel
         self.watched = False  # the supervisor's selector reads this worker's answers
         self.reader_active = False  # a caller thread is reading this worker's answer
+        self.loop_watched = False  # an attached event loop reads its answers (``_loopside``)
         self.users = 0  # threads holding the channel (writing or reading); close waits for 0
         self.idle_since = 0.0  # when it last became idle (for scaling down)
         self.exited = False

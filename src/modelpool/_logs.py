@@ -14,10 +14,19 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 import sys
 from typing import IO, Any
 
-__all__ = ["FORMATS", "LEVELS", "REQUEST_ID", "configure", "configure_worker", "request_id"]
+__all__ = [
+    "FORMATS",
+    "LEVELS",
+    "REQUEST_ID",
+    "configure",
+    "configure_worker",
+    "request_id",
+    "usable_request_id",
+]
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
@@ -27,6 +36,14 @@ FORMATS = ("text", "json")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "modelpool_request_id", default=None
 )
+
+#: a request id taken as given: visible ASCII, no spaces, not too long for a log line
+_USABLE = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def usable_request_id(value: str) -> bool:
+    """Whether ``value`` can be a request id as it is (in a header and a log line)."""
+    return _USABLE.fullmatch(value) is not None
 
 
 def request_id() -> str | None:

@@ -166,3 +166,29 @@ def normalize_inputs(inputs: Any, specs: Sequence[TensorSpec], model_name: str) 
             raise InputValidationError(f"model {model_name!r}: {fact}", problem=fact)
         spec.check(inputs[spec.name], model_name)
     return dict(inputs)
+
+
+def declared(cls: type) -> tuple[tuple[TensorSpec, ...], int | None]:
+    """A model class's declared inputs and ``max_batch_size`` (rows per call), as read by the
+    pool (which checks them when it is created)."""
+    return tuple(getattr(cls, "inputs", ()) or ()), getattr(cls, "max_batch_size", None)
+
+
+def check_rows(inputs: Any, limit: int | None, model_name: str) -> None:
+    """A request larger than the model's own declared limit is refused, never cut."""
+    if limit is None:
+        return
+    rows = max(
+        (
+            v.shape[0]
+            for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
+            if getattr(v, "shape", None)
+        ),
+        default=1,
+    )
+    if rows > limit:
+        fact = (
+            f"accepts at most {limit} rows per call (its max_batch_size), and this request "
+            f"has {rows}; split it"
+        )
+        raise InputValidationError(f"model {model_name!r} {fact}", problem=fact)

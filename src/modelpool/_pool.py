@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import functools
 import itertools
@@ -13,16 +14,17 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from . import _aio, _batching, _hygiene, _transport
+from . import _aio, _batching, _hygiene, _infer, _transport
 from ._atexit import register_atexit
-from ._exceptions import InputValidationError, ModelSpecError, PoolClosedError, UnsafeForkError
+from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
 from ._handle import WorkerStats
 from ._importer import import_from_string, portable, reference_of
-from ._model import TensorSpec, normalize_inputs
+from ._loopside import LoopFuture
+from ._model import TensorSpec, check_rows, normalize_inputs
 from ._requests import Request
 from ._settings import PoolSettings, check, default_start_method, scaling, validate
 from ._supervisor import Supervisor
-from ._worker import CALL, PREDICT, PREDICT_TAGGED, model_loaded
+from ._worker import CALL, INFER, PREDICT, PREDICT_TAGGED, model_loaded
 
 __all__ = ["Pool", "PoolStats", "StartedPredict"]
 
@@ -312,9 +314,12 @@ class Pool(cf.Executor):
         tag: str | None = None,
         *,
         counted: bool = True,
+        on_loop: bool = False,
     ) -> Request:
         req = self._new_request(timeout)
         req.tag, req.counted = tag, counted
+        if on_loop:  # made on the attached event loop: its answer is read there
+            self._supervisor.loop_future(req)
         signature, rows = (None, 1)
         if kind == PREDICT and self._settings.max_batch_size > 1:
             signature, rows = _batching.signature(payload)
@@ -324,25 +329,6 @@ class Pool(cf.Executor):
             req.frame = _transport.encode_request(_message(kind, req.id, payload, tag), _what(kind))
         self._supervisor.submit(req)
         return req
-
-    def _check_rows(self, inputs: Any) -> None:
-        """A request larger than the model's own declared limit is refused, never cut."""
-        if self._model_limit is None:
-            return
-        rows = max(
-            (
-                v.shape[0]
-                for v in (inputs.values() if isinstance(inputs, dict) else [inputs])
-                if getattr(v, "shape", None)
-            ),
-            default=1,
-        )
-        if rows > self._model_limit:
-            fact = (
-                f"accepts at most {self._model_limit} rows per call (its max_batch_size), and "
-                f"this request has {rows}; split it"
-            )
-            raise InputValidationError(f"model {self._model_name!r} {fact}", problem=fact)
 
     def _call(self, kind: int, payload: Any, timeout: float | None, tag: str | None) -> Any:
         req = self._new_request(timeout)
@@ -360,7 +346,7 @@ class Pool(cf.Executor):
         """
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
-        self._check_rows(inputs)
+        check_rows(inputs, self._model_limit, self._model_name)
         tag = _tag(request_id)
         if self._settings.max_batch_size > 1:
             return self._request(PREDICT, inputs, timeout, tag).result()
@@ -378,14 +364,14 @@ class Pool(cf.Executor):
     ) -> Any:
         """``predict`` for asyncio; works from any event loop. Cancelling it drops the request
         if it has not started, or its result if it has."""
-        return await _aio.await_future(self._start_predict(inputs, timeout, request_id).future)
+        return await StartedPredict(self._start_predict(inputs, timeout, request_id)).wait()
 
     def _start_predict(self, inputs: Any, timeout: float | None, request_id: str | None) -> Request:
         """Check and queue a predict (``apredict`` and ``start_predict``)."""
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
-        self._check_rows(inputs)
-        return self._enqueue(PREDICT, inputs, timeout, _tag(request_id))
+        check_rows(inputs, self._model_limit, self._model_name)
+        return self._enqueue(PREDICT, inputs, timeout, _tag(request_id), on_loop=True)
 
     # for a server that embeds the pool, as modelpool.server does (docs/server.md, "Embedding
     # a pool in a server"): public names, but not part of the everyday API
@@ -399,6 +385,39 @@ class Pool(cf.Executor):
         Arguments as for ``predict``; an invalid request raises here, not in the future.
         """
         return StartedPredict(self._start_predict(inputs, timeout, request_id))
+
+    def start_infer(
+        self,
+        body: bytes,
+        header_length: int | None = None,
+        *,
+        version: str | None = None,
+        request_id: str | None = None,
+        adopt_id: bool = True,
+        timeout: float | None = None,
+    ) -> StartedPredict:
+        """Queue an Open Inference Protocol request as its HTTP body's bytes: a worker decodes
+        it, checks the inputs, predicts and encodes the answer (``header_length``: its
+        ``Inference-Header-Content-Length``; ``adopt_id``: the body's ``id`` may become the
+        request id). The future's result is a ``modelpool._infer.Answer``; ``predict``'s own
+        exceptions fail it as they fail ``predict``. Not batched with other requests."""
+        self._check_has_model()
+        payload = _infer.request_payload(
+            self._model_name, version, body, header_length, _tag(request_id), adopt_id
+        )
+        return StartedPredict(self._enqueue(INFER, payload, timeout, on_loop=True))
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Let an event loop (default: the running one; call this in its thread) send
+        predicts made in it straight to idle workers and read their answers itself, with no
+        thread hand-off. One loop per pool; call ``detach_loop`` in the same thread before the
+        loop stops. Predicts made elsewhere are unaffected."""
+        self._supervisor.attach_loop(loop or asyncio.get_running_loop())
+
+    def detach_loop(self) -> None:
+        """Undo ``attach_loop`` (in the loop's thread): answers still to come are read by the
+        pool's own thread again."""
+        self._supervisor.detach_loop()
 
     def probe(self) -> cf.Future[bool]:
         """A readiness probe through the real request path: a call queued to a worker like any
@@ -484,7 +503,17 @@ class StartedPredict:
 
     @property
     def future(self) -> cf.Future[Any]:
+        """The request's future; for one made on an attached loop (``Pool.attach_loop``), use
+        ``await wait()`` instead."""
         return self._request.future
+
+    async def wait(self) -> Any:
+        """The outputs (or the error), awaited in the loop that started the predict.
+        Cancelling the wait drops the request if it has not started, or its answer."""
+        future: Any = self._request.future
+        if isinstance(future, LoopFuture):
+            return await future.wait()
+        return await _aio.await_future(future)
 
     @property
     def worker_pid(self) -> int | None:

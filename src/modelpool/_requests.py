@@ -79,6 +79,11 @@ class Request:
                     future = self._future = cf.Future()
         return future
 
+    def use_future(self, future: Any) -> None:
+        """Settle through ``future`` (a ``_loopside.LoopFuture``, which has the part of a
+        ``concurrent.futures.Future`` used here) instead of a new ``Future``; before submit."""
+        self._future = future
+
     def claim(self) -> bool:
         """Mark the request as running; False when its caller cancelled it meanwhile."""
         future = self.future

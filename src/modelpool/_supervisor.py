@@ -57,6 +57,7 @@ from ._exceptions import (
 from ._fleet import Fleet, Launch, exit_kind, worker_stats
 from ._handle import BUSY, IDLE, STARTING, STOPPING, WorkerHandle, WorkerStats, describe_exit
 from ._hygiene import THREAD_PREFIX
+from ._loopside import LoopFuture, LoopSide
 from ._poller import Poller
 from ._requests import Outbox, Request, fresh
 from ._settings import PoolSettings
@@ -86,7 +87,7 @@ class Supervisor:
         self._changed = threading.Condition(self._lock)
         self.poller = Poller()
         self._wake = self.poller.wake
-        self._watch = self.poller.watch
+        self.loopside: LoopSide | None = None  # an event loop that reads its own answers
         self._ids = itertools.count(1)
         self.deadlines = Deadlines()
         self.outbox = Outbox(log, self.deadlines.discard)
@@ -190,6 +191,49 @@ class Supervisor:
         if wake:
             self._wake()
         return worker
+
+    def attach_loop(self, loop: Any) -> None:
+        """Let ``loop`` (running in this thread) read the answers to the requests it sends;
+        see ``_loopside``. One loop at a time: attaching another detaches the first."""
+        if self.loopside is not None and self.loopside.loop is loop and not self.loopside.detached:
+            return
+        self.detach_loop()
+        self.loopside = LoopSide(
+            loop,
+            self._lock,
+            self.dispatch,
+            discard=self.deadlines.discard,
+            clock=self._clock,
+            wake=self._wake,
+            closing=lambda: self._closing,
+            out_of_step=self._out_of_step,
+            give_back=lambda worker: self.poller.watch(worker, True),
+        )
+
+    def detach_loop(self) -> None:
+        """Hand what the attached loop watches back to the supervisor (on the loop's thread,
+        before it stops)."""
+        side, self.loopside = self.loopside, None
+        if side is not None:
+            side.detach()
+
+    def loop_future(self, req: Request) -> LoopFuture | None:
+        """Give ``req`` a ``LoopFuture`` when this thread runs the attached loop."""
+        side = self.loopside
+        if side is None or not side.here():
+            return None
+        future = side.future()
+        req.use_future(future)
+        return future
+
+    def _watch(self, worker: WorkerHandle, on: bool) -> None:
+        """(Un)register ``worker``'s answers with a reader: the attached loop when this thread
+        runs it (or it reads them already), else the supervisor's selector (lock held)."""
+        side = self.loopside
+        if side is not None and side.watch(worker, on):
+            self.poller.watch(worker, False)
+        else:
+            self.poller.watch(worker, on)
 
     def close(self, *, cancel_futures: bool, force: bool) -> None:
         with self._lock:
@@ -348,7 +392,12 @@ class Supervisor:
     def _on_message(self, worker: WorkerHandle) -> bool:
         """Handle one message from ``worker``; False when there is nothing for us to read."""
         with self._lock:
-            if not worker.watched or worker.reader_active or worker.channel.wire.fd < 0:
+            if (
+                not worker.watched
+                or worker.reader_active
+                or worker.loop_watched
+                or worker.channel.wire.fd < 0
+            ):
                 return False  # a stale event: a calling thread owns this connection now
         try:
             message = worker.channel.recv(block=False)  # never hang on a half-sent message

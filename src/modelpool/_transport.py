@@ -160,7 +160,7 @@ def _dispatch_table() -> dict[type, Any]:
     return table
 
 
-_PLAIN = frozenset({bytes, str, int, float, bool, type(None)})
+_PLAIN = frozenset({bytes, str, int, float, bool, type(None), pickle.PickleBuffer})
 
 
 def _plain(obj: Any, depth: int) -> bool:

@@ -14,13 +14,14 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _hygiene, _logs, _output, _shm, _transport
+from . import _hygiene, _infer, _logs, _output, _shm, _transport
 from ._exceptions import ModelSpecError, SerializationError
 from ._settings import PoolSettings
 
 __all__ = [
     "CALL",
     "ERR",
+    "INFER",
     "OK",
     "PREDICT",
     "PREDICT_TAGGED",
@@ -38,7 +39,8 @@ __all__ = [
 
 # Message kinds, parent -> worker. PREDICT_TAGGED: a predict whose payload is
 # (request id, inputs); the id is what ``modelpool.request_id()`` returns while it runs.
-PREDICT, CALL, STOP, PREDICT_TAGGED = 1, 2, 3, 4
+# INFER: an HTTP inference request's bytes, decoded and answered here (``_infer``).
+PREDICT, CALL, STOP, PREDICT_TAGGED, INFER = 1, 2, 3, 4, 5
 # Message kinds, worker -> parent
 READY, SETUP_FAILED, OK, ERR = 11, 12, 13, 14
 
@@ -204,7 +206,7 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
         if kind == STOP:
             _teardown(model)
             return
-        reply = _handle(kind, rid, payload, predict)
+        reply = _handle(kind, rid, payload, predict, model)
         del payload  # inputs no longer referenced are released with this reply
         try:
             channel.send(reply)
@@ -232,13 +234,19 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
         del reply
 
 
-def _handle(kind: int, rid: int, payload: Any, predict: Any) -> tuple[int, int, Any]:
+def _handle(kind: int, rid: int, payload: Any, predict: Any, model: Any) -> tuple[int, int, Any]:
     tag = None
     if kind == PREDICT_TAGGED:
         kind = PREDICT
         tag, payload = payload
+    elif kind == INFER:
+        tag = payload[4]
     token = _logs.REQUEST_ID.set(tag)
     try:
+        if kind == INFER:
+            if predict is None:
+                raise ModelSpecError("this pool has no model; use submit() to run functions")
+            return (OK, rid, _infer.handle(model, payload))
         if kind == PREDICT:
             if predict is None:
                 raise ModelSpecError("this pool has no model; use submit() to run functions")

@@ -19,8 +19,9 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from modelpool import __version__, _aio, _compression, _protocol
+from modelpool import __version__, _compression, _protocol
 from modelpool._exceptions import BodyTooLarge, CodecError, UnsupportedDatatypeError
+from modelpool._infer import BAD_OUTPUTS
 from modelpool._pool import StartedPredict
 from modelpool.config import Config
 
@@ -106,12 +107,16 @@ class Server:
 
     async def _on_startup(self, app: web.Application) -> None:
         self._probe_task = asyncio.create_task(self._probe_loop())
+        for served in self.models.values():  # requests made here are answered here, no threads
+            served.attach(asyncio.get_running_loop())
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
         for task in self._probes.values():
             task.cancel()
+        for served in self.models.values():
+            served.detach()
 
     @web.middleware
     async def _errors(
@@ -271,6 +276,9 @@ class Server:
                     self.settings.max_decompressed_size,
                 )
             header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
+            if served.settings.max_batch_size <= 1:
+                return await self._infer_in_worker(request, served, body, header_length)
+            # batching: decoded here, so that the pool can merge the inputs of many requests
             if len(body) < OFF_LOOP_SIZE:  # the common case: no coroutine, no thread
                 decoded = _protocol.decode_infer_request(body, header_length)
             else:
@@ -291,11 +299,44 @@ class Server:
             raise HTTPError(400, str(exc)) from None
         except UnsupportedDatatypeError as exc:
             raise _errors.bad_outputs(served.name, str(exc), rid, pid) from None
+        return await self._answer(request, payload, json_length)
+
+    async def _answer(
+        self, request: web.Request, payload: Any, json_length: int | None
+    ) -> web.Response:
         headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
         if json_length is not None:
             headers["Inference-Header-Content-Length"] = str(json_length)
         payload = await self._compress(request, payload, headers)
         return web.Response(body=payload, headers=headers)
+
+    async def _infer_in_worker(
+        self, request: web.Request, served: ServedModel, body: bytes, header_length: int | None
+    ) -> web.Response:
+        """The body's bytes go to a worker, which decodes, predicts and encodes (``_infer``):
+        no tensor work in this process."""
+        rid = _logging.adopt_body_id(request, None)
+        started: StartedPredict | None = None
+        try:
+            started = served.pool.start_infer(
+                body,
+                header_length,
+                version=served.version,
+                request_id=rid,
+                adopt_id=not _logging.id_given(request),
+            )
+            status, data, json_length, body_id = await started.wait()
+        except Exception as exc:
+            pid = started.worker_pid if started is not None else None
+            retry = self.settings.retry_after
+            raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
+        served.last_ok = time.monotonic()  # a worker answered
+        rid = _logging.adopt_body_id(request, body_id)
+        if status == 200:
+            return await self._answer(request, data, json_length)
+        if status == BAD_OUTPUTS:
+            raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
+        raise HTTPError(status, data)
 
     async def _predict(
         self, served: ServedModel, inputs: dict[str, Any], rid: str
@@ -305,7 +346,7 @@ class Server:
         started: StartedPredict | None = None
         try:
             started = served.pool.start_predict(inputs, request_id=rid)
-            outputs = await _aio.await_future(started.future)
+            outputs = await started.wait()
         except Exception as exc:
             pid = started.worker_pid if started is not None else None
             retry = self.settings.retry_after
@@ -320,9 +361,7 @@ class Server:
             raise _errors.bad_outputs(served.name, what, rid, pid)
         return outputs, pid
 
-    async def _compress(
-        self, request: web.Request, payload: bytes, headers: dict[str, str]
-    ) -> bytes:
+    async def _compress(self, request: web.Request, payload: Any, headers: dict[str, str]) -> Any:
         if len(payload) < self.settings.compress_min_size:
             return payload
         accepted = request.headers.get("Accept-Encoding", "").lower()

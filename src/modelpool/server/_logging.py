@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
@@ -24,14 +23,24 @@ from aiohttp.typedefs import Middleware
 from modelpool import _logs
 from modelpool.config import ServerSettings
 
-__all__ = ["HEADER", "JsonLines", "adopt_body_id", "middleware", "setup", "worker_logging"]
+__all__ = [
+    "HEADER",
+    "JsonLines",
+    "adopt_body_id",
+    "id_given",
+    "middleware",
+    "setup",
+    "worker_logging",
+]
 
 HEADER = "X-Request-ID"
 ACCESS = logging.getLogger("modelpool.access")
 console = logging.getLogger("modelpool.server")
-#: a request id we take as given: visible ASCII, no spaces, not too long for a log line
-_USABLE = re.compile(r"[\x21-\x7e]{1,128}")
-_KEY = "request_id"
+_FIELD = "request_id"  # the access log's name for it
+# the request's storage keys (typed keys where aiohttp has them: plain strings warn there)
+_RequestKey: Any = getattr(web, "RequestKey", None)
+_KEY: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
+_GIVEN: Any = _RequestKey("id_given", bool) if _RequestKey else "id_given"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,11 +103,16 @@ def new_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
+def id_given(request: web.Request) -> bool:
+    """Whether the client named the request (its ``X-Request-ID`` header)."""
+    return bool(request.get(_GIVEN))
+
+
 def adopt_body_id(request: web.Request, body_id: str | None) -> str:
     """An inference body's ``id`` becomes the request id when no header gave one (and it is
     usable in a header and a log line); returns the request id."""
     rid: str = request[_KEY]
-    if body_id is not None and not request.get("id_given") and _USABLE.fullmatch(body_id):
+    if body_id is not None and not request.get(_GIVEN) and _logs.usable_request_id(body_id):
         request[_KEY] = rid = body_id
         _logs.REQUEST_ID.set(rid)
     return rid
@@ -113,13 +127,13 @@ def middleware(access_log: float) -> Middleware:
     async def requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         given = request.headers.get(HEADER)
-        request["id_given"] = given is not None
+        request[_GIVEN] = given is not None
         request[_KEY] = given if given is not None else new_id()
         token = _logs.REQUEST_ID.set(request[_KEY])
         status = 500
         response: web.StreamResponse | None = None
         try:
-            if given is not None and not _USABLE.fullmatch(given):
+            if given is not None and not _logs.usable_request_id(given):
                 request[_KEY] = new_id()
                 _logs.REQUEST_ID.set(request[_KEY])
                 response = _bad_id(given)
@@ -171,7 +185,7 @@ def _access(
         "status": status,
         "bytes": size,
         "duration_ms": round(ms, 3),
-        _KEY: request[_KEY],
+        _FIELD: request[_KEY],
     }
     model = request.match_info.get("model")
     if model is not None:

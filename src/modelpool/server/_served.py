@@ -48,6 +48,13 @@ class ServedModel:
         self.last_ok = 0.0  # monotonic time a request last went through a worker and back
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)
 
+    def attach(self, loop: Any) -> None:
+        """Requests made in ``loop`` are sent and answered there (``Pool.attach_loop``)."""
+        self.pool.attach_loop(loop)
+
+    def detach(self) -> None:
+        self.pool.detach_loop()
+
     def alive(self, stats: dict[str, Any] | None = None) -> int:
         stats = stats or self.pool.stats()
         return sum(1 for w in stats["workers"] if w.state in ALIVE_STATES)

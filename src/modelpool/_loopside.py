@@ -1,0 +1,271 @@
+"""The event loop's share of dispatch: answers read on the loop that sent the requests.
+
+A server's event loop can take requests to workers and read their answers itself, with no
+thread in between. Without this, every answer is read by the supervisor thread and handed to
+the loop through a thread-safe call: two thread hand-offs per request, each a contended GIL
+and a futex wake-up (on the 2-core machine of docs/benchmarks.md, 5 futex calls per request
+and most of the server's CPU).
+
+``Pool.attach_loop(loop)`` (the server does it at startup) gives the pool a ``LoopSide``.
+From then on, a request sent from that loop's thread is watched by the loop
+(``loop.add_reader`` on the worker's connection) instead of the supervisor's selector; when
+its answer arrives the loop settles it and hands the worker the next queued request (or forms
+the next batch) right there. The supervisor thread still owns everything else: process
+life cycle, deadlines, the batch timer, recovery. Requests sent from other threads keep the
+supervisor's path.
+
+Ownership. A worker's connection has one reader at a time (see ``_dispatch``). While the loop
+watches a worker (``loop_watched``) it holds the channel (``users``), so the supervisor never
+closes a descriptor the loop still polls: when the worker exits, the supervisor shuts the
+socket down, the loop reads end-of-file, stops watching and releases (and so closes) it. Only
+the loop's own thread adds or removes its readers; ``watch`` called from another thread
+leaves a loop-watched worker to the loop. ``detach`` hands every loop-watched worker back to
+the supervisor's selector (the server does it before its loop stops).
+
+``LoopFuture`` replaces ``concurrent.futures.Future`` for a request made on the attached loop:
+no condition variable, and settled on the loop's thread it sets the awaiting ``asyncio``
+future directly; settled elsewhere (a crash, a timeout) it goes through the loop's inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from . import _aio
+from ._dispatch import Dispatcher, out_of_step, peer_gone, transport_error
+from ._handle import WorkerHandle
+from ._requests import Request
+from ._transport import DecodeError
+from ._worker import ERR, OK
+
+__all__ = ["LoopFuture", "LoopSide"]
+
+_PENDING, _RUNNING, _FINISHED, _CANCELLED = range(4)
+
+
+class LoopFuture:
+    """The part of ``concurrent.futures.Future`` a request's future needs, for a request made
+    on the attached loop. The loop awaits ``waiter``; ``cancel`` before it runs drops it."""
+
+    __slots__ = ("_lock", "_side", "_state", "waiter")
+
+    def __init__(self, side: LoopSide) -> None:
+        self._side = side
+        self._state = _PENDING
+        self._lock = threading.Lock()  # the supervisor thread may settle it too
+        self.waiter: asyncio.Future[Any] = side.loop.create_future()
+
+    def done(self) -> bool:
+        return self._state >= _FINISHED
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._lock:
+            if self._state == _CANCELLED:
+                return False
+            if self._state != _PENDING:
+                raise RuntimeError("the request is already running or done")
+            self._state = _RUNNING
+            return True
+
+    def cancel(self) -> bool:
+        """Cancel a request that has not started (True), as ``Future.cancel`` does."""
+        with self._lock:
+            if self._state in (_RUNNING, _FINISHED):
+                return False
+            self._state = _CANCELLED
+        self._side.settle(self.waiter, None, None, cancel=True)
+        return True
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._state >= _FINISHED:
+                raise cf.InvalidStateError("the request is settled already")
+            self._state = _FINISHED
+
+    def set_result(self, result: Any) -> None:
+        self._finish()
+        self._side.settle(self.waiter, result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._finish()
+        self._side.settle(self.waiter, None, exc)
+
+    async def wait(self) -> Any:
+        """The answer. Cancelling the wait cancels the request if it has not started."""
+        try:
+            return await self.waiter
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+
+def _set(waiter: asyncio.Future[Any], result: Any, exc: BaseException | None, cancel: bool) -> None:
+    if waiter.done():
+        return  # the awaiting task was cancelled: the answer is dropped
+    if cancel:
+        waiter.cancel()
+    elif exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(result)
+
+
+class LoopSide:
+    """An event loop that reads the answers to the requests it sends; see the module
+    docstring. Every method but ``settle`` runs on the loop's thread, or with the lock held
+    as said."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lock: threading.Lock,
+        dispatch: Dispatcher,
+        *,
+        discard: Callable[[int], object],
+        clock: Callable[[], float],
+        wake: Callable[[], None],
+        closing: Callable[[], bool],
+        out_of_step: Callable[[WorkerHandle, Exception, str], None],
+        give_back: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self._lock = lock
+        self._dispatch = dispatch
+        self._discard = discard  # drop a settled request from the deadline index
+        self._clock = clock
+        self._wake = wake
+        self._closing = closing
+        self._out_of_step = out_of_step
+        self._give_back = give_back  # (lock held) the supervisor's selector reads it again
+        self.watching: set[WorkerHandle] = set()
+        self.detached = False
+
+    def here(self) -> bool:
+        """Whether this thread is running the attached loop."""
+        return (
+            not self.detached
+            and threading.get_ident() == self.thread
+            and asyncio._get_running_loop() is self.loop
+        )
+
+    def future(self) -> LoopFuture:
+        return LoopFuture(self)
+
+    def settle(
+        self,
+        waiter: asyncio.Future[Any],
+        result: Any,
+        exc: BaseException | None,
+        *,
+        cancel: bool = False,
+    ) -> None:
+        """Hand an outcome to ``waiter``: directly on the loop's thread, else via its inbox."""
+        if threading.get_ident() == self.thread:
+            _set(waiter, result, exc, cancel)
+        else:
+            _aio.call_in_loop(self.loop, _set, waiter, result, exc, cancel)
+
+    # ------------------------------------------------------------------ watching (lock held)
+
+    def watch(self, worker: WorkerHandle, on: bool) -> bool:
+        """(Un)watch ``worker`` from the loop; True when the loop reads its answers now."""
+        if worker.loop_watched:
+            if on:
+                return True
+            if self.here():
+                self._unwatch(worker)
+                return False
+            return True  # another thread cannot remove the loop's reader: the loop keeps it
+        if not on or not self.here() or worker.kill_reason is not None or worker.exited:
+            return False
+        self.loop.add_reader(worker.channel.fileno(), self._readable, worker)
+        worker.loop_watched = True
+        worker.users += 1  # the supervisor leaves the descriptor open while the loop polls it
+        self.watching.add(worker)
+        return True
+
+    def _unwatch(self, worker: WorkerHandle) -> None:
+        assert self._lock.locked()
+        if not worker.loop_watched:
+            return
+        self.loop.remove_reader(worker.channel.fileno())
+        worker.loop_watched = False
+        self.watching.discard(worker)
+        self._dispatch.release_channel(worker)
+
+    def detach(self) -> None:
+        """Stop reading on the loop (on its thread): the supervisor's selector takes every
+        worker the loop watched, with any answer still to come."""
+        with self._lock:
+            self.detached = True
+            for worker in list(self.watching):
+                self.loop.remove_reader(worker.channel.fileno())
+                worker.loop_watched = False
+                self.watching.discard(worker)
+                self._dispatch.release_channel(worker)
+                if not worker.exited and worker.channel.fileno() >= 0:
+                    self._give_back(worker)
+        self._wake()
+
+    # ------------------------------------------------------------------ answers (loop thread)
+
+    def _readable(self, worker: WorkerHandle) -> None:
+        if not worker.loop_watched:
+            return  # a stale callback
+        try:
+            message = worker.channel.recv(block=False)
+            if message is None:
+                return  # incomplete: the rest comes with a later callback
+            kind, rid, payload = message
+        except DecodeError as exc:  # whole, but not readable here: the answer is that error
+            kind, rid, payload = ERR, 0, exc.remote
+        except Exception as exc:
+            with self._lock:
+                self._unwatch(worker)
+            if not peer_gone(exc):  # not a message, or a local failure reading it
+                self._out_of_step(worker, transport_error(exc, worker), "reading from it failed")
+            return  # gone: its exit reaches the supervisor, which settles the request
+        self._answered(worker, kind, rid, payload)
+
+    def _answered(self, worker: WorkerHandle, kind: int, rid: int, payload: Any) -> None:
+        dispatch = self._dispatch
+        with self._lock:
+            req = cast(Request | None, worker.request)  # the handle's view of what we assigned
+            if req is None or worker.kill_reason is not None:
+                return  # settled meanwhile (timed out, being killed): a late answer is dropped
+            if kind not in (OK, ERR) or rid not in (req.id, 0):
+                wrong = out_of_step(worker, rid, req.id)
+                bad = True
+            else:
+                bad = False
+                dispatch.complete(worker)
+                for member in req.members:
+                    self._discard(member.id)
+                if dispatch.queue and not self._closing():
+                    to_send = dispatch.dispatch(self._clock())
+                else:
+                    to_send = []
+                if not any(w is worker for w, _ in to_send):
+                    self._unwatch(worker)
+                # the supervisor decides what a retiring worker, a shutdown or a batch that is
+                # not due yet needs; otherwise it has nothing to do with this answer
+                wake = worker.retiring or self._closing() or dispatch.batch_due is not None
+        if bad:
+            self._out_of_step(worker, wrong, f"answer {rid} to request {req.id}")
+            return
+        dispatch.deliver(req, kind, payload)
+        for other, follow in to_send:
+            dispatch.send(other, follow)
+        if wake:
+            self._wake()
