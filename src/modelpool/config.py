@@ -103,8 +103,11 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: text: one line per record; json: one JSON object per line (for log collectors)
     log_format: Literal["text", "json"] = "text"
+    #: the event loop: auto (uvloop when it is installed, e.g. by modelpool[fast]), asyncio,
+    #: or uvloop (an error if it is not installed)
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
-    @pydantic.field_validator("log_level", "log_format", mode="before")
+    @pydantic.field_validator("log_level", "log_format", "loop", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

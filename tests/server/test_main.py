@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -25,6 +26,8 @@ from _serving import request as _request
 from _cli import modelpool_command
 from _reaping import adopted, descendants, left_behind, orphans_adopted
 from _waiting import wait_for
+from modelpool.config import ConfigError
+from modelpool.server._main import loop_factory
 
 IRIS_ROW = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [5.1] * 4}]}
 
@@ -86,6 +89,28 @@ def test_one_model_from_an_import_string_with_flags() -> None:
         assert json.loads(body)["outputs"][0]["data"] == [4, 5]
         status, _, body = _request(server, "GET", "/status.json")
         assert len(json.loads(body)["models"][0]["workers"]) == 2
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_event_loop_is_chosen_and_named(loop: str) -> None:
+    with ServerProcess("_server_models:Identity", "--loop", loop) as server:
+        assert f"({loop}; ready once models load)" in server.output
+        body = infer_body("INPUT0", "INT32", [2], [4, 5])
+        status, _, answer = _request(server, "POST", "/v2/models/Identity/infer", body)
+        assert status == 200, answer
+        assert json.loads(answer)["outputs"][0]["data"] == [4, 5]
+
+
+def test_uvloop_asked_for_but_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") is None  # auto falls back to asyncio's loop
+    assert loop_factory("asyncio") is None
+    with pytest.raises(ConfigError, match=r"pip install 'modelpool\[fast\]'"):
+        loop_factory("uvloop")
+    monkeypatch.delitem(sys.modules, "uvloop")
+    import uvloop
+
+    assert loop_factory("auto") is uvloop.new_event_loop
 
 
 def test_a_model_that_cannot_load_stops_the_server_with_its_error(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import IO
 
 from aiohttp import web
@@ -36,7 +37,7 @@ from modelpool import __version__
 from modelpool._atexit import stop_process_helpers
 from modelpool._exceptions import ModelpoolError
 from modelpool._output import Output, settle_std_streams
-from modelpool.config import Config
+from modelpool.config import Config, ConfigError
 
 from . import _logging
 from ._app import Server
@@ -157,7 +158,10 @@ class _Runner:
             )
             return EXIT_FAILURE
         url = _url(runner, s.host)
-        self.out.write(f"modelpool {__version__} listening on {url} (ready once models load)\n")
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # asyncio, uvloop
+        self.out.write(
+            f"modelpool {__version__} listening on {url} ({loop}; ready once models load)\n"
+        )
         try:
             ok = await self._load()
             if ok and not self.stop.is_set():
@@ -260,12 +264,37 @@ def _url(runner: web.AppRunner, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``server.loop`` asks for (None: asyncio's own). Raises ``ConfigError``
+    for uvloop when it is not installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "auto":
+            return None
+        raise ConfigError(
+            "server.loop is 'uvloop' but uvloop is not installed; install it with "
+            "pip install 'modelpool[fast]', or set server.loop to auto or asyncio"
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def serve(config: Config, out: IO[str] | None = None) -> int:
     """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``)."""
     console = _logging.setup(config.server, out or sys.stderr)  # logs: level, format
-    runner = _Runner(config, Output(console))
+    output = Output(console)
     try:
-        return asyncio.run(runner.run())
+        factory = loop_factory(config.server.loop)
+    except ConfigError as exc:
+        output.write(f"Error: {exc}\n")
+        return EXIT_USAGE
+    runner = _Runner(config, output)
+    try:
+        with asyncio.Runner(loop_factory=factory) as loop_runner:
+            return loop_runner.run(runner.run())
     except BaseException:
         runner._terminate()
         raise
