@@ -158,9 +158,9 @@ class _Runner:
             )
             return EXIT_FAILURE
         url = _url(runner, s.host)
-        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # asyncio, uvloop
+        kind = type(asyncio.get_running_loop()).__module__.split(".")[0]  # asyncio, uvloop
         self.out.write(
-            f"modelpool {__version__} listening on {url} ({loop}; ready once models load)\n"
+            f"modelpool {__version__} listening on {url} ({kind}; ready once models load)\n"
         )
         try:
             ok = await self._load()
