@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -85,9 +86,13 @@ def test_a_hung_request_on_the_loop_path_times_out_and_its_worker_is_replaced(
             (before,) = pool.stats().workers
             with pytest.raises(modelpool.RequestTimeoutError):
                 await pool.apredict(_x(-1), timeout=0.5)  # waits for a gate never opened
-            assert not psutil.pid_exists(before.pid) or (
-                psutil.Process(before.pid).status() == psutil.STATUS_ZOMBIE
-            )
+
+            def gone() -> bool:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    return psutil.Process(before.pid).status() == psutil.STATUS_ZOMBIE
+                return True
+
+            await until(gone, 30, "the hung worker to be killed")
             assert (await pool.apredict(_x(2)))["y"][0, 0] == 4.0
         finally:
             pool.detach_loop()

@@ -543,6 +543,9 @@ def test_load_is_spread_over_idle_workers() -> None:
 def test_shutdown_with_a_model_that_cannot_load_fails_queued_work_promptly() -> None:
     pool = modelpool.Pool(Crashy, options={"stage": "setup", "how": "raise"}, drain_timeout=None)
     future = pool.submit(os.getpid)
+    # (a shutdown before the supervisor started any worker fails it as closed, not as the
+    # model's setup error: on a loaded machine that can happen first)
+    wait_for(lambda: pool.stats().workers or pool.stats().exit_reasons, 30, "a worker to start")
     started = time.monotonic()
     pool.shutdown()
     assert time.monotonic() - started < 30  # drain_timeout=None: a wrong wait never ends

@@ -80,7 +80,7 @@ def demo(workers: int, n: int) -> None:
 
 
 #: ``serve`` options that set the ``server:`` section (and override a file's)
-SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop")
+SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop", "fronts")
 
 
 @main.command()
@@ -117,6 +117,11 @@ SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop")
     "--loop",
     type=click.Choice(["auto", "asyncio", "uvloop"], case_sensitive=False),
     help="Event loop: auto (default: uvloop if installed), asyncio, or uvloop.",
+)
+@click.option(
+    "--fronts",
+    type=click.IntRange(1, 256),
+    help="HTTP front processes sharing the port, each with its share of the workers (default 1).",
 )
 def serve(target: str | None, **flags: object) -> None:
     """Serve models over HTTP (Open Inference Protocol / KServe v2, Triton-compatible).
@@ -162,8 +167,8 @@ def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
         if given:
             raise ConfigError(
                 f"{target}: {', '.join(given)} apply to one model given as 'pkg.module:Class'; "
-                "set them in the file instead (only --host, --port, --loop and the logging "
-                "options override a file)"
+                "set them in the file instead (only --host, --port, --loop, --fronts and the "
+                "logging options override a file)"
             )
         config = load_config(target)
         return config.with_server(server) if server else config

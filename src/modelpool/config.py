@@ -106,6 +106,9 @@ class ServerSettings(_Strict):
     #: the event loop: auto (uvloop when it is installed, e.g. by modelpool[fast]), asyncio,
     #: or uvloop (an error if it is not installed)
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    #: front processes serving the port together (SO_REUSEPORT), each with its share of every
+    #: model's workers; 1 = one process does all the HTTP work (docs/server.md, "Fronts")
+    fronts: int = Field(1, ge=1, le=256)
 
     @pydantic.field_validator("log_level", "log_format", "loop", mode="before")
     @classmethod
@@ -192,6 +195,20 @@ class Config(_Strict):
                 )
         return value
 
+    def for_front(self, index: int, count: int) -> Config:
+        """This configuration as front ``index`` of ``count`` serves it: its share of every
+        model's workers (at least one each), and readiness checked per front (one worker
+        alive; the whole server's ``min_ready_workers`` is checked across fronts)."""
+        models = {}
+        for name, m in self.models.items():
+            entry = m.model_dump()
+            for key in ("workers", "min_workers", "max_workers"):
+                if entry.get(key) is not None:
+                    entry[key] = share(entry[key], index, count)
+            entry["min_ready_workers"] = 1
+            models[name] = entry
+        return Config.from_mapping({"server": self.server.model_dump(), "models": models})
+
     def with_server(self, overrides: Mapping[str, Any], source: str = "command line") -> Config:
         """A copy whose ``server:`` fields are replaced by ``overrides``, validated (a
         ``ConfigError`` naming ``source`` and the field)."""
@@ -210,6 +227,11 @@ class Config(_Strict):
             return cls.model_validate(data)
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe(exc, source)) from None
+
+
+def share(total: int, index: int, count: int) -> int:
+    """Front ``index``'s share of ``total`` workers split over ``count`` fronts (at least 1)."""
+    return max(1, total // count + (1 if index < total % count else 0))
 
 
 def _describe(exc: pydantic.ValidationError, source: str) -> str:

@@ -353,7 +353,7 @@ def test_worker_killed_mid_request(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
         caller.join(60)
         status, headers, body = answer["r"]
-        assert status == 503
+        assert status == 503, (body, server.output)
         assert headers["Retry-After"]
         message = _error(status, headers, body)
         assert "SIGKILL" in message

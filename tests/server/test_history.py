@@ -173,7 +173,8 @@ def test_sampler_runs_while_the_app_runs_and_survives_a_failing_sample(
             sampled.set()
 
         history.sample = sample  # type: ignore[method-assign]
-        context = history.sampler(server.metrics, server.models)(None)  # type: ignore[arg-type]
+        source = lambda: (server.metrics, server.models)  # noqa: E731
+        context = history.sampler(source)(None)  # type: ignore[arg-type]
         await context.__anext__()
         await asyncio.wait_for(sampled.wait(), 30)
         with pytest.raises(StopAsyncIteration):

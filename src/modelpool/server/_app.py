@@ -29,6 +29,7 @@ from . import _errors, _history, _logging, _status
 from ._errors import HTTPError
 from ._metrics import Metrics
 from ._served import ServedModel
+from ._shared import PUBLISH_INTERVAL, FrontShare
 
 __all__ = ["Server"]
 
@@ -48,20 +49,29 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 class Server:
     """The HTTP front of a set of pools, built from a ``Config``."""
 
-    def __init__(self, config: Config, models: dict[str, ServedModel] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        models: dict[str, ServedModel] | None = None,
+        share: FrontShare | None = None,
+    ) -> None:
         self.config = config
+        self.share = share  # one of several front processes (``_shared``), or None
         self.settings = config.server
         self.models = models or {
             name: ServedModel(name, settings, logs=config.server)
             for name, settings in config.models.items()
         }
-        self.metrics = Metrics()
+        # a front started in the place of one that died continues its slot's counters
+        self.metrics = share.previous_metrics() if share is not None else Metrics()
         self.history = _history.History()  # the status page's charts
         self.in_flight = 0
         self.accepting = True
+        self.listening = False  # the port is bound (told by the runner)
         self.window = 3 * self.settings.ready_probe_interval
         self._probe_task: asyncio.Task[None] | None = None
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._publish_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ application
 
@@ -102,13 +112,15 @@ class Server:
         )
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
-        app.cleanup_ctx.append(self.history.sampler(self.metrics, self.models))
+        app.cleanup_ctx.append(self.history.sampler(self._sampled))
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
         self._probe_task = asyncio.create_task(self._probe_loop())
         for served in self.models.values():  # requests made here are answered here, no threads
             served.attach(asyncio.get_running_loop())
+        if self.share is not None:
+            self._publish_task = asyncio.create_task(self._publish_loop())
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._probe_task is not None:
@@ -117,6 +129,9 @@ class Server:
             task.cancel()
         for served in self.models.values():
             served.detach()
+        if self._publish_task is not None:
+            self._publish_task.cancel()
+            self.publish()  # the last word: not accepting
 
     @web.middleware
     async def _errors(
@@ -194,14 +209,15 @@ class Server:
                 "error": "the server is shutting down; send the request to another instance",
             }
             return _json(body, 503, {"Retry-After": "0"})
-        for served in self.models.values():
+        models, _ = self.whole()
+        for served in models.values():
             ok, why = served.readiness(self.window)
             if not ok:
                 return _json({"ready": False, "error": why}, 503, self._retry_after())
         return _json({"ready": True})
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        served = self._model(request)
+        served = self.whole()[0][self._model(request).name]
         ok, why = served.readiness(self.window)
         if not ok or not self.accepting:
             why = why or "the server is shutting down; send the request to another instance"
@@ -221,7 +237,7 @@ class Server:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         index = []
-        for served in self.models.values():
+        for served in self.whole()[0].values():
             ok, why = served.readiness(self.window)
             state = "READY" if ok else "UNAVAILABLE"
             entry = {"name": served.name, "version": served.version, "state": state}
@@ -408,17 +424,45 @@ class Server:
         if ok:
             served.last_ok = time.monotonic()
 
-    def pool_stats(self) -> dict[str, dict[str, Any]]:
-        return {name: served.pool.stats() for name, served in self.models.items()}
+    def whole(self) -> tuple[dict[str, Any], Metrics]:
+        """The models (``ServedModel`` or, with several fronts, ``MergedModel``) and request
+        counters of the whole server: this process's, merged with the other fronts'."""
+        if self.share is None:
+            return dict(self.models), self.metrics
+        live, every = self.share.others()
+        models = self.share.merged_models(self.models, live)
+        return models, self.share.merged_metrics(self.metrics, every)
+
+    def _sampled(self) -> tuple[Metrics, dict[str, Any]]:
+        """What the status page's history samples: the whole server."""
+        models, metrics = self.whole()
+        return metrics, models
+
+    def publish(self) -> None:
+        """Write this front's snapshot for the others (``_shared``)."""
+        if self.share is not None:
+            self.share.publish(
+                self.models, self.metrics, self.window, self.accepting, self.listening
+            )
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                self.publish()
+            except Exception:  # a full disk, say: the other fronts see this one go stale
+                log.exception("could not publish this front's state for the other fronts")
+            await asyncio.sleep(PUBLISH_INTERVAL)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        stats = self.pool_stats()
-        ready = {n: m.readiness(self.window, stats[n])[0] for n, m in self.models.items()}
-        text = self.metrics.render(stats, ready)
+        models, metrics = self.whole()
+        stats = {name: m.pool.stats() for name, m in models.items()}
+        ready = {n: m.readiness(self.window, stats[n])[0] for n, m in models.items()}
+        text = metrics.render(stats, ready)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def status_json(self, request: web.Request) -> web.Response:
-        return _json(_status.snapshot(self.models, self.window, self.accepting))
+        models, _ = self.whole()
+        return _json(_status.snapshot(models, self.window, self.accepting))
 
     async def status_history(self, request: web.Request) -> web.Response:
         return _json(self.history.to_json())

@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ._metrics import Metrics
-    from ._served import ServedModel
 
 __all__ = ["INTERVAL", "SIZE", "History", "ModelHistory", "Point", "percentiles"]
+
+#: what the sampler reads each time: the request counters and the models (the whole server's)
+Source = Callable[[], "tuple[Metrics, Mapping[str, Any]]"]
 
 log = logging.getLogger("modelpool.server")
 
@@ -181,7 +183,7 @@ class History:
     def sample(
         self,
         metrics: Metrics,
-        models: Mapping[str, ServedModel],
+        models: Mapping[str, Any],
         now: float | None = None,
         wall: float | None = None,
     ) -> None:
@@ -216,8 +218,9 @@ class History:
             "models": [{"name": name, **h.columns()} for name, h in self.models.items()],
         }
 
-    async def run(self, metrics: Metrics, models: Mapping[str, ServedModel]) -> None:
-        """Sample every ``interval`` until cancelled, on a fixed schedule (no drift)."""
+    async def run(self, source: Source) -> None:
+        """Sample every ``interval`` until cancelled, on a fixed schedule (no drift);
+        ``source()`` gives the counters and models to sample."""
         due = self._clock()
         while True:
             due += self.interval
@@ -225,20 +228,18 @@ class History:
             if self._clock() - due > self.interval:  # the loop was held up: skip, don't burst
                 due = self._clock()
             try:
-                self.sample(metrics, models)
+                self.sample(*source())
             except Exception:  # never let a sampling bug take the charts (or more) down
                 # the first time with its traceback; then quietly, not once a second
                 level = logging.DEBUG if self._failed else logging.ERROR
                 self._failed = True
                 log.log(level, "bug: sampling the status page's history failed", exc_info=True)
 
-    def sampler(
-        self, metrics: Metrics, models: Mapping[str, ServedModel]
-    ) -> Callable[[web.Application], AsyncIterator[None]]:
-        """For ``app.cleanup_ctx``: sample while the application runs."""
+    def sampler(self, source: Source) -> Callable[[web.Application], AsyncIterator[None]]:
+        """For ``app.cleanup_ctx``: sample ``source()`` while the application runs."""
 
         async def context(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(self.run(metrics, models))
+            task = asyncio.create_task(self.run(source))
             try:
                 yield
             finally:

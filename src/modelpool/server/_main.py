@@ -42,6 +42,7 @@ from modelpool.config import Config, ConfigError
 from . import _logging
 from ._app import Server
 from ._served import ServedModel
+from ._shared import FrontShare
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "serve"]
 
@@ -99,9 +100,17 @@ class _Progress:
 
 
 class _Runner:
-    def __init__(self, config: Config, out: Output) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out: Output,
+        share: FrontShare | None = None,
+        bind_late: bool = False,
+    ) -> None:
         self.config = config
         self.out = out
+        self.share = share  # one of several fronts (``_fronts``)
+        self.bind_late = bind_late  # listen only once the models are loaded
         self.stop = asyncio.Event()
         self.signals = 0
         self.server: Server | None = None
@@ -137,7 +146,7 @@ class _Runner:
             loop.add_signal_handler(signum, self._on_signal, signum)
         s = self.config.server
         try:
-            self.server = Server(self.config)
+            self.server = Server(self.config, share=self.share)
         except ModelpoolError as exc:  # a model's import string: nothing started
             self.out.write(f"Error: {exc}\n")
             return EXIT_USAGE
@@ -145,35 +154,57 @@ class _Runner:
             self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
         await runner.setup()
-        site = web.TCPSite(runner, s.host, s.port, backlog=1024, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            self._stop_pools(wait=False)
-            why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            self.out.write(
-                f"Error: cannot listen on {s.host}:{s.port}: {why}. "
-                "Choose another port (--port or server.port).\n"
-            )
-            return EXIT_FAILURE
-        url = _url(runner, s.host)
-        kind = type(asyncio.get_running_loop()).__module__.split(".")[0]  # asyncio, uvloop
-        self.out.write(
-            f"modelpool {__version__} listening on {url} ({kind}; ready once models load)\n"
+        site = web.TCPSite(
+            runner,
+            s.host,
+            s.port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=self.share is not None,  # the fronts share the port
         )
+        url: str | None = None
         try:
+            if not self.bind_late:
+                url = await self._listen(site, runner)
+                if url is None:
+                    return EXIT_FAILURE
             ok = await self._load()
-            if ok and not self.stop.is_set():
+            if ok and self.bind_late and not self.stop.is_set():
+                # a front replacing one that died takes connections only once it can serve
+                url = await self._listen(site, runner)
+                ok = url is not None
+            if ok and url is not None and not self.stop.is_set():
                 # what exists now lives as long as the server: keep it out of the garbage
                 # collector's full passes, which would otherwise pause every request
                 gc.freeze()
+                self.server.publish()
                 self._banner(url)
                 await self.stop.wait()
             code = EXIT_OK if ok else EXIT_FAILURE
         finally:
             await self._drain(site, runner)
         return code
+
+    async def _listen(self, site: web.TCPSite, runner: web.AppRunner) -> str | None:
+        """Bind and listen; the URL, or None (said why) when the port cannot be had."""
+        s = self.config.server
+        try:
+            await site.start()
+        except OSError as exc:
+            why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            self.out.write(
+                f"Error: cannot listen on {s.host}:{s.port}: {why}. "
+                "Choose another port (--port or server.port).\n"
+            )
+            return None
+        url = _url(runner, s.host)
+        assert self.server is not None
+        self.server.listening = True
+        kind = type(asyncio.get_running_loop()).__module__.split(".")[0]  # asyncio, uvloop
+        self.out.write(
+            f"modelpool {__version__} listening on {url} ({kind}; ready once models load)\n"
+        )
+        return url
 
     async def _load(self) -> bool:
         assert self.server is not None
@@ -282,8 +313,16 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def serve(config: Config, out: IO[str] | None = None) -> int:
-    """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``)."""
+def serve(
+    config: Config,
+    out: IO[str] | None = None,
+    *,
+    share: FrontShare | None = None,
+    bind_late: bool = False,
+) -> int:
+    """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``). With
+    ``server.fronts`` > 1 this process starts and watches the fronts (``_fronts``); a front
+    runs this with its ``share``."""
     console = _logging.setup(config.server, out or sys.stderr)  # logs: level, format
     output = Output(console)
     try:
@@ -291,7 +330,11 @@ def serve(config: Config, out: IO[str] | None = None) -> int:
     except ConfigError as exc:
         output.write(f"Error: {exc}\n")
         return EXIT_USAGE
-    runner = _Runner(config, output)
+    if share is None and config.server.fronts > 1:
+        from ._fronts import Manager  # (imports this module: not at the top)
+
+        return Manager(config, output).run()
+    runner = _Runner(config, output, share, bind_late)
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:
             return loop_runner.run(runner.run())

@@ -66,6 +66,33 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.latency: dict[str, _Histogram] = {}
 
+    def to_json(self) -> dict[str, Any]:
+        """The counters, for another process to add up (``add_json``)."""
+        return {
+            "requests": [[model, code, n] for (model, code), n in self.requests.items()],
+            "latency": {
+                model: {"counts": h.counts, "sum": h.sum} for model, h in self.latency.items()
+            },
+        }
+
+    def add_json(self, data: Mapping[str, Any]) -> None:
+        """Add counters written by ``to_json`` (another front's) to these."""
+        for model, code, n in data.get("requests", ()):
+            self.requests[str(model), int(code)] += int(n)
+        for model, h in (data.get("latency") or {}).items():
+            mine = self.latency.get(model)
+            if mine is None:
+                mine = self.latency[model] = _Histogram(LATENCY_BUCKETS)
+            if len(h["counts"]) == len(mine.counts):
+                mine.counts = [a + int(b) for a, b in zip(mine.counts, h["counts"], strict=True)]
+                mine.sum += float(h["sum"])
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Metrics:
+        metrics = cls()
+        metrics.add_json(data)
+        return metrics
+
     def observe(self, model: str, code: int, seconds: float) -> None:
         self.requests[model, code] += 1
         histogram = self.latency.get(model)

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 from modelpool import __version__
 
 from . import _charts
+from ._shared import worker_json
 
 if TYPE_CHECKING:
     from ._served import ServedModel
+    from ._shared import MergedModel
 
 __all__ = ["PAGE", "snapshot"]
 
@@ -28,28 +30,17 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def snapshot(
-    served_models: Mapping[str, ServedModel], window: float, accepting: bool
+    served_models: Mapping[str, ServedModel | MergedModel], window: float, accepting: bool
 ) -> dict[str, Any]:
-    """Everything the page shows, in one JSON object: the server's models, its readiness
-    ``window`` (seconds) and whether it is ``accepting`` requests."""
+    """Everything the page shows, in one JSON object: the server's models (with several front
+    processes, merged over them: each worker names its ``front``), its readiness ``window``
+    (seconds) and whether it is ``accepting`` requests."""
     models = []
     for name, served in served_models.items():
         stats = served.pool.stats()
         ready, why = served.readiness(window, stats)
         recent = list(served.recent)[-500:]
-        workers = [
-            {
-                "index": w.index,
-                "pid": w.pid,
-                "state": w.state,
-                "served": w.served,
-                "restarts": w.restarts,
-                "rss": w.rss,
-                "busy_for": w.busy_for,
-                "last_exit": w.last_exit,
-            }
-            for w in stats["workers"]
-        ]
+        workers = [worker_json(w, getattr(w, "front", 0)) for w in stats["workers"]]
         models.append(
             {
                 "name": name,
