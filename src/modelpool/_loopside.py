@@ -142,6 +142,7 @@ class LoopSide:
         self.thread = threading.get_ident()
         self._lock = lock
         self._dispatch = dispatch
+        self._batching = dispatch.settings.batching
         self._discard = discard  # drop a settled request from the deadline index
         self._clock = clock
         self._wake = wake
@@ -252,10 +253,13 @@ class LoopSide:
                 dispatch.complete(worker)
                 for member in req.members:
                     self._discard(member.id)
-                if dispatch.queue and not self._closing():
-                    to_send = dispatch.dispatch(self._clock())
-                else:
-                    to_send = []
+                to_send = []
+                if not dispatch.queue or self._closing():
+                    pass  # nothing waits, or the supervisor drains
+                elif self._batching:
+                    to_send = dispatch.dispatch(self._clock())  # batches for idle workers
+                elif (follow := dispatch.next_for(worker)) is not None:
+                    to_send = [(worker, follow)]  # the oldest queued request, to this worker
                 if not any(w is worker for w, _ in to_send):
                     self._unwatch(worker)
                 # the supervisor decides what a retiring worker, a shutdown or a batch that is

@@ -297,7 +297,8 @@ class Pool(cf.Executor):
     def _new_request(self, timeout: float | None) -> Request:
         """Check the per-call timeout, start the pool if needed, and open a request whose
         deadline counts from now."""
-        check("timeout", timeout)
+        if timeout is not None:
+            check("timeout", timeout)
         self._ensure_started()
         return self._supervisor.new_request(self._settings.timeout if timeout is None else timeout)
 
@@ -325,6 +326,8 @@ class Pool(cf.Executor):
             signature, rows = _batching.signature(payload)
         if signature is not None:  # merged with others at dispatch
             req.inputs, req.signature, req.rows = payload, signature, rows
+        elif kind == INFER:  # plain values and a byte buffer: pickled as they are
+            req.frame = _transport.encode_plain((kind, req.id, payload))
         else:
             req.frame = _transport.encode_request(_message(kind, req.id, payload, tag), _what(kind))
         self._supervisor.submit(req)

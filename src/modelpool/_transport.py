@@ -57,6 +57,7 @@ __all__ = [
     "ProtocolError",
     "RemoteException",
     "encode",
+    "encode_plain",
     "encode_request",
     "unreadable",
 ]
@@ -204,6 +205,13 @@ def encode_request(message: Any, what: str) -> Encoded:
             f"{what} could not be pickled to send to a worker ({type(exc).__name__}: {exc}); "
             "nothing was sent. Pass NumPy arrays, tensors or other picklable values."
         ) from exc
+
+
+def encode_plain(message: Any) -> Encoded:
+    """``encode`` for a message made only of builtins and byte buffers (no check)."""
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    return Encoded(body, [b.raw() for b in buffers])
 
 
 def encode(message: Any) -> Encoded:

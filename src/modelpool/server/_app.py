@@ -323,7 +323,8 @@ class Server:
         headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
         if json_length is not None:
             headers["Inference-Header-Content-Length"] = str(json_length)
-        payload = await self._compress(request, payload, headers)
+        if len(payload) >= self.settings.compress_min_size:  # (no coroutine for small ones)
+            payload = await self._compress(request, payload, headers)
         return web.Response(body=payload, headers=headers)
 
     async def _infer_in_worker(
