@@ -431,11 +431,13 @@ class ServerProcess:
 
 
 def _is_front(pid: int) -> bool:
+    """A process that serves HTTP: a modelpool front, or a copy of a comparison app."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"modelpool.server._fronts" in f.read()
+            argv = f.read().split(b"\0")
     except OSError:
         return False
+    return b"modelpool.server._fronts" in argv or b"--copy" in argv
 
 
 def modelpool_server(model: str | None, name: str | None, *extra: str) -> list[str]:

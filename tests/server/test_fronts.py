@@ -181,6 +181,51 @@ def test_a_model_that_cannot_load_stops_every_front_with_its_error(tmp_path: Pat
     assert "could not be loaded" in server.output
 
 
+def test_failures_through_fronts_cost_one_request_each(tmp_path: Path) -> None:
+    """A crash, a hung predict and a bug in the model, through two fronts: each request gets
+    its JSON error, the workers are replaced, and every front counts every error."""
+    config = {
+        "server": {"fronts": 2, "ready_probe_interval": 60},
+        "models": {
+            "abort": {"model": "_server_models:Abort", "workers": 2},
+            "timed": {"model": "_server_models:Sleepy", "workers": 2, "timeout": 0.5},
+            "buggy": {"model": "_server_models:Buggy", "workers": 2},
+        },
+    }
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        wait_for(lambda: "all 2 fronts serving" in server.output, 60, "both fronts")
+        body = infer_body("x", "FP32", [1], [1.0])
+        for _ in range(4):  # new connections: both fronts answer some
+            status, _, answer = request(server, "POST", "/v2/models/abort/infer", body)
+            assert status == 503, answer
+            assert "SIGABRT" in json.loads(answer)["error"]
+            status, _, answer = request(
+                server, "POST", "/v2/models/timed/infer", infer_body("SECONDS", "FP64", [1], [5])
+            )
+            assert status == 504, answer
+            assert "timed out" in json.loads(answer)["error"]
+            status, _, answer = request(server, "POST", "/v2/models/buggy/infer", body)
+            assert status == 500, answer
+            assert "KeyError" in json.loads(answer)["error"]
+
+        def errors_counted() -> bool:
+            text = request(server, "GET", "/metrics")[2].decode()
+            return all(
+                f'modelpool_requests_total{{model="{m}",code="{c}"}} 4' in text
+                for m, c in (("abort", 503), ("timed", 504), ("buggy", 500))
+            )
+
+        wait_for(errors_counted, 30, "every front's errors in /metrics")
+        # the crashed and the timed-out workers were replaced: the models serve again
+        fast = infer_body("SECONDS", "FP64", [1], [0])
+        wait_for(
+            lambda: request(server, "POST", "/v2/models/timed/infer", fast)[0] == 200,
+            60,
+            "a replaced worker to answer",
+        )
+        assert server.stop() == 0
+
+
 # ------------------------------------------------------------------ the parts, alone
 
 
