@@ -293,6 +293,8 @@ def test_setup_timeout_kills_a_worker_still_loading_at_its_deadline(make: Any) -
 
 def test_a_crash_while_serving_respawns_at_once_unless_closing(make: Any) -> None:
     h = make(workers=2)
+    # before the first start, a slot is starting, not restarting (what `modelpool serve` says)
+    assert {s.index: s.state for s in h.fleet.snapshot()[0]} == {0: "starting", 1: "starting"}
     h.fleet.respawn(0.0)
     h.load_all(0.0)
     a, b = h.fleet.workers

@@ -67,7 +67,7 @@ class Slot:
 
     index: int
     restarts: int
-    state: str  # "restarting", "failed" or "stopped"
+    state: str  # "starting" (never started yet), "restarting", "failed" or "stopped"
     last_exit: str | None
 
 
@@ -427,8 +427,10 @@ class Fleet:
         live = {w.index for w in self.workers}
         slots = []
         for index in sorted(self.active - live):
-            pending = index in self.respawn_at
-            state = "restarting" if pending else "failed" if self.broken else "stopped"
+            if index in self.respawn_at:  # due to start: for the first time, or again
+                state = "restarting" if self._generation[index] >= 0 else "starting"
+            else:
+                state = "failed" if self.broken else "stopped"
             slots.append(Slot(index, self.restarts(index), state, self._last_exit[index]))
         workers = [
             (

@@ -80,8 +80,8 @@ class _Progress:
                 key = (name, w.index, w.generation)
                 state = "ready" if w.state in ("idle", "busy") else w.state
                 ready += state == "ready"
-                if self.seen.get(key) == state:
-                    continue
+                if self.seen.get(key) == state or (state == "starting" and not w.pid):
+                    continue  # nothing new (a slot not yet given a process says nothing)
                 self.seen[key] = state
                 pid = f" (pid {w.pid})" if w.pid else ""
                 at = f" after {time.monotonic() - self.started:.1f} s"
