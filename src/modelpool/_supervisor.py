@@ -213,9 +213,12 @@ class Supervisor:
     def detach_loop(self) -> None:
         """Hand what the attached loop watches back to the supervisor (on the loop's thread,
         before it stops)."""
-        side, self.loopside = self.loopside, None
+        side = self.loopside
         if side is not None:
+            # detached first (under the lock, every watched worker handed back at once), only
+            # then forgotten: a thread routing a watch meanwhile never sees a half-detached loop
             side.detach()
+            self.loopside = None
 
     def loop_future(self, req: Request) -> LoopFuture | None:
         """Give ``req`` a ``LoopFuture`` when this thread runs the attached loop."""

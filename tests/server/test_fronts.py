@@ -164,8 +164,11 @@ def test_sigterm_drains_every_front_and_leaves_no_process(tmp_path: Path) -> Non
         for t in threads:
             t.join(30)
         assert results == [200] * 4  # every accepted request was answered
-        time.sleep(0.2)
-        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+        def alive() -> list[psutil.Process]:
+            return [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+        wait_for(lambda: not alive(), 30, "every front and worker to exit")
 
 
 def _sleepy(server: ServerProcess) -> dict[str, Any]:

@@ -9,6 +9,7 @@ ready or overloaded (with Retry-After), 504 timeout, 500 only for bugs (the mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import time
@@ -131,7 +132,8 @@ class Server:
             served.detach()
         if self._publish_task is not None:
             self._publish_task.cancel()
-            self.publish()  # the last word: not accepting
+            with contextlib.suppress(OSError):  # (the manager may have gone already)
+                self.publish()  # the last word: not accepting
 
     @web.middleware
     async def _errors(
