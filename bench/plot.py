@@ -21,9 +21,11 @@ def plot(results: dict[str, Any], out: str) -> None:
     scenarios = {k: v for k, v in results.items() if k != "targets"}
     fig, axes = plt.subplots(1, len(scenarios), figsize=(7 * len(scenarios), 5.5), squeeze=False)
     for ax, (title, contenders) in zip(axes[0], scenarios.items(), strict=True):
-        for label, m in contenders.items():
+        for i, (label, m) in enumerate(contenders.items()):
             mine = label.startswith("modelpool")  # squares: baselines and peers
-            ax.scatter(m["p99_ms"], m["req_per_s"], s=70, marker="o" if mine else "s", label=label)
+            marker = "o" if mine else "s"
+            color = plt.get_cmap("tab20")(i % 20)  # (the default cycle repeats after 10)
+            ax.scatter(m["p99_ms"], m["req_per_s"], s=70, marker=marker, color=color, label=label)
         ax.legend(fontsize=7, loc="upper right")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("p99 latency (ms), lower is better")

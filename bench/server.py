@@ -5,6 +5,7 @@ handlers measured in the same run.
     python bench/server.py --quick         # one short round (< 60 s), for CI
     python bench/server.py --json results.json
     python bench/server.py --target-only --also-src ../patched/src   # A/B a patch, same rounds
+    python bench/server.py --target-only --peers   # + LitServe and MLServer (bench/peers.py)
 
 Every server runs as its own subprocess (2 workers where there are workers) on a free port;
 the load comes from ``wrk`` (one thread, keep-alive connections, a Lua script for the POST
@@ -50,6 +51,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import math
 import os
 import resource
 import shutil
@@ -329,9 +331,15 @@ class ServerProcess:
     stopped with SIGTERM and reaped; anything left in its session is reported and killed."""
 
     def __init__(
-        self, label: str, argv: list[str], src: str | None = None, ready: str = "ready:"
+        self,
+        label: str,
+        argv: list[str],
+        src: str | None = None,
+        ready: str = "ready:",
+        launcher: bool = False,
     ) -> None:
         self.label = label
+        self.launcher = launcher  # a peer's launcher (bench/peers.py): its front is not known
         self.ready_line = ready  # what it prints once it serves
         self.src = src  # a source tree to import modelpool from, ahead of the installed one
         self.port = free_port()
@@ -405,10 +413,22 @@ class ServerProcess:
             if int(f[0]) == self.proc.pid or (int(f[2]) == self.proc.pid and _is_front(int(f[0]))):
                 front += ticks
         tick = os.sysconf("SC_CLK_TCK")
+        if self.launcher:  # a peer's HTTP processes are not told apart from its workers here
+            return total / tick, math.nan
         return total / tick, front / tick
+
+    def pause(self, paused: bool) -> None:
+        """Stop (SIGSTOP) or continue every process of a launched peer: a peer idle between
+        its own runs still polls its queues, and must not take CPU from the others'."""
+        if not self.launcher:
+            return
+        for f in self.session():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(f[0]), signal.SIGSTOP if paused else signal.SIGCONT)
 
     def stop(self) -> None:
         proc = self.proc
+        self.pause(False)
         if proc is None:
             return
         if proc.poll() is None:
@@ -447,7 +467,9 @@ def modelpool_server(model: str | None, name: str | None, *extra: str) -> list[s
     return [*argv, "--workers", str(WORKERS), *extra]
 
 
-def make_servers(target_only: bool, also_src: str | None) -> dict[str, ServerProcess]:
+def make_servers(
+    target_only: bool, also_src: str | None, peers: bool = False
+) -> dict[str, ServerProcess]:
     me = [sys.executable, os.path.abspath(__file__)]
     batching = ["--max-batch-size", str(BATCH_SIZE), "--max-batch-delay", str(BATCH_DELAY)]
     servers = {
@@ -472,6 +494,15 @@ def make_servers(target_only: bool, also_src: str | None) -> dict[str, ServerPro
             "modelpool serve (mlp, batching)", modelpool_server("common:MLP", "mlp", *batching)
         ),
     }
+    if peers:
+        launch = [sys.executable, os.path.join(HERE, "peers.py"), "run"]
+        for kind, name in (("litserve", "LitServe"), ("mlserver", "MLServer")):
+            servers[kind] = ServerProcess(name, [*launch, kind], launcher=True)
+            servers[f"{kind}-batch"] = ServerProcess(
+                f"{name}, batching",
+                [*launch, kind, "--batch", str(BATCH_SIZE), "--delay", str(BATCH_DELAY)],
+                launcher=True,
+            )
     if not target_only:
         servers["iris"] = ServerProcess("modelpool serve (iris)", modelpool_server(None, None))
         servers["identity"] = ServerProcess(
@@ -662,6 +693,16 @@ def scenarios(servers: dict[str, ServerProcess]) -> list[Scenario]:
             Contender(PREFORK_LABEL, "inline-2", mlp),
         ],
     )
+    if "litserve" in servers:
+        for kind, name in (("litserve", "LitServe"), ("mlserver", "MLServer")):
+            target.contenders += [
+                Contender(f"{name}, batching off", kind, mlp),
+                Contender(
+                    f"{name}, batching {BATCH_SIZE} / {BATCH_DELAY * 1e3:g} ms",
+                    f"{kind}-batch",
+                    mlp,
+                ),
+            ]
     one = Scenario(
         "Small MLP, one connection (latency)",
         "mlp",
@@ -714,15 +755,25 @@ def measure(
             raise BenchError(f"an answer could not be decoded: {exc}") from None
         load = Load(tmp, bodies)
         plan = scenarios(servers)
+        for server in servers.values():
+            server.pause(True)
+
+        def run(c: Contender, s: Scenario, duration: int) -> dict[str, float]:
+            server = servers[c.server]
+            server.pause(False)
+            try:
+                return load.run(server, c.path, s.body, s.connections, duration)
+            finally:
+                server.pause(True)
+
         for s in plan:
             s.samples = {c.label: [] for c in s.contenders}
             for c in s.contenders if warmup else ():
-                load.run(servers[c.server], c.path, s.body, s.connections, warmup)
+                run(c, s, warmup)
         for i in range(rounds):
             for s in plan:
                 for c in s.contenders if i % 2 == 0 else s.contenders[::-1]:
-                    sample = load.run(servers[c.server], c.path, s.body, s.connections, seconds)
-                    s.samples[c.label].append(sample)
+                    s.samples[c.label].append(run(c, s, seconds))
     return plan
 
 
@@ -766,9 +817,13 @@ def report(scenario: Scenario, summary: dict[str, dict[str, float]]) -> None:
         x = f"{m['x_base']:.2f}x ({m['x_base_p25']:.2f}-{m['x_base_p75']:.2f})"
         print(
             f"  {label:<{width}} {m['req_per_s']:8.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f}"
-            f" {x:>19} {m['server_cpu_us']:12.0f} us {m['front_cpu_us']:11.0f} us"
+            f" {x:>19} {m['server_cpu_us']:12.0f} us {_us(m['front_cpu_us']):>14}"
             f" {m['client_cpu_us']:9.0f} us"
         )
+
+
+def _us(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.0f} us"
 
 
 def targets(plan: list[Scenario], results: dict[str, Any]) -> dict[str, bool]:
@@ -842,6 +897,11 @@ def targets(plan: list[Scenario], results: dict[str, Any]) -> dict[str, bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (CI, < 60 s)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also LitServe and MLServer, batching off and on (bench/peers.py builds their venvs)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--rounds", type=int, help="rounds (default: 5; 1 with --quick)")
     parser.add_argument("--seconds", type=int, help="seconds per run (default: 4; 2 with --quick)")
@@ -881,7 +941,12 @@ def main() -> int:
         "is shown);\nratios (x base) are medians of within-round ratios to each table's first row\n"
         "(one ratio per round, p25-p75 in brackets); req/s, p50, p99 are medians over rounds"
     )
-    servers = make_servers(args.target_only, also_src)
+    if args.peers:
+        import peers  # builds the peers' venvs on first use (pip)
+
+        for kind in peers.PACKAGES:
+            peers.build(kind)
+    servers = make_servers(args.target_only, also_src, args.peers)
     try:
         plan = measure(servers, rounds, seconds, warmup)
     except BenchError as exc:
