@@ -211,6 +211,7 @@ class MergedModel:
         self._others = [(s["index"], s["models"].get(served.name)) for s in live]
         self._min_ready = min_ready
         own = served.pool.stats()
+        self._own_alive = served.alive(own)  # (read once: readiness asks for it again)
         workers = [types.SimpleNamespace(**worker_json(w, index)) for w in own["workers"]]
         exits: Counter[str] = Counter(own["exit_reasons"])
         batches: Counter[int] = Counter(own.get("batch_sizes", {}))
@@ -237,7 +238,7 @@ class MergedModel:
         )
 
     def alive(self, stats: dict[str, Any] | None = None) -> int:
-        return self._served.alive(self._served.pool.stats()) + sum(
+        return self._own_alive + sum(
             int(other["alive"]) for _, other in self._others if other is not None
         )
 
