@@ -278,16 +278,26 @@ async def _serve_app(kind: str, port: int, workers: int, processes: int, copy: b
         )
         inline = InlinePool()
         served = ServedModel("mlp", config.models["mlp"], pool=inline)  # type: ignore[arg-type]
-        app = Server(config, {"mlp": served}).app()
+        server = Server(config, {"mlp": served})
         runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, handler_cancellation=True
+            server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
     else:
         app, pool = _baseline_app(kind, workers)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     shared = copy or processes > 1
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_port=shared or None)
+    site: web.BaseSite
+    # as modelpool serve listens: infer requests take the fast path (when the modelpool
+    # imported has one: --also-src may name an older checkout)
+    if kind == "inline" and hasattr(server, "fast_paths"):
+        from modelpool.server._fastpath import FastSite
+
+        site = FastSite(
+            runner, server.fast_paths, "127.0.0.1", port, backlog=1024, reuse_port=shared
+        )
+    else:
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_port=shared or None)
     await site.start()
     argv = [sys.executable, __file__, "--app", kind, "--port", str(port), "--copy"]
     argv += ["--workers", str(workers)]

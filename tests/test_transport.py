@@ -95,10 +95,25 @@ def test_shutdown_wakes_a_blocked_reader_even_if_the_peer_end_stays_open(wires) 
     assert isinstance(errors[0], EOFError)
 
 
+def test_readable_may_be_asked_while_another_thread_waits_to_read(wires) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor asks ``readable()`` while a caller thread waits for its answer (a poll
+    object polled by two threads at once raises RuntimeError)."""
+    left, right, _, _ = wires
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(bytes(right.recv())))
+    reader.start()
+    wait_for(lambda: _blocked_reading(reader), 60, "the reader to block on the socket")
+    assert not right.readable()
+    left.send([b"hello"])
+    reader.join(30)
+    assert got == [b"hello"]
+
+
 def _blocked_reading(thread: threading.Thread) -> bool:
-    """Whether ``thread`` sleeps in the kernel reading a Unix socket (it has not been woken)."""
+    """Whether ``thread`` sleeps in the kernel waiting for a Unix socket to be readable (it
+    waits in poll, not in the read: see ``_Wire._read_into``)."""
     with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
-        return f.read() == "unix_stream_read_generic"
+        return f.read().startswith("poll_schedule_timeout")
 
 
 @pytest.mark.parametrize("pieces", [1023, 1024, 1025, 3_000, 10_001])

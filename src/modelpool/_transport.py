@@ -252,6 +252,10 @@ class _Wire:
         self.fd = fd
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
+        # a blocking read waits on its own poll object: one can be polled by one thread at a
+        # time, and the supervisor asks ``readable()`` while a caller thread waits to read
+        self._waiter = select.poll()
+        self._waiter.register(fd, select.POLLIN)
         self._buf = bytearray(_CHUNK)  # reused for every message that fits
         self._have = 0  # bytes of self._buf already read
         self._big: bytearray | None = None  # a message larger than the buffer, being read
@@ -284,7 +288,13 @@ class _Wire:
         return bool(self._have or self._big is not None or self._poller.poll(0))
 
     def _read_into(self, view: memoryview, block: bool) -> int | None:
-        if not block and not self._poller.poll(0):
+        # Wait in poll(POLLIN), never in a blocking read: a reader blocked in a unix socket's
+        # read is also woken each time the peer consumes what this side sent (the kernel's
+        # write-space wake-up ignores what the sleeper waits for), a context switch and an
+        # inter-processor interrupt per message for nothing. poll's wait filters it out.
+        if block:
+            self._waiter.poll()
+        elif not self._poller.poll(0):
             return None
         n = os.readv(self.fd, [view])
         if not n:

@@ -262,6 +262,30 @@ def test_errors_are_json_with_the_right_status(identity: ServerProcess) -> None:
         assert fragment in _error(got, answer_headers, answer), (fragment, answer)
 
 
+def test_unknown_paths_and_methods_are_json_with_a_request_id(identity: ServerProcess) -> None:
+    status, headers, body = _request(identity, "GET", "/nope/deeper")
+    assert status == 404
+    assert _error(status, headers, body) == "Not Found"
+    assert headers["X-Request-ID"]
+    # a known path with a method it does not take: 405, saying which it does
+    for path in ("/v2/models/iris/infer", "/v2/models/iris/versions/1/infer", "/v2/models/x/infer"):
+        status, headers, body = _request(identity, "GET", path)
+        assert status == 405, (path, body)
+        assert _error(status, headers, body) == "Method Not Allowed"
+        assert headers["Allow"] == "POST"
+        assert headers["X-Request-ID"]
+    status, headers, body = _request(identity, "DELETE", "/v2/health/live")
+    assert status == 405
+    assert set(headers["Allow"].split(",")) == {"GET", "HEAD"}
+    assert _request(identity, "HEAD", "/v2/health/live")[0] == 200
+    # a model's own infer paths (exact routes) and the general ones answer alike
+    body = infer_body("INPUT0", "FP32", [1, 4], [1, 2, 3, 4])
+    for path in ("/v2/models/iris/infer", "/v2/models/iris/versions/1/infer"):
+        status, headers, answer = _request(identity, "POST", path, body)
+        assert status == 200, answer
+        assert json.loads(answer)["model_name"] == "iris"
+
+
 def test_body_over_the_limit_is_refused_before_it_is_read(identity: ServerProcess) -> None:
     host, port = identity.host_port.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:

@@ -14,7 +14,7 @@ import gzip
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +28,7 @@ from modelpool.config import Config
 
 from . import _errors, _history, _logging, _status
 from ._errors import HTTPError
+from ._fastpath import FastPaths
 from ._metrics import Metrics
 from ._served import ServedModel
 from ._shared import PUBLISH_INTERVAL, FrontShare
@@ -73,48 +74,72 @@ class Server:
         self._probe_task: asyncio.Task[None] | None = None
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._publish_task: asyncio.Task[None] | None = None
+        # each model's own infer paths, served by the fast path and first in aiohttp's routes
+        # (an exact path is one dict lookup, where {model} patterns are a walk and regexes)
+        self.fast_handlers = {
+            path: self._tracked(self._infer_route(served))
+            for served in self.models.values()
+            for path in (
+                f"/v2/models/{served.name}/infer",
+                f"/v2/models/{served.name}/versions/{served.version}/infer",
+            )
+        }
 
     # ------------------------------------------------------------------ application
 
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_body_size,
-            middlewares=[_logging.middleware(self.settings.access_log), self._errors],
             handler_args={
                 "max_line_size": self.settings.max_header_size,
                 "max_field_size": self.settings.max_header_size,
                 "auto_decompress": False,  # the codec decompresses, within its size limit
             },
         )
-        get, post = web.get, web.post
         model = "/v2/models/{model}"
         version = "/v2/models/{model}/versions/{version}"
-        app.add_routes(
-            [
-                get("/", self.status_page),
-                get("/status.json", self.status_json),
-                get("/status/history.json", self.status_history),
-                get("/metrics", self.metrics_text),
-                get("/v2", self.server_metadata),
-                get("/v2/health/live", self.live),
-                get("/v2/health/ready", self.ready),
-                post("/v2/repository/index", self.repository_index),
-                *[
-                    route
-                    for prefix in (model, version)
-                    for route in (
-                        get(prefix, self.model_metadata),
-                        get(prefix + "/ready", self.model_ready),
-                        get(prefix + "/config", self.model_config),
-                        post(prefix + "/infer", self.infer, expect_handler=self._expect),
-                    )
-                ],
-            ]
-        )
+        routes: list[tuple[str, str, _logging.Handler]] = [
+            *[("POST", path, handler) for path, handler in self.fast_handlers.items()],
+            ("GET", "/", self.status_page),
+            ("GET", "/status.json", self.status_json),
+            ("GET", "/status/history.json", self.status_history),
+            ("GET", "/metrics", self.metrics_text),
+            ("GET", "/v2", self.server_metadata),
+            ("GET", "/v2/health/live", self.live),
+            ("GET", "/v2/health/ready", self.ready),
+            ("POST", "/v2/repository/index", self.repository_index),
+            *[
+                route
+                for prefix in (model, version)
+                for route in (
+                    ("GET", prefix, self.model_metadata),
+                    ("GET", prefix + "/ready", self.model_ready),
+                    ("GET", prefix + "/config", self.model_config),
+                    ("POST", prefix + "/infer", self.infer),
+                )
+            ],
+            ("*", r"/{path:[\s\S]*}", self._no_route),  # last: unknown paths and methods, as JSON
+        ]
+        for method, path, handler in routes:
+            wrapped = handler if path in self.fast_handlers else self._tracked(handler)
+            if method == "GET":  # (and HEAD)
+                app.router.add_get(path, wrapped)
+            else:
+                expect = self._expect if path.endswith("/infer") else None
+                app.router.add_route(method, path, wrapped, expect_handler=expect)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         app.cleanup_ctx.append(self.history.sampler(self._sampled))
         return app
+
+    def _tracked(self, handler: _logging.Handler) -> _logging.Handler:
+        return _logging.tracked(handler, self.settings.access_log, self._error_answer)
+
+    def fast_paths(self, aiohttp: Callable[[], asyncio.Protocol]) -> FastPaths:
+        """The infer fast path (``_fastpath``) for this server's connections; ``aiohttp``
+        makes the protocol of the connections it hands over (the runner's ``server``)."""
+        s = self.settings
+        return FastPaths(self.fast_handlers, aiohttp, s.max_body_size, s.max_header_size)
 
     async def _on_startup(self, app: web.Application) -> None:
         self._probe_task = asyncio.create_task(self._probe_loop())
@@ -135,29 +160,38 @@ class Server:
             with contextlib.suppress(OSError):  # (the manager may have gone already)
                 self.publish()  # the last word: not accepting
 
-    @web.middleware
-    async def _errors(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except HTTPError as exc:
+    def _error_answer(self, request: web.Request, exc: Exception) -> web.Response:
+        """A handler's exception as the JSON answer it deserves (re-raised if none)."""
+        if isinstance(exc, HTTPError):
             headers = {}
             if exc.retry_after is not None:
                 headers["Retry-After"] = str(exc.retry_after)
             return _json({"error": str(exc)}, exc.status, headers)
-        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):  # a chunked body past the limit
             return _json({"error": self._too_large(None)}, 413)
-        except web.HTTPException as exc:
+        if isinstance(exc, web.HTTPException):
             if exc.status < 400:
-                raise
+                raise exc
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             return _json({"error": exc.reason or exc.text or "error"}, exc.status, allow)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("bug: unhandled error answering %s %s", request.method, request.path)
-            return _json({"error": "internal server error (a bug; the server log has it)"}, 500)
+        log.exception(
+            "bug: unhandled error answering %s %s",
+            request.method,
+            request.path,
+            exc_info=exc,
+        )
+        return _json({"error": "internal server error (a bug; the server log has it)"}, 500)
+
+    async def _no_route(self, request: web.Request) -> web.Response:
+        """No route has this path (404), or none takes this method (405, with Allow)."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not request.match_info.route.resource:
+                match, methods = await resource.resolve(request)
+                allowed |= methods if match is None else {request.method}
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
 
     async def _expect(self, request: web.Request) -> web.Response | None:
         """``Expect: 100-continue``: refuse a body over the limit before the client sends it
@@ -252,12 +286,67 @@ class Server:
     # ------------------------------------------------------------------ inference
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        served = self._model(request)
+        return await self._infer(request, self._model(request))
+
+    def _infer_route(self, served: ServedModel) -> _logging.Handler:
+        """The handler of one model's own infer path (no lookup, no extra coroutine)."""
+        return lambda request: self._infer(request, served)
+
+    async def _infer(self, request: web.Request, served: ServedModel) -> web.StreamResponse:
+        """Without batching the body's bytes go to a worker, which decodes, predicts and
+        encodes (``_infer``): no tensor work in this process. With batching, the body is
+        decoded here, so that the pool can merge the inputs of many requests."""
+        started_at = time.perf_counter()
+        request[_logging.MODEL] = served.name
         code = 500
         self.in_flight += 1
         try:
-            response = await self._infer(request, served)
+            if not self.accepting:
+                raise HTTPError(
+                    503,
+                    "the server is shutting down; send the request to another instance",
+                    retry_after=0,
+                )
+            if self._over_limit(request):
+                raise HTTPError(413, self._too_large(request.content_length))
+            body = await request.read()
+            encoding = request.headers.get("Content-Encoding")
+            if encoding and encoding.lower() != "identity":
+                body = await self._decompress(body, encoding)
+            try:
+                header_length = _header_length(
+                    request.headers.get("Inference-Header-Content-Length")
+                )
+            except CodecError as exc:
+                raise HTTPError(400, str(exc)) from None
+            if served.settings.max_batch_size > 1:
+                response = await self._batched(request, served, body, header_length)
+            else:
+                rid = _logging.adopt_body_id(request, None)
+                started: StartedPredict | None = None
+                try:
+                    started = served.pool.start_infer(
+                        body,
+                        header_length,
+                        version=served.version,
+                        request_id=rid,
+                        adopt_id=not _logging.id_given(request),
+                    )
+                    status, data, json_length, body_id = await started.wait()
+                except Exception as exc:
+                    pid = started.worker_pid if started is not None else None
+                    retry = self.settings.retry_after
+                    raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
+                served.last_ok = time.monotonic()  # a worker answered
+                rid = _logging.adopt_body_id(request, body_id)
+                if status == BAD_OUTPUTS:
+                    raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
+                if status != 200:
+                    raise HTTPError(status, data)
+                if len(data) < self.settings.compress_min_size:
+                    response = self._response(data, json_length)
+                else:
+                    response = await self._compressed(request, data, json_length)
             code = response.status
             return response
         except (HTTPError, web.HTTPException) as exc:
@@ -268,35 +357,28 @@ class Server:
             raise
         finally:
             self.in_flight -= 1
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started_at
             self.metrics.observe(served.name, code, elapsed)
             if code == 200:
                 served.recent.append(elapsed)
 
-    async def _infer(self, request: web.Request, served: ServedModel) -> web.Response:
-        if not self.accepting:
-            raise HTTPError(
-                503,
-                "the server is shutting down; send the request to another instance",
-                retry_after=0,
-            )
-        if self._over_limit(request):
-            raise HTTPError(413, self._too_large(request.content_length))
-        body = await request.read()
+    async def _decompress(self, body: bytes, encoding: str) -> bytes:
         try:
-            encoding = request.headers.get("Content-Encoding")
-            if encoding and encoding.lower() != "identity":
-                body = await self._off_loop(
-                    self.settings.max_decompressed_size,  # what it may grow to, not its size
-                    _compression.decompress,
-                    body,
-                    encoding,
-                    self.settings.max_decompressed_size,
-                )
-            header_length = _header_length(request.headers.get("Inference-Header-Content-Length"))
-            if served.settings.max_batch_size <= 1:
-                return await self._infer_in_worker(request, served, body, header_length)
-            # batching: decoded here, so that the pool can merge the inputs of many requests
+            limit = self.settings.max_decompressed_size
+            # (off the loop by what it may grow to, not by its size)
+            data: bytes = await self._off_loop(
+                limit, _compression.decompress, body, encoding, limit
+            )
+        except BodyTooLarge as exc:
+            raise HTTPError(413, str(exc)) from None
+        except CodecError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return data
+
+    async def _batched(
+        self, request: web.Request, served: ServedModel, body: bytes, header_length: int | None
+    ) -> web.Response:
+        try:
             if len(body) < OFF_LOOP_SIZE:  # the common case: no coroutine, no thread
                 decoded = _protocol.decode_infer_request(body, header_length)
             else:
@@ -317,45 +399,33 @@ class Server:
             raise HTTPError(400, str(exc)) from None
         except UnsupportedDatatypeError as exc:
             raise _errors.bad_outputs(served.name, str(exc), rid, pid) from None
-        return await self._answer(request, payload, json_length)
+        if len(payload) >= self.settings.compress_min_size:
+            return await self._compressed(request, payload, json_length)
+        return self._response(payload, json_length)
 
-    async def _answer(
-        self, request: web.Request, payload: Any, json_length: int | None
-    ) -> web.Response:
-        headers = {"Content-Type": JSON if json_length is None else "application/octet-stream"}
-        if json_length is not None:
-            headers["Inference-Header-Content-Length"] = str(json_length)
-        if len(payload) >= self.settings.compress_min_size:  # (no coroutine for small ones)
-            payload = await self._compress(request, payload, headers)
+    @staticmethod
+    def _response(payload: Any, json_length: int | None) -> web.Response:
+        if json_length is None:
+            return web.Response(body=payload, headers={"Content-Type": JSON})
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(json_length),
+        }
         return web.Response(body=payload, headers=headers)
 
-    async def _infer_in_worker(
-        self, request: web.Request, served: ServedModel, body: bytes, header_length: int | None
+    async def _compressed(
+        self, request: web.Request, payload: Any, json_length: int | None
     ) -> web.Response:
-        """The body's bytes go to a worker, which decodes, predicts and encodes (``_infer``):
-        no tensor work in this process."""
-        rid = _logging.adopt_body_id(request, None)
-        started: StartedPredict | None = None
-        try:
-            started = served.pool.start_infer(
-                body,
-                header_length,
-                version=served.version,
-                request_id=rid,
-                adopt_id=not _logging.id_given(request),
-            )
-            status, data, json_length, body_id = await started.wait()
-        except Exception as exc:
-            pid = started.worker_pid if started is not None else None
-            retry = self.settings.retry_after
-            raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
-        served.last_ok = time.monotonic()  # a worker answered
-        rid = _logging.adopt_body_id(request, body_id)
-        if status == 200:
-            return await self._answer(request, data, json_length)
-        if status == BAD_OUTPUTS:
-            raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
-        raise HTTPError(status, data)
+        """The answer, compressed when the client accepts it."""
+        accepted = request.headers.get("Accept-Encoding", "").lower()
+        for coding in ("gzip", "deflate"):
+            if coding in accepted:
+                fn = _gzip if coding == "gzip" else zlib.compress
+                compressed: bytes = await self._off_loop(len(payload), fn, payload)
+                response = self._response(compressed, json_length)
+                response.headers["Content-Encoding"] = coding
+                return response
+        return self._response(payload, json_length)
 
     async def _predict(
         self, served: ServedModel, inputs: dict[str, Any], rid: str
@@ -379,18 +449,6 @@ class Server:
             )
             raise _errors.bad_outputs(served.name, what, rid, pid)
         return outputs, pid
-
-    async def _compress(self, request: web.Request, payload: Any, headers: dict[str, str]) -> Any:
-        if len(payload) < self.settings.compress_min_size:
-            return payload
-        accepted = request.headers.get("Accept-Encoding", "").lower()
-        for coding in ("gzip", "deflate"):
-            if coding in accepted:
-                headers["Content-Encoding"] = coding
-                fn = _gzip if coding == "gzip" else zlib.compress
-                compressed: bytes = await self._off_loop(len(payload), fn, payload)
-                return compressed
-        return payload
 
     @staticmethod
     async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:

@@ -18,18 +18,18 @@ from typing import IO, Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from modelpool import _logs
 from modelpool.config import ServerSettings
 
 __all__ = [
     "HEADER",
+    "MODEL",
     "JsonLines",
     "adopt_body_id",
     "id_given",
-    "middleware",
     "setup",
+    "tracked",
     "worker_logging",
 ]
 
@@ -41,6 +41,8 @@ _FIELD = "request_id"  # the access log's name for it
 _RequestKey: Any = getattr(web, "RequestKey", None)
 _KEY: Any = _RequestKey("request_id", str) if _RequestKey else "request_id"
 _GIVEN: Any = _RequestKey("id_given", bool) if _RequestKey else "id_given"
+#: the model a request went to, for the access log (a model's own infer path has no {model})
+MODEL: Any = _RequestKey("model", str) if _RequestKey else "model"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,13 +120,16 @@ def adopt_body_id(request: web.Request, body_id: str | None) -> str:
     return rid
 
 
-def middleware(access_log: float) -> Middleware:
-    """The outermost middleware: the request id, and the access log (``access_log``: the
-    fraction of answers below 400 logged; 0 = off, 1 = all; every answer of 400 or above is
-    logged unless it is off)."""
+def tracked(
+    handler: Handler, access_log: float, on_error: Callable[[web.Request, Exception], web.Response]
+) -> Handler:
+    """``handler`` with the request id, the access log (``access_log``: the fraction of
+    answers below 400 logged; 0 = off, 1 = all; every answer of 400 or above is logged unless
+    it is off) and its exceptions answered by ``on_error`` (which re-raises what it does not
+    answer). Each route's handler is wrapped once, instead of aiohttp middlewares, whose chain
+    adds coroutine layers to every request."""
 
-    @web.middleware
-    async def requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def requests(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         given = request.headers.get(HEADER)
         request[_GIVEN] = given is not None
@@ -138,12 +143,15 @@ def middleware(access_log: float) -> Middleware:
                 _logs.REQUEST_ID.set(request[_KEY])
                 response = _bad_id(given)
             else:
-                response = await handler(request)
+                try:
+                    response = await handler(request)
+                except Exception as exc:
+                    response = on_error(request, exc)
             status = response.status
             if not response.prepared:
                 response.headers[HEADER] = request[_KEY]
             return response
-        except web.HTTPException as exc:  # a redirect (errors are answered by _errors)
+        except web.HTTPException as exc:  # a redirect (on_error answers the errors)
             status = exc.status
             exc.headers[HEADER] = request[_KEY]
             raise
@@ -187,7 +195,7 @@ def _access(
         "duration_ms": round(ms, 3),
         _FIELD: request[_KEY],
     }
-    model = request.match_info.get("model")
+    model = request.get(MODEL) or request.match_info.get("model")
     if model is not None:
         fields["model"] = model
     version = f"HTTP/{request.version.major}.{request.version.minor}"

@@ -41,6 +41,7 @@ from modelpool.config import Config, ConfigError
 
 from . import _logging
 from ._app import Server
+from ._fastpath import FastSite
 from ._served import ServedModel
 from ._shared import FrontShare
 
@@ -154,12 +155,12 @@ class _Runner:
             self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
         await runner.setup()
-        site = web.TCPSite(
+        site = FastSite(
             runner,
+            self.server.fast_paths,
             s.host,
             s.port,
             backlog=1024,
-            reuse_address=True,
             reuse_port=self.share is not None,  # the fronts share the port
         )
         url: str | None = None
@@ -185,7 +186,7 @@ class _Runner:
             await self._drain(site, runner)
         return code
 
-    async def _listen(self, site: web.TCPSite, runner: web.AppRunner) -> str | None:
+    async def _listen(self, site: FastSite, runner: web.AppRunner) -> str | None:
         """Bind and listen; the URL, or None (said why) when the port cannot be had."""
         s = self.config.server
         try:
@@ -260,12 +261,14 @@ class _Runner:
         self.out.write("Press Ctrl+C to stop.\n")
         self.out.flush()
 
-    async def _drain(self, site: web.TCPSite, runner: web.AppRunner) -> None:
+    async def _drain(self, site: FastSite, runner: web.AppRunner) -> None:
         assert self.server is not None
         server = self.server
         server.accepting = False
         with contextlib.suppress(Exception):
             await site.stop()  # no new connections; requests already read still run
+        if site.paths is not None:
+            site.paths.close_idle()  # (aiohttp's connections: at runner.cleanup below)
         deadline = time.monotonic() + self.config.server.drain_timeout
         while server.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
