@@ -172,3 +172,92 @@ def test_a_pool_fails_start_infer_like_predict() -> None:
         assert "accepts at most 4 rows per call" in message
     with modelpool.Pool(workers=1) as pool, pytest.raises(modelpool.ModelSpecError):
         pool.start_infer(_body())
+
+
+# ---------------------------------------------------------------- batches of bodies
+
+
+class _Recording:
+    """Records every predict's rows; fails on a NaN in its input. (No declared inputs: any
+    width goes.)"""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, inputs: Any) -> Any:
+        x = inputs["x"]
+        if np.isnan(x).any():
+            raise ValueError("NaN in the input")
+        self.calls.append(x.shape[0])
+        return {"y": x * 2}
+
+
+def _payload(body: bytes, tag: str) -> tuple[Any, ...]:
+    return _infer.request_payload("m", "1", body, None, tag, True)
+
+
+def test_a_batch_of_bodies_is_grouped_predicted_together_and_answered_each() -> None:
+    model = _Recording()
+    wide = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+    )
+    bodies = [_body(1), _body(2), wide, b"{not json", _body(1), wide]
+    results = _infer.handle_batch(model, [_payload(b, f"t{i}") for i, b in enumerate(bodies)], 8)
+    # the 4-wide ones together (4 rows), the 2-wide ones together: two predicts, not five
+    assert sorted(model.calls) == [2, 4]
+    statuses = [r[0] for r in results]
+    assert statuses == [200, 200, 200, 400, 200, 200]
+    assert "JSON" in results[3][1]
+    rows = [len(orjson.loads(r[1])["outputs"][0]["data"]) for r in results if r[0] == 200]
+    assert rows == [4, 8, 2, 4, 2]  # each answer has its own rows (values), in order
+    assert orjson.loads(results[0][1])["id"] == "t0"
+
+
+def test_a_batch_never_gives_predict_more_than_max_batch_size_rows() -> None:
+    model = _Recording()
+    bodies = [_body(2), _body(2), _body(1), _body(4)]
+    results = _infer.handle_batch(model, [_payload(b, "t") for b in bodies], 4)
+    assert [r[0] for r in results] == [200] * 4
+    assert model.calls == [4, 1, 4]  # arrival order, cut where the next would not fit
+
+
+def test_an_exception_in_a_batch_fails_that_predicts_requests_only() -> None:
+    model = _Recording()
+    nan = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["NaN"] * 4}]}
+    )
+    wide = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+    )
+    results = _infer.handle_batch(model, [_payload(b, "t") for b in (_body(), nan, wide)], 8)
+    from modelpool._transport import RemoteException
+
+    assert isinstance(results[0], RemoteException)
+    assert isinstance(results[1], RemoteException)
+    assert "NaN" in str(results[1].rebuild())
+    assert results[2][0] == 200  # another predict: not failed with them
+
+
+def test_a_model_that_drops_rows_in_a_batch_is_the_models_fault() -> None:
+    class Dropper(_Recording):
+        def predict(self, inputs: Any) -> Any:
+            return {"y": inputs["x"][:1]}
+
+    results = _infer.handle_batch(Dropper(), [_payload(_body(), "t") for _ in range(3)], 8)
+    assert [r[0] for r in results] == [BAD_OUTPUTS] * 3
+    assert "batch" in results[0][1]
+
+
+def test_a_pool_with_batching_batches_bodies_in_the_worker() -> None:
+    async def main() -> list[Any]:
+        with modelpool.Pool(Doubler, workers=1, max_batch_size=16, max_batch_delay=0.2) as pool:
+            pool.start()
+            started = [pool.start_infer(_body(), request_id=f"r{i}") for i in range(6)]
+            answers = [await s.wait() for s in started]
+            assert sum(n * k for n, k in pool.stats().batch_sizes.items()) == 6
+            assert max(pool.stats().batch_sizes) > 1  # merged, not one by one
+            return answers
+
+    answers = asyncio.run(main())
+    assert [a[0] for a in answers] == [200] * 6
+    assert [orjson.loads(a[1])["id"] for a in answers] == [f"r{i}" for i in range(6)]

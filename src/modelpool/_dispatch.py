@@ -28,14 +28,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import _batching, _transport
+from . import _batching, _infer, _transport
 from ._deadlines import Deadlines
 from ._exceptions import ProtocolError, RequestTimeoutError, TransportError
 from ._fleet import Fleet
 from ._handle import BUSY, IDLE, STARTING, WorkerHandle
 from ._requests import Batch, Outbox, Request, settle_failed
 from ._settings import PoolSettings
-from ._worker import ERR, OK, PREDICT, PREDICT_TAGGED
+from ._worker import ERR, INFER_BATCH, OK, PREDICT, PREDICT_TAGGED
 
 __all__ = ["Dispatcher", "out_of_step", "peer_gone", "transport_error"]
 
@@ -387,12 +387,18 @@ class Dispatcher:
         through the loop. Batches are merged here, outside the lock."""
         if isinstance(req, Batch):
             try:  # merging copies rows: done here, outside the lock
-                merged = _batching.merge([part.inputs for part in req.parts])
-                tags = [part.tag for part in req.parts if part.tag is not None]
-                message = (PREDICT_TAGGED, req.id, (",".join(tags), merged)) if tags else None
-                req.frame = _transport.encode_request(
-                    message or (PREDICT, req.id, merged), "the inputs"
-                )
+                if req.parts[0].signature is _infer.SIGNATURE:  # bodies: the worker decodes
+                    bodies = [part.inputs for part in req.parts]
+                    req.frame = _transport.encode_plain(
+                        (INFER_BATCH, req.id, (self.settings.max_batch_size, bodies))
+                    )
+                else:
+                    merged = _batching.merge([part.inputs for part in req.parts])
+                    tags = [part.tag for part in req.parts if part.tag is not None]
+                    message = (PREDICT_TAGGED, req.id, (",".join(tags), merged)) if tags else None
+                    req.frame = _transport.encode_request(
+                        message or (PREDICT, req.id, merged), "the inputs"
+                    )
             except BaseException as exc:
                 with self._lock:
                     if worker.request is req:
@@ -449,6 +455,14 @@ class Dispatcher:
         if kind != OK:
             for part in batch.parts:
                 self.fail(part, payload.rebuild())  # a fresh exception for each caller
+            return
+        if batch.parts[0].signature is _infer.SIGNATURE:  # one answer, or error, per request
+            for part, answer in zip(batch.parts, payload, strict=True):
+                if isinstance(answer, _transport.RemoteException):
+                    self.fail(part, answer.rebuild())
+                else:
+                    with contextlib.suppress(cf.InvalidStateError):  # cancelled: dropped
+                        part.future.set_result(answer)
             return
         try:
             answers = _batching.split(

@@ -24,16 +24,26 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from . import _logs, _protocol, _shm
-from ._exceptions import BodyTooLarge, CodecError, InputValidationError, UnsupportedDatatypeError
+from . import _batching, _logs, _protocol, _shm, _transport
+from ._exceptions import (
+    BatchError,
+    BodyTooLarge,
+    CodecError,
+    InputValidationError,
+    UnsupportedDatatypeError,
+)
 from ._model import check_rows, declared, normalize_inputs
 
-__all__ = ["BAD_OUTPUTS", "Answer", "handle", "request_payload"]
+__all__ = ["BAD_OUTPUTS", "SIGNATURE", "Answer", "handle", "handle_batch", "request_payload"]
 
 #: the status of an answer whose outputs the model got wrong (a 500, logged)
 BAD_OUTPUTS = -1
 
 Answer = tuple[int, Any, int | None, str | None]
+
+#: the batching key of every request sent as its bytes: the pool cannot see their inputs, so
+#: the worker that runs them groups the compatible ones (``handle_batch``)
+SIGNATURE: _batching.Signature = (("<infer>", "", ()),)
 
 
 def _out_of_band(data: Any) -> Any:
@@ -58,6 +68,53 @@ def request_payload(
 
 def handle(model: Any, payload: tuple[Any, ...]) -> Answer:
     """Decode, check, predict, encode (in the worker). ``predict``'s exceptions propagate."""
+    read = _read(model, payload)
+    if not isinstance(read, _Read):
+        return read
+    return _encode(read, model.predict(read.inputs))
+
+
+def handle_batch(model: Any, payloads: list[tuple[Any, ...]], max_batch_size: int) -> list[Any]:
+    """Several requests' bodies, batched here: each is decoded and checked, the compatible
+    ones (``_batching.signature``) are merged in arrival order into predicts of at most
+    ``max_batch_size`` rows, and each request gets its own answer: an ``Answer``, or the
+    ``RemoteException`` of the predict it ran in (which fails only that predict's requests)."""
+    results: list[Any] = [None] * len(payloads)
+    groups: dict[Any, list[tuple[int, _Read]]] = {}  # (insertion order: the oldest first)
+    for i, payload in enumerate(payloads):
+        read = _read(model, payload)
+        if not isinstance(read, _Read):
+            results[i] = read
+            continue
+        signature, rows = _batching.signature(read.inputs)
+        read.rows = rows
+        key = signature if signature is not None else ("alone", i)
+        groups.setdefault(key, []).append((i, read))
+    for members in groups.values():
+        run: list[tuple[int, _Read]] = []
+        rows = 0
+        for member in members:
+            if run and rows + member[1].rows > max_batch_size:
+                _run(model, run, results)
+                run, rows = [], 0
+            run.append(member)
+            rows += member[1].rows
+        _run(model, run, results)
+    return results
+
+
+class _Read:
+    """A decoded and checked request."""
+
+    __slots__ = ("decoded", "inputs", "name", "rid", "rows", "tag", "version")
+
+    def __init__(self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any) -> None:
+        self.decoded, self.inputs, self.name, self.version = decoded, inputs, name, version
+        self.rid = rid
+        self.rows = 1
+
+
+def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
     name, version, body, header_length, tag, adopt_id = payload
     try:
         decoded = _protocol.decode_infer_request(body, header_length)
@@ -76,13 +133,44 @@ def handle(model: Any, payload: tuple[Any, ...]) -> Answer:
         check_rows(inputs, limit, name)
     except InputValidationError as exc:
         return (400, f"model {name!r}: {exc.problem or exc}", None, body_id)
-    outputs = model.predict(inputs)
+    return _Read(decoded, inputs, name, version, rid)
+
+
+def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
+    """One predict for ``run`` (compatible requests), its outputs cut back per request."""
+    reads = [read for _, read in run]
+    tags = [read.rid for read in reads if read.rid is not None]
+    token = _logs.REQUEST_ID.set(",".join(tags) if tags else None)
+    try:
+        outputs = model.predict(_batching.merge([read.inputs for read in reads]))
+        if len(reads) == 1:
+            answers = [outputs]
+        else:
+            try:
+                answers = _batching.split(outputs, [read.rows for read in reads], reads[0].name)
+            except BatchError as exc:
+                for i, read in run:
+                    results[i] = (BAD_OUTPUTS, str(exc), None, read.decoded.id)
+                return
+    except Exception as exc:
+        error = _transport.RemoteException.capture(exc)
+        for i, _ in run:
+            results[i] = error
+        return
+    finally:
+        _logs.REQUEST_ID.reset(token)
+    for (i, read), outputs in zip(run, answers, strict=True):
+        results[i] = _encode(read, outputs)
+
+
+def _encode(read: _Read, outputs: Any) -> Answer:
+    body_id = read.decoded.id
     if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
         what = f"{type(outputs).__name__}, but predict() must return a dict of output name -> array"
         return (BAD_OUTPUTS, what, None, body_id)
     try:
         data, json_length = _protocol.encode_infer_response(
-            name, version, body_id or rid, outputs, decoded
+            read.name, read.version, body_id or read.rid, outputs, read.decoded
         )
     except CodecError as exc:
         return (400, str(exc), None, body_id)

@@ -322,8 +322,11 @@ class Pool(cf.Executor):
         if on_loop:  # made on the attached event loop: its answer is read there
             self._supervisor.loop_future(req)
         signature, rows = (None, 1)
-        if kind == PREDICT and self._settings.max_batch_size > 1:
-            signature, rows = _batching.signature(payload)
+        if self._settings.max_batch_size > 1:
+            if kind == PREDICT:
+                signature, rows = _batching.signature(payload)
+            elif kind == INFER:  # bytes: the worker decodes and groups them (_infer)
+                signature = _infer.SIGNATURE
         if signature is not None:  # merged with others at dispatch
             req.inputs, req.signature, req.rows = payload, signature, rows
         elif kind == INFER:  # plain values and a byte buffer: pickled as they are
@@ -403,7 +406,10 @@ class Pool(cf.Executor):
         it, checks the inputs, predicts and encodes the answer (``header_length``: its
         ``Inference-Header-Content-Length``; ``adopt_id``: the body's ``id`` may become the
         request id). The future's result is a ``modelpool._infer.Answer``; ``predict``'s own
-        exceptions fail it as they fail ``predict``. Not batched with other requests."""
+        exceptions fail it as they fail ``predict``. With batching on, the pool sends several
+        queued requests' bytes to a worker at once, which merges the compatible ones into
+        predicts of at most ``max_batch_size`` rows (a request counts as one row in the
+        queue: the pool does not decode them)."""
         self._check_has_model()
         payload = _infer.request_payload(
             self._model_name, version, body, header_length, _tag(request_id), adopt_id

@@ -252,10 +252,13 @@ class _Wire:
         self.fd = fd
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
-        # a blocking read waits on its own poll object: one can be polled by one thread at a
-        # time, and the supervisor asks ``readable()`` while a caller thread waits to read
+        # A poll object can be polled by one thread at a time (else RuntimeError), and the
+        # supervisor asks ``readable()`` while the reader (a caller thread, the event loop)
+        # polls: a blocking read waits on its own, and ``readable()`` asks its own.
         self._waiter = select.poll()
         self._waiter.register(fd, select.POLLIN)
+        self._probe = select.poll()
+        self._probe.register(fd, select.POLLIN)
         self._buf = bytearray(_CHUNK)  # reused for every message that fits
         self._have = 0  # bytes of self._buf already read
         self._big: bytearray | None = None  # a message larger than the buffer, being read
@@ -285,7 +288,7 @@ class _Wire:
 
     def readable(self) -> bool:
         """Bytes (or end of file) are waiting."""
-        return bool(self._have or self._big is not None or self._poller.poll(0))
+        return bool(self._have or self._big is not None or self._probe.poll(0))
 
     def _read_into(self, view: memoryview, block: bool) -> int | None:
         # Wait in poll(POLLIN), never in a blocking read: a reader blocked in a unix socket's

@@ -22,6 +22,7 @@ __all__ = [
     "CALL",
     "ERR",
     "INFER",
+    "INFER_BATCH",
     "OK",
     "PREDICT",
     "PREDICT_TAGGED",
@@ -40,7 +41,8 @@ __all__ = [
 # Message kinds, parent -> worker. PREDICT_TAGGED: a predict whose payload is
 # (request id, inputs); the id is what ``modelpool.request_id()`` returns while it runs.
 # INFER: an HTTP inference request's bytes, decoded and answered here (``_infer``).
-PREDICT, CALL, STOP, PREDICT_TAGGED, INFER = 1, 2, 3, 4, 5
+# INFER_BATCH: several of those, as (max_batch_size, [payload, ...]), batched here.
+PREDICT, CALL, STOP, PREDICT_TAGGED, INFER, INFER_BATCH = 1, 2, 3, 4, 5, 6
 # Message kinds, worker -> parent
 READY, SETUP_FAILED, OK, ERR = 11, 12, 13, 14
 
@@ -247,6 +249,11 @@ def _handle(kind: int, rid: int, payload: Any, predict: Any, model: Any) -> tupl
             if predict is None:
                 raise ModelSpecError("this pool has no model; use submit() to run functions")
             return (OK, rid, _infer.handle(model, payload))
+        if kind == INFER_BATCH:
+            if predict is None:
+                raise ModelSpecError("this pool has no model; use submit() to run functions")
+            max_batch_size, payloads = payload
+            return (OK, rid, _infer.handle_batch(model, payloads, max_batch_size))
         if kind == PREDICT:
             if predict is None:
                 raise ModelSpecError("this pool has no model; use submit() to run functions")

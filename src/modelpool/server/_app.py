@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from modelpool import __version__, _compression, _protocol
-from modelpool._exceptions import BodyTooLarge, CodecError, UnsupportedDatatypeError
+from modelpool import __version__, _compression
+from modelpool._exceptions import BodyTooLarge, CodecError
 from modelpool._infer import BAD_OUTPUTS
 from modelpool._pool import StartedPredict
 from modelpool.config import Config
@@ -293,9 +293,8 @@ class Server:
         return lambda request: self._infer(request, served)
 
     async def _infer(self, request: web.Request, served: ServedModel) -> web.StreamResponse:
-        """Without batching the body's bytes go to a worker, which decodes, predicts and
-        encodes (``_infer``): no tensor work in this process. With batching, the body is
-        decoded here, so that the pool can merge the inputs of many requests."""
+        """The body's bytes go to a worker, which decodes, predicts and encodes (``_infer``;
+        with batching, several requests' bytes at once): no tensor work in this process."""
         started_at = time.perf_counter()
         request[_logging.MODEL] = served.name
         code = 500
@@ -319,34 +318,31 @@ class Server:
                 )
             except CodecError as exc:
                 raise HTTPError(400, str(exc)) from None
-            if served.settings.max_batch_size > 1:
-                response = await self._batched(request, served, body, header_length)
+            rid = _logging.adopt_body_id(request, None)
+            started: StartedPredict | None = None
+            try:
+                started = served.pool.start_infer(
+                    body,
+                    header_length,
+                    version=served.version,
+                    request_id=rid,
+                    adopt_id=not _logging.id_given(request),
+                )
+                status, data, json_length, body_id = await started.wait()
+            except Exception as exc:
+                pid = started.worker_pid if started is not None else None
+                retry = self.settings.retry_after
+                raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
+            served.last_ok = time.monotonic()  # a worker answered
+            rid = _logging.adopt_body_id(request, body_id)
+            if status == BAD_OUTPUTS:
+                raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
+            if status != 200:
+                raise HTTPError(status, data)
+            if len(data) < self.settings.compress_min_size:
+                response = self._response(data, json_length)
             else:
-                rid = _logging.adopt_body_id(request, None)
-                started: StartedPredict | None = None
-                try:
-                    started = served.pool.start_infer(
-                        body,
-                        header_length,
-                        version=served.version,
-                        request_id=rid,
-                        adopt_id=not _logging.id_given(request),
-                    )
-                    status, data, json_length, body_id = await started.wait()
-                except Exception as exc:
-                    pid = started.worker_pid if started is not None else None
-                    retry = self.settings.retry_after
-                    raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
-                served.last_ok = time.monotonic()  # a worker answered
-                rid = _logging.adopt_body_id(request, body_id)
-                if status == BAD_OUTPUTS:
-                    raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
-                if status != 200:
-                    raise HTTPError(status, data)
-                if len(data) < self.settings.compress_min_size:
-                    response = self._response(data, json_length)
-                else:
-                    response = await self._compressed(request, data, json_length)
+                response = await self._compressed(request, data, json_length)
             code = response.status
             return response
         except (HTTPError, web.HTTPException) as exc:
@@ -375,34 +371,6 @@ class Server:
             raise HTTPError(400, str(exc)) from None
         return data
 
-    async def _batched(
-        self, request: web.Request, served: ServedModel, body: bytes, header_length: int | None
-    ) -> web.Response:
-        try:
-            if len(body) < OFF_LOOP_SIZE:  # the common case: no coroutine, no thread
-                decoded = _protocol.decode_infer_request(body, header_length)
-            else:
-                decoded = await self._off_loop(
-                    len(body), _protocol.decode_infer_request, body, header_length
-                )
-        except BodyTooLarge as exc:
-            raise HTTPError(413, str(exc)) from None
-        except CodecError as exc:
-            raise HTTPError(400, str(exc)) from None
-        rid = _logging.adopt_body_id(request, decoded.id)
-        outputs, pid = await self._predict(served, decoded.inputs, rid)
-        try:
-            payload, json_length = _protocol.encode_infer_response(
-                served.name, served.version, decoded.id or rid, outputs, decoded
-            )
-        except CodecError as exc:
-            raise HTTPError(400, str(exc)) from None
-        except UnsupportedDatatypeError as exc:
-            raise _errors.bad_outputs(served.name, str(exc), rid, pid) from None
-        if len(payload) >= self.settings.compress_min_size:
-            return await self._compressed(request, payload, json_length)
-        return self._response(payload, json_length)
-
     @staticmethod
     def _response(payload: Any, json_length: int | None) -> web.Response:
         if json_length is None:
@@ -426,29 +394,6 @@ class Server:
                 response.headers["Content-Encoding"] = coding
                 return response
         return self._response(payload, json_length)
-
-    async def _predict(
-        self, served: ServedModel, inputs: dict[str, Any], rid: str
-    ) -> tuple[dict[str, Any], int | None]:
-        """The model's outputs and the pid of the worker that ran it. Failures become the
-        HTTP answer, logged once where they are the model's or a worker's (``_errors``)."""
-        started: StartedPredict | None = None
-        try:
-            started = served.pool.start_predict(inputs, request_id=rid)
-            outputs = await started.wait()
-        except Exception as exc:
-            pid = started.worker_pid if started is not None else None
-            retry = self.settings.retry_after
-            raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
-        served.last_ok = time.monotonic()
-        pid = started.worker_pid
-        if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
-            what = (
-                f"{type(outputs).__name__}, but predict() must return a dict of output "
-                "name -> array"
-            )
-            raise _errors.bad_outputs(served.name, what, rid, pid)
-        return outputs, pid
 
     @staticmethod
     async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
