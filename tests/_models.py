@@ -266,13 +266,18 @@ class Stagger(modelpool.Model):
 
 class Gate(modelpool.Model):
     """y = 2x; a request with a negative input waits until the file ``path`` exists (a gate
-    the test opens, so workers stay busy exactly as long as the test needs)."""
+    the test opens, so workers stay busy exactly as long as the test needs). With ``record``,
+    each predict appends "pid x" lines to that file (what ran where)."""
 
     def __init__(self, **options: Any) -> None:
         self.path = options["path"]
+        self.record = options.get("record")
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = inputs["x"]
+        if self.record:
+            with open(self.record, "a") as f:
+                f.writelines(f"{os.getpid()} {float(v)}\n" for v in x.ravel())
         if float(x.min()) < 0:
             deadline = time.monotonic() + 120
             while not os.path.exists(self.path) and time.monotonic() < deadline:

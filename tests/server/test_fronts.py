@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -171,6 +172,13 @@ def test_sigterm_drains_every_front_and_leaves_no_process(tmp_path: Path) -> Non
         wait_for(lambda: not alive(), 30, "every front and worker to exit")
 
 
+def _taken(server: ServerProcess) -> int:
+    """Requests running or queued in the whole server (the other front's share is up to half
+    a second old)."""
+    model = _status(server)
+    return int(model["in_flight"]) + int(model["queued"])
+
+
 def _sleepy(server: ServerProcess) -> dict[str, Any]:
     (model,) = json.loads(request(server, "GET", "/status.json")[2])["models"]
     return model  # type: ignore[no-any-return]
@@ -226,6 +234,63 @@ def test_failures_through_fronts_cost_one_request_each(tmp_path: Path) -> None:
             60,
             "a replaced worker to answer",
         )
+        assert server.stop() == 0
+
+
+def test_a_client_that_goes_away_through_fronts_takes_its_queued_request_with_it(
+    tmp_path: Path,
+) -> None:
+    """Two fronts, one gated worker each: with both workers held, a request whose client
+    hangs up while it waits in its front's queue leaves it, and never runs."""
+    gate, record = tmp_path / "gate", tmp_path / "ran"
+    options = {"path": str(gate), "record": str(record)}
+    config = {
+        "server": {"fronts": 2, "ready_probe_interval": 60},
+        "models": {"gated": {"model": "_models:Gate", "workers": 2, "options": options}},
+    }
+    infer = "/v2/models/gated/infer"
+
+    def ran() -> list[tuple[int, float]]:
+        lines = record.read_text().split() if record.exists() else []
+        return [(int(pid), float(x)) for pid, x in zip(lines[::2], lines[1::2], strict=True)]
+
+    def post(x: float) -> int:
+        return request(server, "POST", infer, infer_body("x", "FP32", [1], [x]))[0]
+
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        wait_for(lambda: "all 2 fronts serving" in server.output, 60, "both fronts")
+        held: list[int] = []
+        holders: list[threading.Thread] = []
+        try:
+            # hold requests until both workers run one (a connection lands on either front;
+            # one landing on a busy front waits in its queue)
+            while len({pid for pid, x in ran() if x == -1.0}) < 2:
+                assert len(holders) < 40, ran()
+                holder = threading.Thread(target=lambda: held.append(post(-1.0)))
+                holder.start()
+                holders.append(holder)
+                wait_for(lambda: _taken(server) >= len(holders), 60, "the holder to arrive")
+            queued = len(holders) - 2
+            body = infer_body("x", "FP32", [1], [7.0])
+            host, port = server.host_port.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(
+                    f"POST {infer} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+                    "\r\n\r\n".encode()
+                    + body
+                )
+                wait_for(lambda: _status(server)["queued"] > queued, 60, "it to queue")
+        finally:
+            gate.touch()
+            for holder in holders:
+                holder.join(60)
+        assert held == [200] * len(holders)
+        # Each front's queue is first in, first out: once a later request has run in both
+        # workers (one per front), the abandoned one would have run before it, had it stayed.
+        while len({pid for pid, x in ran() if x == 3.0}) < 2:
+            assert len([x for _, x in ran() if x == 3.0]) < 200, ran()
+            assert post(3.0) == 200
+        assert 7.0 not in [x for _, x in ran()]
         assert server.stop() == 0
 
 
