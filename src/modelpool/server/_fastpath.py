@@ -135,10 +135,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()  # (asking for it per request costs a getpid)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else None
         self.paths.connections.add(self)
-        self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE, self._check_idle)
+        self._keepalive = self.loop.call_later(KEEPALIVE, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.paths.connections.discard(self)
@@ -216,7 +217,7 @@ class _Connection(asyncio.Protocol):
             del self.buf[:length]
         self.head = None
         request = _Request(path, headers, body, self.remote)
-        self.task = asyncio.get_running_loop().create_task(self._serve(handler, request, close))
+        self.task = self.loop.create_task(self._serve(handler, request, close))
 
     def _parse(self, head: bytes) -> tuple[Handler, str, CIMultiDict[str], bool, int] | None:
         """The request head, when it is a simple POST to one of our paths; else None."""
@@ -335,7 +336,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         delay = KEEPALIVE - idle if self.task is None else KEEPALIVE
-        self._keepalive = asyncio.get_running_loop().call_later(max(delay, 1.0), self._check_idle)
+        self._keepalive = self.loop.call_later(max(delay, 1.0), self._check_idle)
 
 
 class FastSite(web.BaseSite):
