@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,14 @@ def run(kind: str, port: int, batch: int, delay: float) -> int:
     else:
         cwd = _mlserver_dir(port, batch, delay)
         argv = [os.path.join(os.path.dirname(python), "mlserver"), "start", cwd]
+    try:
+        return _serve(kind, port, argv, env, cwd)
+    finally:
+        if cwd is not None:  # MLServer's settings directory
+            shutil.rmtree(cwd, ignore_errors=True)
+
+
+def _serve(kind: str, port: int, argv: list[str], env: dict[str, str], cwd: str | None) -> int:
     child = subprocess.Popen(
         argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         process_group=0,  # (same session: bench/server.py counts its CPU and its leftovers)
