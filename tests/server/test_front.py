@@ -97,3 +97,13 @@ def test_with_batching_the_front_still_decodes_so_the_pool_can_merge() -> None:
             assert answer["outputs"][0]["data"] == [1.0, 2.0]
 
     asyncio.run(main())
+
+
+def test_a_version_that_is_not_a_plain_segment_is_served_by_the_general_route() -> None:
+    config = Config.from_mapping(
+        {"models": {"echo": {"model": "_server_models:Identity", "version": "β 1/{x}"}}}
+    )
+    server = Server(config)
+    assert sorted(server.fast_handlers) == ["/v2/models/echo/infer"]
+    app = server.app()  # every route registers
+    assert len(app.router.routes()) > len(server.fast_handlers)

@@ -280,6 +280,13 @@ def test_a_client_that_goes_away_through_fronts_takes_its_queued_request_with_it
                     + body
                 )
                 wait_for(lambda: _status(server)["queued"] > queued, 60, "it to queue")
+            # its front counts it (code 499) once the hang-up has reached the pool
+            gone = 'modelpool_requests_total{model="gated",code="499"} 1'
+            wait_for(
+                lambda: gone in request(server, "GET", "/metrics")[2].decode(),
+                60,
+                "the hang-up to be counted",
+            )
         finally:
             gate.touch()
             for holder in holders:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -38,6 +39,9 @@ __all__ = ["Server"]
 log = logging.getLogger("modelpool.server")
 
 JSON = "application/json"
+#: a path made of plain URL segments (as sent, no percent-encoding; nothing aiohttp's route
+#: syntax reads as a pattern)
+_SEGMENTS = re.compile(r"(/[A-Za-z0-9_.~-]+)+")
 #: bodies at least this big are decompressed, decoded and compressed in a thread
 OFF_LOOP_SIZE = 256 * 1024
 
@@ -76,6 +80,7 @@ class Server:
         self._publish_task: asyncio.Task[None] | None = None
         # each model's own infer paths, served by the fast path and first in aiohttp's routes
         # (an exact path is one dict lookup, where {model} patterns are a walk and regexes)
+        # (a version that is not a plain URL segment is left to the {version} pattern)
         self.fast_handlers = {
             path: self._tracked(self._infer_route(served))
             for served in self.models.values()
@@ -83,6 +88,7 @@ class Server:
                 f"/v2/models/{served.name}/infer",
                 f"/v2/models/{served.name}/versions/{served.version}/infer",
             )
+            if _SEGMENTS.fullmatch(path)
         }
 
     # ------------------------------------------------------------------ application
