@@ -281,3 +281,18 @@ def test_an_idle_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
             await writer.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_header_line_over_the_limit_goes_to_aiohttp_which_refuses_it() -> None:
+    async def main() -> None:
+        async with _serving() as (port, calls, _):  # the limit: 8190 per line
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_post(b"abc", extra="X-Big: " + "a" * 9000 + "\r\n"))
+            status, headers, _ = await _read_answer(reader)
+            assert status in (400, 431)
+            assert not headers["server"].startswith("modelpool/")
+            assert not calls.requests
+            writer.close()
+            await writer.wait_closed()
+
+    asyncio.run(main())

@@ -68,7 +68,8 @@ class FastPaths:
         self.handlers = {path.encode("ascii"): h for path, h in handlers.items()}
         self.aiohttp = aiohttp  # makes aiohttp's protocol, for the connections handed over
         self.max_body_size = max_body_size
-        self.max_head = max_header_size * 2  # request line + headers, roughly aiohttp's bounds
+        self.max_line = max_header_size  # a request line or header line (aiohttp's limits)
+        self.max_head = max_header_size * 2  # all of them: more goes to aiohttp (its limits)
         self.connections: set[_Connection] = set()
         self.closing = False
         self._date = ""
@@ -222,6 +223,8 @@ class _Connection(asyncio.Protocol):
     def _parse(self, head: bytes) -> tuple[Handler, str, CIMultiDict[str], bool, int] | None:
         """The request head, when it is a simple POST to one of our paths; else None."""
         lines = head.split(b"\r\n")
+        if max(map(len, lines)) > self.paths.max_line:
+            return None  # aiohttp enforces server.max_header_size (431)
         method, _, rest = lines[0].partition(b" ")
         target, _, version = rest.partition(b" ")
         handler = self.paths.handlers.get(target)
