@@ -145,6 +145,10 @@ def test_a_body_arriving_in_pieces_and_a_large_one() -> None:
         (_post(b"abc", extra="Content-Length: 3\r\n"), "two Content-Lengths"),
         (_post(b"a" * 2000), "a body over the limit"),
         (b"POST " + PATH.encode() + b" HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", "no Host"),
+        (
+            b"POST " + PATH.encode() + b" HTTP/1.1\nHost: x\nContent-Length: 3\n\nabc",
+            "bare line feeds",
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )

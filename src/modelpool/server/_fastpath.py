@@ -46,6 +46,8 @@ log = logging.getLogger("modelpool.server")
 KEEPALIVE = 75.0
 #: a header line as RFC 9110 has it (token, colon, visible value); anything else goes to aiohttp
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+#: the end of a request head written with a bare line feed somewhere in its last line break
+_BARE_END = re.compile(rb"\n\r?\n")
 #: headers whose presence means the request is not the simple kind (aiohttp reads it)
 _NOT_SIMPLE = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 #: bodies at least this big are read into their own buffer (no copy of the whole at the end)
@@ -187,7 +189,8 @@ class _Connection(asyncio.Protocol):
         if self.head is None:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buf) > self.paths.max_head:
+                # a head ended by bare line feeds is aiohttp's to judge (else it would wait)
+                if len(self.buf) > self.paths.max_head or _BARE_END.search(self.buf):
                     self._hand_over()
                 return
             if end > self.paths.max_head:
