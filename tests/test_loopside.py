@@ -209,3 +209,27 @@ def test_no_descriptor_leaks_across_many_crashes_on_the_loop_path() -> None:
         before = me.num_fds()
         asyncio.run(main(pool))
         assert me.num_fds() <= before + 2  # (an event loop's own descriptors may linger)
+
+
+def test_a_request_queued_on_the_loop_takes_a_worker_whose_answer_waits_unread() -> None:
+    """The loop runs one turn's callbacks in a row: a request queued while a worker's answer
+    sits unread takes that worker at once (``LoopSide.reap``), not at the next turn."""
+    import select
+
+    async def main(pool: modelpool.Pool) -> None:
+        pool.attach_loop()
+        try:
+            first = pool.start_predict(_x(1))
+            (worker,) = pool._supervisor.fleet.workers
+            # the answer is written, and this turn has not ended: the loop has not read it
+            assert select.select([worker.channel.fileno()], [], [], 60)[0]
+            second = pool.start_predict(_x(2))
+            assert second.worker_pid == worker.pid  # sent now, not queued behind the turn
+            assert (await first.wait())["y"][0, 0] == 2.0
+            assert (await second.wait())["y"][0, 0] == 4.0
+        finally:
+            pool.detach_loop()
+
+    with modelpool.Pool(Doubler, workers=1) as pool:
+        pool.start()
+        asyncio.run(main(pool))

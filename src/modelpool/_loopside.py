@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import select
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -151,6 +152,9 @@ class LoopSide:
         self._give_back = give_back  # (lock held) the supervisor's selector reads it again
         self.watching: set[WorkerHandle] = set()
         self.detached = False
+        # the watched workers' descriptors, for ``reap`` (touched on the loop's thread only)
+        self._ready = select.poll()
+        self._by_fd: dict[int, WorkerHandle] = {}
 
     def here(self) -> bool:
         """Whether this thread is running the attached loop."""
@@ -190,7 +194,10 @@ class LoopSide:
             return True  # another thread cannot remove the loop's reader: the loop keeps it
         if not on or not self.here() or worker.kill_reason is not None or worker.exited:
             return False
-        self.loop.add_reader(worker.channel.fileno(), self._readable, worker)
+        fd = worker.channel.fileno()
+        self.loop.add_reader(fd, self._readable, worker)
+        self._ready.register(fd, select.POLLIN)
+        self._by_fd[fd] = worker
         worker.loop_watched = True
         worker.users += 1  # the supervisor leaves the descriptor open while the loop polls it
         self.watching.add(worker)
@@ -200,10 +207,16 @@ class LoopSide:
         assert self._lock.locked()
         if not worker.loop_watched:
             return
-        self.loop.remove_reader(worker.channel.fileno())
+        self._forget(worker)
+        self._dispatch.release_channel(worker)
+
+    def _forget(self, worker: WorkerHandle) -> None:
+        fd = worker.channel.fileno()
+        self.loop.remove_reader(fd)
+        if self._by_fd.pop(fd, None) is not None:
+            self._ready.unregister(fd)
         worker.loop_watched = False
         self.watching.discard(worker)
-        self._dispatch.release_channel(worker)
 
     def detach(self) -> None:
         """Stop reading on the loop (on its thread): the supervisor's selector takes every
@@ -211,15 +224,29 @@ class LoopSide:
         with self._lock:
             self.detached = True
             for worker in list(self.watching):
-                self.loop.remove_reader(worker.channel.fileno())
-                worker.loop_watched = False
-                self.watching.discard(worker)
+                self._forget(worker)
                 self._dispatch.release_channel(worker)
                 if not worker.exited and worker.channel.fileno() >= 0:
                     self._give_back(worker)
         self._wake()
 
     # ------------------------------------------------------------------ answers (loop thread)
+
+    def reap(self) -> None:
+        """Read the answers already waiting. Called when a request made on the loop is
+        queued: the loop runs the callbacks of one turn in a row, so in a burst of client
+        requests a worker's answer would sit unread, and the worker idle, until the next turn.
+        One poll(0) over the watched workers' descriptors."""
+        if self._by_fd:
+            for fd, _ in self._ready.poll(0):
+                worker = self._by_fd.get(fd)
+                if worker is None:
+                    continue
+                try:
+                    self._readable(worker)
+                except Exception as exc:  # a bug: not the queued request's to carry
+                    message = "modelpool: reading a worker's answer failed"
+                    self.loop.call_exception_handler({"message": message, "exception": exc})
 
     def _readable(self, worker: WorkerHandle) -> None:
         if not worker.loop_watched:

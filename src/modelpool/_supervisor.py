@@ -158,6 +158,8 @@ class Supervisor:
         worker = self._admit(req, direct=False)
         if worker is not None:
             self.dispatch.send(worker, req)
+        elif self.loopside is not None and isinstance(cast(Any, req.future), LoopFuture):
+            self.loopside.reap()  # a worker may have answered meanwhile: it takes this one
 
     def call(self, req: Request) -> Any:
         """Run ``req`` and return its answer, blocking. The fast path: when a worker is idle,
