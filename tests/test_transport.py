@@ -22,10 +22,16 @@ from modelpool import _transport
 torch = deferred_module("torch")  # optional: imported by the test that uses it
 
 
-@pytest.fixture
-def wires():  # type: ignore[no-untyped-def]
+@pytest.fixture(params=[False, True], ids=["read", "poll"])
+def wires(request):  # type: ignore[no-untyped-def]
     a, b = socket.socketpair()
-    yield _transport._Wire(a.fileno()), _transport._Wire(b.fileno()), a, b
+    poll = request.param  # how a blocking read waits
+    yield (
+        _transport._Wire(a.fileno(), wait_in_poll=poll),
+        _transport._Wire(b.fileno(), wait_in_poll=poll),
+        a,
+        b,
+    )
     a.close()
     b.close()
 
@@ -110,10 +116,10 @@ def test_readable_may_be_asked_while_another_thread_waits_to_read(wires) -> None
 
 
 def _blocked_reading(thread: threading.Thread) -> bool:
-    """Whether ``thread`` sleeps in the kernel waiting for a Unix socket to be readable (it
-    waits in poll, not in the read: see ``_Wire._read_into``)."""
+    """Whether ``thread`` sleeps in the kernel waiting to read a Unix socket (in the read, or
+    in poll with ``wait_in_poll``: see ``_Wire._read_into``)."""
     with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
-        return f.read().startswith("poll_schedule_timeout")
+        return f.read() in ("unix_stream_read_generic", "poll_schedule_timeout.constprop.0")
 
 
 @pytest.mark.parametrize("pieces", [1023, 1024, 1025, 3_000, 10_001])

@@ -248,8 +248,9 @@ class _Wire:
     through writing (with the socket still held open by, say, a process the model forked).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, wait_in_poll: bool = False) -> None:
         self.fd = fd
+        self.wait_in_poll = wait_in_poll
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         # A poll object can be polled by one thread at a time (else RuntimeError), and the
@@ -291,12 +292,15 @@ class _Wire:
         return bool(self._have or self._big is not None or self._probe.poll(0))
 
     def _read_into(self, view: memoryview, block: bool) -> int | None:
-        # Wait in poll(POLLIN), never in a blocking read: a reader blocked in a unix socket's
-        # read is also woken each time the peer consumes what this side sent (the kernel's
-        # write-space wake-up ignores what the sleeper waits for), a context switch and an
-        # inter-processor interrupt per message for nothing. poll's wait filters it out.
+        # ``wait_in_poll`` (a worker's end): wait in poll(POLLIN), not in a blocking read. A
+        # reader blocked in a unix socket's read is also woken each time the peer consumes what
+        # this side sent (the kernel's write-space wake-up ignores what the sleeper waits for):
+        # a worker waiting for its next request was woken when the front read its answer, a
+        # context switch for nothing, under load. For a caller waiting for one answer, the
+        # extra poll call costs more than the wake-up it saves (measured), so it reads.
         if block:
-            self._waiter.poll()
+            if self.wait_in_poll:
+                self._waiter.poll()
         elif not self._poller.poll(0):
             return None
         n = os.readv(self.fd, [view])
@@ -367,10 +371,15 @@ class Channel:
     """One end of a worker's connection with its two arenas (either may be ``None``)."""
 
     def __init__(
-        self, conn: Connection, out_arena: _shm.Arena | None, in_arena: _shm.Arena | None
+        self,
+        conn: Connection,
+        out_arena: _shm.Arena | None,
+        in_arena: _shm.Arena | None,
+        *,
+        wait_in_poll: bool = False,
     ) -> None:
         self.conn = conn  # owns the descriptor; its framing is not used
-        self.wire = _Wire(conn.fileno())
+        self.wire = _Wire(conn.fileno(), wait_in_poll=wait_in_poll)
         self.out_arena = out_arena
         self.in_arena = in_arena
 

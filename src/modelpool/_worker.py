@@ -175,6 +175,7 @@ def run_worker(
         conn,
         out_arena=_shm.Arena(to_parent.fd) if to_parent is not None else None,
         in_arena=_shm.Arena(to_worker.fd) if to_worker is not None else None,
+        wait_in_poll=True,  # (waiting for requests: see _Wire._read_into)
     )
     _hygiene.apply_env(spec.env)
     _hygiene.apply_sys_path(spec.sys_path)
