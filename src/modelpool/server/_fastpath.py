@@ -130,7 +130,6 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.write_paused = False
         self.read_paused = False
-        self.handed_over = False
         self.last_active = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
 
@@ -156,11 +155,11 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         big = self.big
         if big is not None:
-            room = len(big) - self.big_have
-            big[self.big_have : self.big_have + min(room, len(data))] = data[:room]
-            self.big_have += min(room, len(data))
-            if len(data) > room:
-                self.buf += data[room:]
+            n = min(len(big) - self.big_have, len(data))
+            big[self.big_have : self.big_have + n] = data[:n]
+            self.big_have += n
+            if n < len(data):  # the start of the next request
+                self.buf += data[n:]
         else:
             self.buf += data
         if self.task is None and not self.write_paused:
@@ -317,7 +316,6 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         assert self.task is None
-        self.handed_over = True
         self.paths.connections.discard(self)
         if self._keepalive is not None:
             self._keepalive.cancel()
