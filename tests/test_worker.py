@@ -66,3 +66,24 @@ def test_current_model_while_loading_says_so() -> None:
     pool = modelpool.Pool(Echo, initializer=_current_model_in_setup)
     with pytest.raises(modelpool.ModelSetupError, match="still loading"):
         pool.start()
+
+
+def _policy() -> tuple[int, int]:
+    import os
+    import threading
+
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+    thread.start()
+    thread.join()
+    return os.sched_getscheduler(0), seen[0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_BATCH"), reason="Linux only")
+def test_workers_run_under_sched_batch_and_their_threads_too() -> None:
+    """A worker woken by a request does not preempt the process that sent it."""
+    import os
+
+    with modelpool.Pool(Echo, workers=1) as pool:
+        assert pool.submit(_policy).result(timeout=60) == (os.SCHED_BATCH, os.SCHED_BATCH)
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the caller is left alone

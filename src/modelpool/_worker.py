@@ -170,6 +170,7 @@ def run_worker(
     global _INFO, _MODEL, _LOADING
     _hygiene.ignore_sigint()
     _output.guard_std_streams()  # a model's print() never fails once the reader is gone
+    _hygiene.yield_on_wakeup()  # (first: the threads started from here on inherit it)
     _hygiene.die_with_parent(lifeline)
     channel = _transport.Channel(
         conn,
