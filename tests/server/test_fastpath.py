@@ -102,7 +102,16 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     asyncio.run(main())
 
 
-def test_a_body_arriving_in_pieces_and_a_large_one() -> None:
+def test_a_body_arriving_in_pieces_and_a_large_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    received = [0]
+    data_received = _fastpath._Connection.data_received
+
+    def counting(self: Any, data: bytes) -> None:
+        received[0] += len(data)
+        data_received(self, data)
+
+    monkeypatch.setattr(_fastpath._Connection, "data_received", counting)
+
     async def main() -> None:
         async with _serving(max_body=8 << 20) as (port, calls, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -110,8 +119,9 @@ def test_a_body_arriving_in_pieces_and_a_large_one() -> None:
             data = _post(big) + _post(b"small")
             for i in range(0, len(data), 100_003):  # pieces cut anywhere, head included
                 writer.write(data[i : i + 100_003])
-                await writer.drain()
-                await asyncio.sleep(0)
+                sent = min(i + 100_003, len(data))
+                # each piece reaches the server before the next is sent
+                await until(lambda s=sent: received[0] >= s, 30, "the piece to arrive")
             assert orjson.loads((await _read_answer(reader))[2])["size"] == len(big)
             assert orjson.loads((await _read_answer(reader))[2])["size"] == 5
             assert calls.requests[0]["body"] == big

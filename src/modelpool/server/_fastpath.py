@@ -275,19 +275,17 @@ class _Connection(asyncio.Protocol):
             return
         finally:
             self.task = None
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        close = close or self.paths.closing
         body: Any = cast(web.Response, response).body
         if isinstance(body, BytesPayload):  # (aiohttp wraps a memoryview)
             body = await body.as_bytes()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client went away meanwhile
         if not isinstance(body, (bytes, bytearray, memoryview)):  # never, from our handlers
             log.error("bug: the fast path cannot write a %s body", type(body).__name__)
             transport.close()
             return
-        if transport.is_closing():
-            return
+        close = close or self.paths.closing
         status = response.status
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
         for name, value in response.headers.items():
