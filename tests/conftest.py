@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from _deps import MISSING
+from _postgres import PostgresServer
 
 # Children that the standard library keeps for the life of the test process: the forkserver
 # and the resource tracker. They are not the pool's workers and are excluded from leak checks.
@@ -97,3 +98,23 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         "packages: apt-get install chromium chromium-driver redis-server tini",
         red=True,
     )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (``_postgres``)."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A new, empty user and key database: a SQLite file, or a database on the session's
+    PostgreSQL server; a test taking it runs on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'modelpool.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()

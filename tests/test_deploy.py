@@ -449,7 +449,7 @@ def test_the_image_command_serves_the_demo_and_answers_its_probes(
     with run_container(argv, env, fresh.home) as container:
         container.wait_until_ok("/v2/health/ready")
         assert container.get("/v2/health/live")[0] == 200
-        status, body = container.get("/v2/models/iris")  # CMD [] serves the demo model
+        status, body = container.get("/v2/models/iris")  # CMD serves the demo model
         assert status == 200, body
         healthcheck = " ".join(stage.healthcheck())
         old = f"127.0.0.1:{exposed}/"

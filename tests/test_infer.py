@@ -53,8 +53,8 @@ def _handle(model: Any, body: bytes, header_length: int | None = None, **kw: Any
 
 def test_a_json_request_is_decoded_predicted_and_encoded() -> None:
     model = _Model()
-    status, data, json_length, body_id = _handle(model, _body())
-    assert (status, json_length, body_id) == (200, None, None)
+    status, data, json_length, body_id, rows = _handle(model, _body())
+    assert (status, json_length, body_id, rows) == (200, None, None, 1)
     answer = orjson.loads(data)
     assert answer["model_name"] == "m"
     assert answer["model_version"] == "1"
@@ -67,7 +67,7 @@ def test_a_binary_request_gives_the_model_writable_arrays_and_a_binary_answer() 
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     body, length = _protocol.encode_infer_request({"x": x}, binary=True, outputs=None)
     model = _Model()
-    status, data, json_length, _ = _handle(model, body, length)
+    status, data, json_length, _, _ = _handle(model, body, length)
     assert status == 200
     assert model.got["x"].flags.writeable  # never a read-only view of the body's bytes
     outputs = _protocol.decode_infer_response(bytes(data), json_length)
@@ -76,11 +76,11 @@ def test_a_binary_request_gives_the_model_writable_arrays_and_a_binary_answer() 
 
 def test_the_bodys_id_becomes_the_request_id_unless_a_header_named_it() -> None:
     model = _Model()
-    _, data, _, body_id = _handle(model, _body(id="from-body"))
+    _, data, _, body_id, _ = _handle(model, _body(id="from-body"))
     assert body_id == "from-body"
     assert model.request_id == "from-body"
     assert orjson.loads(data)["id"] == "from-body"
-    _, data, _, body_id = _handle(model, _body(id="from-body"), adopt_id=False)
+    _, data, _, body_id, _ = _handle(model, _body(id="from-body"), adopt_id=False)
     assert model.request_id == "t-1"  # the header's id stays the request id
     assert orjson.loads(data)["id"] == "from-body"  # and the answer echoes the body's id
 
@@ -116,7 +116,8 @@ def test_bad_requests_are_answered_with_the_codecs_words(
     ],
 )
 def test_outputs_the_protocol_cannot_carry_are_the_models_fault(outputs: Any, words: str) -> None:
-    status, message, _, _ = _handle(_Model(outputs), _body())
+    status, message, _, _, rows = _handle(_Model(outputs), _body())
+    assert rows == 0  # (no answer: no rows counted)
     assert status == BAD_OUTPUTS
     assert words in message
 
@@ -138,11 +139,12 @@ def test_a_pool_answers_the_bytes_in_a_worker_json_and_large_binary() -> None:
         pool.attach_loop()
         try:
             started = pool.start_infer(_body(), request_id="r-7")
-            status, data, _, _ = await started.wait()
+            status, data, _, _, rows = await started.wait()
+            assert rows == 1
             assert status == 200
             assert started.worker_pid is not None
             assert orjson.loads(data)["outputs"][0]["data"] == [2.0] * 4
-            status, data, json_length, _ = await pool.start_infer(
+            status, data, json_length, _, _ = await pool.start_infer(
                 big_body, big_length, version="3"
             ).wait()
             assert status == 200
@@ -154,7 +156,7 @@ def test_a_pool_answers_the_bytes_in_a_worker_json_and_large_binary() -> None:
     with modelpool.Pool(Doubler, workers=1) as pool:
         asyncio.run(main(pool))
         # not attached: the supervisor's path answers the same way
-        status, _data, _, _ = pool.start_infer(_body()).future.result(timeout=60)
+        status, _data, _, _, _ = pool.start_infer(_body()).future.result(timeout=60)
         assert status == 200
 
 
@@ -167,7 +169,7 @@ def test_a_pool_fails_start_infer_like_predict() -> None:
         body = orjson.dumps(
             {"inputs": [{"name": "x", "datatype": "FP32", "shape": [5, 1], "data": [1] * 5}]}
         )
-        status, message, _, _ = pool.start_infer(body).future.result(timeout=60)
+        status, message, _, _, _ = pool.start_infer(body).future.result(timeout=60)
         assert status == 400
         assert "accepts at most 4 rows per call" in message
     with modelpool.Pool(workers=1) as pool, pytest.raises(modelpool.ModelSpecError):

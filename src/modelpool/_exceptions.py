@@ -20,6 +20,9 @@ it is raised (docs/errors.md has what to do about each)::
     │                              (TypeError)
     ├── ConfigError                a YAML file, `serve` flags or Celery install() arguments are
     │                              invalid (ValueError)
+    ├── DatabaseError              the user and key database cannot be used: unreachable, its
+    │                              schema behind this version (run `modelpool db upgrade`), or a
+    │                              user or key that does not exist
     ├── CodecError                 a body is not a valid Open Inference Protocol request or
     │   │                          response (ValueError): the server answers 400
     │   └── BodyTooLarge           a (decompressed) body is over the server's limit: 413
@@ -60,6 +63,7 @@ __all__ = [
     "BodyTooLarge",
     "CodecError",
     "ConfigError",
+    "DatabaseError",
     "InputValidationError",
     "ModelSetupError",
     "ModelSpecError",
@@ -131,6 +135,12 @@ class SerializationError(ModelpoolError, TypeError):
 
 class ConfigError(ModelpoolError, ValueError):
     """The configuration is invalid; the message names the file, the field and the fix."""
+
+
+class DatabaseError(ModelpoolError):
+    """The user and key database (``modelpool.auth``) cannot do what was asked: it cannot be
+    reached, its schema is behind this version of modelpool, or the user or key named does not
+    exist. The message says which, and what to do."""
 
 
 class WorkerError(ModelpoolError):

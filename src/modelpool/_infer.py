@@ -5,12 +5,13 @@ The server's front process does no tensor work: it hands a request's body bytes 
 against the model's declared ones, predicts and encodes the answer's bytes. What goes back is
 an ``Answer`` tuple, cheap to pickle:
 
-* ``(200, body, json_length, body_id)``: the answer's bytes (``json_length``: the
-  ``Inference-Header-Content-Length`` of a binary answer, else None);
-* ``(400 | 413, message, None, body_id)``: the request was malformed (the codec's message)
-  or its inputs do not fit the model (the same words the front used to answer with);
-* ``(BAD_OUTPUTS, message, None, body_id)``: ``predict`` returned something that cannot be
-  answered (a 500 the front logs as the model's fault).
+* ``(200, body, json_length, body_id, rows)``: the answer's bytes (``json_length``: the
+  ``Inference-Header-Content-Length`` of a binary answer, else None) and the rows the request
+  had (its inputs' first dimension; an API key's usage counts them);
+* ``(400 | 413, message, None, body_id, 0)``: the request was malformed (the codec's
+  message) or its inputs do not fit the model (the same words the front used to answer with);
+* ``(BAD_OUTPUTS, message, None, body_id, 0)``: ``predict`` returned something that cannot
+  be answered (a 500 the front logs as the model's fault).
 
 An exception raised by ``predict`` is not an answer: it travels as it does for ``Pool.predict``
 and the front words it (``server._errors``). ``body_id`` is the body's ``id`` (None when it
@@ -39,7 +40,7 @@ __all__ = ["BAD_OUTPUTS", "SIGNATURE", "Answer", "handle", "handle_batch", "requ
 #: the status of an answer whose outputs the model got wrong (a 500, logged)
 BAD_OUTPUTS = -1
 
-Answer = tuple[int, Any, int | None, str | None]
+Answer = tuple[int, Any, int | None, str | None, int]
 
 #: the batching key of every request sent as its bytes: the pool cannot see their inputs, so
 #: the worker that runs them groups the compatible ones (``handle_batch``)
@@ -86,9 +87,7 @@ def handle_batch(model: Any, payloads: list[tuple[Any, ...]], max_batch_size: in
         if not isinstance(read, _Read):
             results[i] = read
             continue
-        signature, rows = _batching.signature(read.inputs)
-        read.rows = rows
-        key = signature if signature is not None else ("alone", i)
+        key = read.signature if read.signature is not None else ("alone", i)
         groups.setdefault(key, []).append((i, read))
     for members in groups.values():
         run: list[tuple[int, _Read]] = []
@@ -106,12 +105,12 @@ def handle_batch(model: Any, payloads: list[tuple[Any, ...]], max_batch_size: in
 class _Read:
     """A decoded and checked request."""
 
-    __slots__ = ("decoded", "inputs", "name", "rid", "rows", "tag", "version")
+    __slots__ = ("decoded", "inputs", "name", "rid", "rows", "signature", "tag", "version")
 
     def __init__(self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any) -> None:
         self.decoded, self.inputs, self.name, self.version = decoded, inputs, name, version
         self.rid = rid
-        self.rows = 1
+        self.signature, self.rows = _batching.signature(inputs)
 
 
 def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
@@ -119,9 +118,9 @@ def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
     try:
         decoded = _protocol.decode_infer_request(body, header_length)
     except BodyTooLarge as exc:
-        return (413, str(exc), None, None)
+        return (413, str(exc), None, None, 0)
     except CodecError as exc:
-        return (400, str(exc), None, None)
+        return (400, str(exc), None, None, 0)
     body_id = decoded.id
     rid = tag
     if adopt_id and body_id is not None and _logs.usable_request_id(body_id):
@@ -132,7 +131,7 @@ def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
         inputs = normalize_inputs(decoded.inputs, specs, name)
         check_rows(inputs, limit, name)
     except InputValidationError as exc:
-        return (400, f"model {name!r}: {exc.problem or exc}", None, body_id)
+        return (400, f"model {name!r}: {exc.problem or exc}", None, body_id, 0)
     return _Read(decoded, inputs, name, version, rid)
 
 
@@ -150,7 +149,7 @@ def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
                 answers = _batching.split(outputs, [read.rows for read in reads], reads[0].name)
             except BatchError as exc:
                 for i, read in run:
-                    results[i] = (BAD_OUTPUTS, str(exc), None, read.decoded.id)
+                    results[i] = (BAD_OUTPUTS, str(exc), None, read.decoded.id, 0)
                 return
     except Exception as exc:
         error = _transport.RemoteException.capture(exc)
@@ -167,13 +166,13 @@ def _encode(read: _Read, outputs: Any) -> Answer:
     body_id = read.decoded.id
     if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
         what = f"{type(outputs).__name__}, but predict() must return a dict of output name -> array"
-        return (BAD_OUTPUTS, what, None, body_id)
+        return (BAD_OUTPUTS, what, None, body_id, 0)
     try:
         data, json_length = _protocol.encode_infer_response(
             read.name, read.version, body_id or read.rid, outputs, read.decoded
         )
     except CodecError as exc:
-        return (400, str(exc), None, body_id)
+        return (400, str(exc), None, body_id, 0)
     except UnsupportedDatatypeError as exc:
-        return (BAD_OUTPUTS, str(exc), None, body_id)
-    return (200, _out_of_band(data), json_length, body_id)
+        return (BAD_OUTPUTS, str(exc), None, body_id, 0)
+    return (200, _out_of_band(data), json_length, body_id, read.rows)

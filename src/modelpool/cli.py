@@ -123,6 +123,13 @@ SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop",
     type=click.IntRange(1, 256),
     help="HTTP front processes sharing the port, each with its share of the workers (default 1).",
 )
+@click.option(
+    "--auth/--no-auth",
+    "auth",
+    default=None,
+    help="Require an API key or a login (as an auth: section), or explicitly serve without "
+    "(as auth: {enabled: false}); needed to bind an address other machines can reach.",
+)
 def serve(target: str | None, **flags: object) -> None:
     """Serve models over HTTP (Open Inference Protocol / KServe v2, Triton-compatible).
 
@@ -143,7 +150,14 @@ def serve(target: str | None, **flags: object) -> None:
 
 
 def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
-    """The Config for ``modelpool serve``: from a file, one import string, or the demo."""
+    """The Config for ``modelpool serve``: from a file, one import string, or the demo;
+    ``--auth`` / ``--no-auth`` turn authentication on or off over the file's."""
+    auth = flags.pop("auth", None)
+    config = _config_for(target, flags)
+    return config if auth is None else config.with_auth(bool(auth))
+
+
+def _config_for(target: str | None, flags: dict[str, object]) -> Config:
     import os
 
     import yaml
@@ -184,6 +198,15 @@ def _serve_config(target: str | None, flags: dict[str, object]) -> Config:
     data = {"server": server, "models": {name or default_name: {"model": model, **settings}}}
     return Config.from_mapping(data, "command line")
 
+
+def _add_auth_commands() -> None:
+    from .auth._cli import db, keys, users
+
+    for group in (users, keys, db):
+        main.add_command(group)
+
+
+_add_auth_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

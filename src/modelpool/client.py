@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import threading
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
@@ -119,9 +120,21 @@ class Client:
     Running out raises ``ServerTimeoutError`` with status 0. An ``infer`` with a bare array
     first asks for the model's metadata (once per model), a request with its own ``timeout``.
     The value is read when the connection (or the async session) is opened: set it here.
+
+    ``api_key`` is sent as ``Authorization: Bearer <key>`` with every request, for a server
+    with authentication on (docs/security.md); by default it is read from the
+    ``MODELPOOL_API_KEY`` environment variable, if set. A refused key raises ``ServerError``
+    with status 401 (or 403 for a model the key may not use).
     """
 
-    def __init__(self, url: str, *, timeout: float = 60.0, binary: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        binary: bool = True,
+        api_key: str | None = None,
+    ) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"Client url must look like http://host:port, got {url!r}")
@@ -138,9 +151,13 @@ class Client:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._input_names: dict[tuple[str, str | None], str] = {}
+        key = api_key if api_key is not None else os.environ.get("MODELPOOL_API_KEY")
+        # (the key is never part of repr() or an error message)
+        self._auth = {"Authorization": f"Bearer {key.strip()}"} if key else {}
 
     def __repr__(self) -> str:
-        return f"Client({self.url!r}, timeout={self.timeout}, binary={self.binary})"
+        auth = ", api_key=..." if self._auth else ""
+        return f"Client({self.url!r}, timeout={self.timeout}, binary={self.binary}{auth})"
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -236,7 +253,8 @@ class Client:
                 conn = self._connection()
                 reused = self._conn_used
                 try:
-                    conn.request(method, self._prefix + path, body=body, headers=headers or {})
+                    sent = {**self._auth, **(headers or {})}
+                    conn.request(method, self._prefix + path, body=body, headers=sent)
                     response = conn.getresponse()
                     data = _read_all(response)
                 except TimeoutError:
@@ -345,7 +363,7 @@ class Client:
             )
             self._session_loop = loop
         url = self.url + path
-        headers = {"Accept-Encoding": "identity", **(headers or {})}
+        headers = {"Accept-Encoding": "identity", **self._auth, **(headers or {})}
         try:
             async with self._session.request(method, url, data=body, headers=headers) as response:
                 data = await response.read()

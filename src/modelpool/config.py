@@ -29,7 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._exceptions import ConfigError
 from ._settings import SETTINGS, Setting, parse_size, scaling
 
-__all__ = ["Config", "ConfigError", "ModelSettings", "ServerSettings", "load_config", "parse_size"]
+__all__ = [
+    "AuthSettings",
+    "Config",
+    "ConfigError",
+    "ModelSettings",
+    "ServerSettings",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -116,6 +125,50 @@ class ServerSettings(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+def parse_duration(value: Any) -> float:
+    """Seconds, written as a number or a string such as "30d", "8h", "15m", "90s"; a
+    ``ValueError`` that shows the forms otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration such as 8h, 30m or 3600 (seconds), got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip().lower())):
+        seconds = float(m[1]) * _UNITS[m[2] or "s"]
+    else:
+        raise ValueError(f"must be a duration such as 8h, 30m or 3600 (seconds), got {value!r}")
+    if not seconds > 0:
+        raise ValueError(f"must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+#: seconds, written as a number or with a unit: 90s, 15m, 8h, 30d, 2w
+Duration = Annotated[float, pydantic.BeforeValidator(parse_duration)]
+
+
+class AuthSettings(_Strict):
+    """The ``auth:`` section (docs/security.md). Present, it turns authentication on unless it
+    says ``enabled: false``; absent, the server runs without it only on a loopback address."""
+
+    enabled: bool = True
+    #: open: anyone may create a (non-admin) account with POST /auth/register
+    registration: Literal["open", "closed"] = "closed"
+    #: how long a login session lasts
+    session_ttl: Duration = 8 * 3600.0
+    #: who may read /metrics: loopback (clients on this machine, no key), key (an admin's key
+    #: or a key made with ``keys create --metrics``), or open (anyone)
+    metrics: Literal["loopback", "key", "open"] = "loopback"
+    #: failed logins allowed per account, and per client address, within ``login_window``
+    login_attempts: int = Field(5, ge=1)
+    login_window: Duration = 300.0
+
+    @pydantic.field_validator("registration", "metrics", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
 class _ModelEntry(BaseModel):
     """One entry of ``models:``: the model's import string, its version and readiness rule,
     and every setting of ``modelpool.Pool`` (declared once, in ``modelpool._settings``)."""
@@ -179,10 +232,29 @@ else:
 
 
 class Config(_Strict):
-    """A whole file: ``server:`` and ``models:`` (name -> ``ModelSettings``)."""
+    """A whole file: ``server:`` and ``models:`` (name -> ``ModelSettings``), and for
+    authentication ``auth:``, ``database:`` and ``data_dir:``."""
 
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     models: dict[str, ModelSettings] = Field(min_length=1)
+    #: None: no ``auth:`` section (off on a loopback address; anywhere else serve refuses)
+    auth: AuthSettings | None = None
+    #: the user and key database: sqlite:///path or postgresql://user:pass@host/db (default:
+    #: the SQLite file modelpool.db in ``data_dir``)
+    database: str | None = None
+    #: where modelpool keeps its files (default: $MODELPOOL_DATA_DIR, else
+    #: $XDG_DATA_HOME/modelpool, else ~/.local/share/modelpool)
+    data_dir: str | None = None
+
+    @pydantic.field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:", "postgresql:", "postgres:")):
+            raise ValueError(
+                f"{value!r} is not a database URL this version knows: write "
+                "sqlite:///path/to/modelpool.db or postgresql://user:password@host:5432/name"
+            )
+        return value
 
     @pydantic.field_validator("models")
     @classmethod
@@ -207,13 +279,23 @@ class Config(_Strict):
                     entry[key] = share(entry[key], index, count)
             entry["min_ready_workers"] = 1
             models[name] = entry
-        return Config.from_mapping({"server": self.server.model_dump(), "models": models})
+        return Config.from_mapping({**self._rest(), "models": models})
 
     def with_server(self, overrides: Mapping[str, Any], source: str = "command line") -> Config:
         """A copy whose ``server:`` fields are replaced by ``overrides``, validated (a
         ``ConfigError`` naming ``source`` and the field)."""
         server = {**self.server.model_dump(), **overrides}
-        return Config.from_mapping({"server": server, "models": dict(self.models)}, source)
+        return Config.from_mapping({**self._rest(), "server": server}, source)
+
+    def with_auth(self, enabled: bool) -> Config:
+        """A copy with authentication turned on or off (other ``auth:`` settings kept)."""
+        settings = self.auth.model_dump() if self.auth is not None else {}
+        return Config.from_mapping({**self._rest(), "auth": {**settings, "enabled": enabled}})
+
+    def _rest(self) -> dict[str, Any]:
+        """This configuration as a mapping ``from_mapping`` reads back (models as objects)."""
+        data = self.model_dump(exclude={"models"}, exclude_none=True)
+        return {**data, "models": dict(self.models)}
 
     @classmethod
     def from_mapping(cls, data: Any, source: str = "<config>") -> Config:
@@ -253,6 +335,8 @@ def _fields_for(loc: tuple[int | str, ...]) -> list[str]:
         return list(Config.model_fields)
     if loc[0] == "server":
         return list(ServerSettings.model_fields)
+    if loc[0] == "auth":
+        return list(AuthSettings.model_fields)
     return list(ModelSettings.model_fields)
 
 
@@ -277,4 +361,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    if isinstance(data, dict) and "auth" in data and data["auth"] is None:
+        data["auth"] = {}  # a bare "auth:" line turns it on, with the defaults
     return Config.from_mapping(data, source)

@@ -27,7 +27,7 @@ from modelpool._infer import BAD_OUTPUTS
 from modelpool._pool import StartedPredict
 from modelpool.config import Config
 
-from . import _errors, _history, _logging, _status
+from . import _auth, _errors, _history, _logging, _status
 from ._errors import HTTPError
 from ._fastpath import FastPaths
 from ._metrics import Metrics
@@ -81,8 +81,9 @@ class Server:
         # each model's own infer paths, served by the fast path and first in aiohttp's routes
         # (an exact path is one dict lookup, where {model} patterns are a walk and regexes)
         # (a version that is not a plain URL segment is left to the {version} pattern)
+        self.auth = _auth.Auth(config) if config.auth and config.auth.enabled else None
         self.fast_handlers = {
-            path: self._tracked(self._infer_route(served))
+            path: self._tracked(self._guard(self._infer_route(served), "model", served.name))
             for served in self.models.values()
             for path in (
                 f"/v2/models/{served.name}/infer",
@@ -104,26 +105,28 @@ class Server:
         )
         model = "/v2/models/{model}"
         version = "/v2/models/{model}/versions/{version}"
+        guard = self._guard
         routes: list[tuple[str, str, _logging.Handler]] = [
             *[("POST", path, handler) for path, handler in self.fast_handlers.items()],
-            ("GET", "/", self.status_page),
-            ("GET", "/status.json", self.status_json),
-            ("GET", "/status/history.json", self.status_history),
-            ("GET", "/metrics", self.metrics_text),
-            ("GET", "/v2", self.server_metadata),
-            ("GET", "/v2/health/live", self.live),
+            ("GET", "/", guard(self.status_page, "page")),
+            ("GET", "/status.json", guard(self.status_json, "read")),
+            ("GET", "/status/history.json", guard(self.status_history, "read")),
+            ("GET", "/metrics", guard(self.metrics_text, "metrics")),
+            ("GET", "/v2", guard(self.server_metadata, "read")),
+            ("GET", "/v2/health/live", self.live),  # (probes: never behind auth)
             ("GET", "/v2/health/ready", self.ready),
-            ("POST", "/v2/repository/index", self.repository_index),
+            ("POST", "/v2/repository/index", guard(self.repository_index, "read")),
             *[
-                route
+                (method, path, guard(handler, "model"))
                 for prefix in (model, version)
-                for route in (
+                for method, path, handler in (
                     ("GET", prefix, self.model_metadata),
                     ("GET", prefix + "/ready", self.model_ready),
                     ("GET", prefix + "/config", self.model_config),
                     ("POST", prefix + "/infer", self.infer),
                 )
             ],
+            *(self.auth.routes() if self.auth is not None else []),
             ("*", r"/{path:[\s\S]*}", self._no_route),  # last: unknown paths and methods, as JSON
         ]
         for method, path, handler in routes:
@@ -137,6 +140,12 @@ class Server:
         app.on_cleanup.append(self._on_cleanup)
         app.cleanup_ctx.append(self.history.sampler(self._sampled))
         return app
+
+    def _guard(
+        self, handler: _logging.Handler, rule: str, model: str | None = None
+    ) -> _logging.Handler:
+        """``handler`` behind authentication's ``rule`` (``_auth``), when it is on."""
+        return handler if self.auth is None else self.auth.protect(handler, rule, model)
 
     def _tracked(self, handler: _logging.Handler) -> _logging.Handler:
         return _logging.tracked(handler, self.settings.access_log, self._error_answer)
@@ -169,7 +178,7 @@ class Server:
     def _error_answer(self, request: web.Request, exc: Exception) -> web.Response:
         """A handler's exception as the JSON answer it deserves (re-raised if none)."""
         if isinstance(exc, HTTPError):
-            headers = {}
+            headers = dict(exc.headers)
             if exc.retry_after is not None:
                 headers["Retry-After"] = str(exc.retry_after)
             return _json({"error": str(exc)}, exc.status, headers)
@@ -334,12 +343,13 @@ class Server:
                     request_id=rid,
                     adopt_id=not _logging.id_given(request),
                 )
-                status, data, json_length, body_id = await started.wait()
+                status, data, json_length, body_id, rows = await started.wait()
             except Exception as exc:
                 pid = started.worker_pid if started is not None else None
                 retry = self.settings.retry_after
                 raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
             served.last_ok = time.monotonic()  # a worker answered
+            request[_auth.ROWS] = rows
             rid = _logging.adopt_body_id(request, body_id)
             if status == BAD_OUTPUTS:
                 raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)

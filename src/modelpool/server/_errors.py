@@ -35,10 +35,18 @@ log = logging.getLogger("modelpool.server")
 class HTTPError(Exception):
     """An answer other than 200, with a message for the user."""
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.headers = headers or {}
 
 
 def _context(model: str, request_id: str | None, pid: int | None) -> dict[str, Any]:

@@ -35,11 +35,11 @@ from aiohttp import web
 
 from modelpool import __version__
 from modelpool._atexit import stop_process_helpers
-from modelpool._exceptions import ModelpoolError
+from modelpool._exceptions import DatabaseError, ModelpoolError
 from modelpool._output import Output, settle_std_streams
 from modelpool.config import Config, ConfigError
 
-from . import _logging
+from . import _auth, _logging
 from ._app import Server
 from ._fastpath import FastSite
 from ._served import ServedModel
@@ -151,6 +151,13 @@ class _Runner:
         except ModelpoolError as exc:  # a model's import string: nothing started
             self.out.write(f"Error: {exc}\n")
             return EXIT_USAGE
+        if self.server.auth is not None:
+            try:
+                await self.server.auth.start()
+            except DatabaseError as exc:  # nothing started yet
+                await self.server.auth.db.close()
+                self.out.write(f"Error: authentication is on, but {exc}\n")
+                return EXIT_FAILURE
         runner = web.AppRunner(
             self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
@@ -246,7 +253,13 @@ class _Runner:
         name, served = next(iter(self.server.models.items()))
         self.out.write(f"ready: {len(self.server.models)} model(s) on {url}\n")
         self.out.write(f"  status page   {url}/\n  metrics       {url}/metrics\n")
-        self.out.write(f"  model info    curl -s {url}/v2/models/{name}\n")
+        key = ' -H "Authorization: Bearer $MODELPOOL_API_KEY"' if self.server.auth else ""
+        if self.server.auth is not None:
+            self.out.write(
+                f"  auth          on: programs send Authorization: Bearer KEY (modelpool keys "
+                f"create --user NAME); people log in at {url}/auth/login\n"
+            )
+        self.out.write(f"  model info    curl -s{key} {url}/v2/models/{name}\n")
         if served.inputs:
             spec = served.inputs[0]
             shape = [1 if d == -1 else d for d in spec.shape]
@@ -256,7 +269,9 @@ class _Runner:
                 f'{{"inputs":[{{"name":"{spec.name}","datatype":"{spec.datatype}",'
                 f'"shape":{shape},"data":[{data}]}}]}}'
             ).replace(" ", "")
-            self.out.write(f"  infer         curl -s {url}/v2/models/{name}/infer -d '{body}'\n")
+            self.out.write(
+                f"  infer         curl -s{key} {url}/v2/models/{name}/infer -d '{body}'\n"
+            )
         self.out.write("  python        modelpool.Client(url).infer(model, inputs)\n")
         self.out.write("Press Ctrl+C to stop.\n")
         self.out.flush()
@@ -275,6 +290,8 @@ class _Runner:
         if server.in_flight:
             self.out.write(f"drain timeout: {server.in_flight} request(s) still running\n")
         await runner.cleanup()
+        if server.auth is not None:
+            await server.auth.stop()  # (the last usage counts are written)
         await asyncio.to_thread(self._stop_pools, wait=True)
         self.out.write("stopped\n")
 
@@ -316,6 +333,32 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def unprotected(config: Config) -> str | None:
+    """Why ``config`` must not be served (no ``auth:`` on an address other machines can
+    reach), or None."""
+    host = config.server.host
+    if config.auth is not None or not _auth.exposed(host):
+        return None
+    return (
+        f"refusing to serve on {host} without authentication: anyone who can reach that "
+        "address could run every model and read the status page and metrics. Add an 'auth:' "
+        "section to the configuration (or pass --auth) and create an account and a key "
+        "(modelpool users add NAME --admin; modelpool keys create --user NAME), or bind "
+        "127.0.0.1, or opt out explicitly with 'auth: {enabled: false}' (--no-auth) when "
+        "something in front of the server (a proxy, a private network) does this job"
+    )
+
+
+async def _open_database(config: Config) -> None:
+    from modelpool.auth._db import Database, database_url
+
+    db = Database(database_url(config))
+    try:
+        await db.open()
+    finally:
+        await db.close()
+
+
 def serve(
     config: Config,
     out: IO[str] | None = None,
@@ -333,8 +376,18 @@ def serve(
     except ConfigError as exc:
         output.write(f"Error: {exc}\n")
         return EXIT_USAGE
+    if share is None and (problem := unprotected(config)) is not None:
+        output.write(f"Error: {problem}\n")
+        return EXIT_USAGE
     if share is None and config.server.fronts > 1:
         from ._fronts import Manager  # (imports this module: not at the top)
+
+        if config.auth is not None and config.auth.enabled:
+            try:  # once, before the fronts: a fresh database gets its tables here
+                asyncio.run(_open_database(config))
+            except DatabaseError as exc:
+                output.write(f"Error: authentication is on, but {exc}\n")
+                return EXIT_FAILURE
 
         return Manager(config, output).run()
     runner = _Runner(config, output, share, bind_late)
