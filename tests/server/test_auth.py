@@ -18,6 +18,7 @@ import pytest
 from _serving import ServerProcess, infer_body, request
 
 from _accounts import store_do
+from _postgres import PostgresServer
 from modelpool import demo
 from modelpool.auth._store import Store
 
@@ -246,6 +247,26 @@ def test_login_sessions_csrf_fixation_and_logout(authed: Authed) -> None:
     assert "log in again" in _error(answer)
 
 
+@pytest.mark.parametrize("attack", ["x' OR '1'='1", "'; DROP TABLE modelpool_users; --"])
+def test_sql_injection_through_http_is_an_ordinary_refusal(tmp_path: Path, attack: str) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    keys = _populate(url)
+    with ServerProcess(config=_config(url, registration="open"), tmp=tmp_path) as server:
+        authed = Authed(server, url)
+        assert _login(authed, attack, attack)[0] == 401
+        assert _login(authed, "ann", attack)[0] == 401
+        body = json.dumps({"username": attack, "password": PASSWORD}).encode()
+        status, _, answer = authed.call(
+            "POST", "/auth/register", body, **{"Content-Type": "application/json"}
+        )
+        assert status == 400
+        assert "not allowed" in _error(answer)
+        assert authed.call("GET", "/v2/models/iris", key=attack)[0] == 401
+        assert authed.call("GET", "/status.json", Cookie=f"modelpool_session={attack}")[0] == 401
+        assert authed.call("GET", "/v2/models/iris", key=keys["ann"])[0] == 200  # all intact
+        assert _login(authed, "ann", PASSWORD)[0] == 200
+
+
 def test_logins_are_throttled_per_account_and_per_address(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     _populate(url)
@@ -387,3 +408,69 @@ def test_an_exposed_address_is_refused_without_auth_and_served_when_opted_out(
     }
     with ServerProcess(config=config, tmp=tmp_path) as server:
         assert "auth          on" not in server.output
+
+
+def test_instances_sharing_a_postgresql_database_see_the_same_keys_and_revocations(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.new_database()
+    keys = _populate(url)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        ServerProcess(config=_config(url), tmp=tmp_path / "a") as first,
+        ServerProcess(config=_config(url), tmp=tmp_path / "b") as second,
+    ):
+        instances = [Authed(first, url), Authed(second, url)]
+        late = store_do(url, lambda store: store.create_key("ann"))[0]  # after both started
+        for instance in instances:
+            for key in (keys["ann"], late):
+                assert instance.call("POST", "/v2/models/iris/infer", IRIS, key=key)[0] == 200
+        store_do(url, lambda store: store.revoke_key(late[:11]))
+        revoked = time.monotonic()
+        for instance in instances:
+            while instance.call("GET", "/v2/models/iris", key=late)[0] == 200:
+                assert time.monotonic() - revoked < 1.0, "an instance kept a revoked key for 1 s"
+            assert instance.call("GET", "/v2/models/iris", key=keys["ann"])[0] == 200
+        status, headers, _ = _login(instances[0], "ann", PASSWORD)
+        assert status == 200
+        cookie = _session_cookie(headers)
+        assert instances[1].call("GET", "/status.json", Cookie=cookie)[0] == 200  # one session
+
+
+def test_with_the_database_down_cached_keys_work_and_logins_fail_clearly(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL stopped under a running server: keys it has seen keep working, a key it has
+    not seen and a login get 503 with Retry-After and a message that says why, nothing
+    crashes, and everything works again once the database is back."""
+    database = PostgresServer()
+    try:
+        url = database.new_database()
+        keys = _populate(url)
+        with ServerProcess(config=_config(url), tmp=tmp_path) as server:
+            authed = Authed(server, url)
+            assert authed.call("POST", "/v2/models/iris/infer", IRIS, key=keys["ann"])[0] == 200
+            database.stop()
+            for _ in range(3):
+                status, _, _ = authed.call("POST", "/v2/models/iris/infer", IRIS, key=keys["ann"])
+                assert status == 200
+            status, headers, answer = authed.call("GET", "/v2/models/iris", key=keys["admin"])
+            assert status == 503
+            assert int(headers["Retry-After"]) > 0
+            assert "cannot be checked right now" in _error(answer)
+            status, headers, answer = _login(authed, "ann", PASSWORD)
+            assert status == 503
+            assert "logins are unavailable" in _error(answer)
+            assert authed.call("GET", "/v2/health/ready")[0] == 200
+            database.start()
+            deadline = time.monotonic() + 30
+            while authed.call("GET", "/v2/models/iris", key=keys["admin"])[0] != 200:
+                assert time.monotonic() < deadline, "the server did not recover"
+                time.sleep(0.1)
+            assert _login(authed, "ann", PASSWORD)[0] == 200
+            assert server.proc.poll() is None
+        assert "authentication database is unreachable" in server.output
+        assert "answers again" in server.output
+    finally:
+        database.remove()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from _serving import ServerProcess
 
+from _accounts import store_do
 from _deps import need_module, need_program
 from _waiting import wait_for
 from modelpool import demo
@@ -242,3 +243,59 @@ def test_status_page_charts_traffic_latency_queue_workers_and_restarts(
         assert region.size > 0, f"the charts are off screen: {box} in {width}x{height}"
         colours = {tuple(int(c) for c in px) for px in region.reshape(-1, 3)[::3]}
         assert len(colours) >= 50, f"the charts look blank: {len(colours)} colours, {shot}"
+
+
+def test_the_status_page_asks_to_log_in_and_shows_the_account_and_its_keys(
+    browser: Any, tmp_path: Path
+) -> None:
+    """With authentication on: the page sends a browser to the login form; a wrong password
+    shows the form again with the reason; the right one comes back to the page, which shows
+    who is signed in and their API keys' usage; logging out ends it."""
+    by = need_module("selenium.webdriver.common.by").By
+    ui = need_module("selenium.webdriver.support.ui")
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+
+    async def accounts(store: Any) -> str:
+        await store.add_user("ann", "a long password")
+        return str((await store.create_key("ann"))[0])
+
+    key = store_do(url, accounts)
+    config = {"database": url, "auth": {}, "models": {"iris": {"model": demo.MODEL}}}
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        conn = http.client.HTTPConnection(server.host_port, timeout=30)
+        for _ in range(3):  # some usage to show
+            conn.request("GET", "/v2/models/iris", headers={"Authorization": f"Bearer {key}"})
+            assert conn.getresponse().read()
+        conn.close()
+
+        def log_in(password: str) -> None:
+            browser.find_element(by.ID, "username").send_keys("ann")
+            browser.find_element(by.ID, "password").send_keys(password)
+            browser.find_element(by.CSS_SELECTOR, "button[type=submit]").click()
+
+        browser.get(server.url + "/")
+        assert "/auth/login" in browser.current_url
+        log_in("not the password")
+        problem = browser.find_element(by.CSS_SELECTOR, ".problem").text
+        assert problem == "wrong user name or password"
+        log_in("a long password")
+        wait = ui.WebDriverWait(browser, 30, poll_frequency=0.1)
+        wait.until(lambda d: d.title == "modelpool status")
+        assert browser.current_url.rstrip("/") == server.url
+
+        def account(driver: Any) -> Any:
+            return driver.execute_script(
+                "const u = document.querySelector('#account .user');"
+                "const k = document.querySelector('#keys tr.key');"
+                "return u && k ? [u.textContent, k.querySelector('.prefix').textContent,"
+                " k.querySelector('.requests').textContent] : null;"
+            )
+
+        wait.until(account)
+        user, prefix, requests = account(browser)
+        assert (user, prefix) == ("ann", key[:11])
+        assert int(requests) >= 3
+        browser.find_element(by.ID, "logout").click()
+        wait.until(lambda d: "/auth/login" in d.current_url)
+        browser.get(server.url + "/")
+        assert "/auth/login" in browser.current_url  # the session is over

@@ -484,7 +484,10 @@ class Server:
 
     async def status_json(self, request: web.Request) -> web.Response:
         models, _ = self.whole()
-        return _json(_status.snapshot(models, self.window, self.accepting))
+        snapshot = _status.snapshot(models, self.window, self.accepting)
+        if self.auth is not None:
+            snapshot["auth"] = await self.auth.status(request)
+        return _json(snapshot, headers={"Cache-Control": "no-store"})
 
     async def status_history(self, request: web.Request) -> web.Response:
         return _json(self.history.to_json())

@@ -255,21 +255,42 @@ class Auth:
             ("GET", "/auth/session", self.whoami),
         ]
 
-    async def login_form(self, request: web.Request) -> web.Response:
+    async def login_form(
+        self, request: web.Request, problem: HTTPError | None = None, target: str | None = None
+    ) -> web.Response:
+        """The login page (a fresh form token each time); with ``problem``, shown again with
+        its message and status."""
         token = _token()
-        target = _local(request.query.get("next", "/"))
+        target = _local(target or request.query.get("next", "/"))
         page = LOGIN_PAGE.format(
             csrf=html.escape(token),
             next=html.escape(target),
+            message=f'<p class="problem">{html.escape(str(problem))}</p>' if problem else "",
             register=REGISTER_LINK if self.settings.registration == "open" else "",
         )
-        response = web.Response(text=page, content_type="text/html", charset="utf-8")
+        status = problem.status if problem is not None else 200
+        response = web.Response(text=page, status=status, content_type="text/html")
+        response.charset = "utf-8"
+        if problem is not None and problem.retry_after is not None:
+            response.headers["Retry-After"] = str(problem.retry_after)
         _cookie_out(request, response, FORM_COOKIE, token, "Strict", "/auth/", 3600)
         _page_headers(response)
         return response
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        """JSON in, JSON out (programs); a form in, a redirect out, or the form again with
+        what went wrong (people)."""
         form, fields = await _credentials(request)
+        try:
+            return await self._login(request, form, fields)
+        except HTTPError as exc:
+            if not form or exc.status == 403:  # (a forged form is not shown a fresh one)
+                raise
+            return await self.login_form(request, exc, fields.get("next"))
+
+    async def _login(
+        self, request: web.Request, form: bool, fields: dict[str, str]
+    ) -> web.StreamResponse:
         if form and not _same(fields.get("csrf", ""), _cookie(request, FORM_COOKIE) or "x"):
             raise HTTPError(403, "the login form expired or came from another site: reload it")
         name, password = fields.get("username", ""), fields.get("password", "")
@@ -368,6 +389,43 @@ class Auth:
                 503, "registration is unavailable right now; retry shortly", retry_after=2
             ) from None
         return _json({"user": user.name, "role": user.role}, 201)
+
+    async def status(self, request: web.Request) -> dict[str, Any]:
+        """The status page's account section: who is looking, and the API keys they may see
+        (an admin: every key; anyone else: their own) with their usage so far."""
+        who: Identity | None = request.get(IDENTITY)
+        if who is None:  # (metrics open, or a rule without identity: nothing personal)
+            return {}
+        section: dict[str, Any] = {"user": who.user, "role": who.role}
+        if who.csrf is not None:
+            section["csrf"] = who.csrf  # for the page's log-out form
+        try:
+            records = await self.store.keys(None if who.admin else who.user)
+        except DatabaseError:
+            section["keys_error"] = "the account database is unavailable"
+            return section
+        pending = self.keyring.pending_usage()  # counted here, not yet written
+        now = time.time()
+        keys = []
+        for k in records:
+            extra = pending.get(k.id)
+            keys.append(
+                {
+                    "id": k.id,
+                    "prefix": k.prefix,
+                    "user": k.user,
+                    "models": list(k.models) if k.models is not None else None,
+                    "state": k.state(now),
+                    "rate_limit": k.rate_limit,
+                    "requests": k.requests + (extra.requests if extra else 0),
+                    "rows": k.rows + (extra.rows if extra else 0),
+                    "errors": k.errors + (extra.errors if extra else 0),
+                    "last_used_at": max(k.last_used_at or 0, extra.last_used_at if extra else 0)
+                    or None,
+                }
+            )
+        section["keys"] = keys
+        return section
 
     async def whoami(self, request: web.Request) -> web.Response:
         who = await self.identify(request)
@@ -514,9 +572,11 @@ input {{ width: 100%; box-sizing: border-box; padding: 8px; font: inherit;
 button {{ margin-top: 20px; width: 100%; padding: 9px; font: inherit; font-weight: 600;
   background: #2d5bd1; color: #fff; border: 0; border-radius: 6px; cursor: pointer; }}
 .alt {{ color: #5b6475; font-size: 13px; }}
+.problem {{ color: #b00020; font-weight: 600; }}
 </style></head>
 <body><main>
 <h1>modelpool</h1>
+{message}
 <form method="post" action="/auth/login">
 <input type="hidden" name="csrf" value="{csrf}">
 <input type="hidden" name="next" value="{next}">

@@ -88,12 +88,16 @@ PAGE = """<!doctype html>
   .down { color: #b00020; font-weight: 600; }
   .busy { color: #9a6700; }
   #error { color: #b00020; }
+  #account form { display: inline; }
+  #account button { font: inherit; margin-left: .4rem; cursor: pointer; }
 /*CHARTS-STYLE*/</style>
 </head>
 <body>
 <h1>modelpool</h1>
-<div class="meta">updated <span id="updated">never</span> <span id="error"></span></div>
+<div class="meta">updated <span id="updated">never</span> <span id="error"></span>
+<span id="account"></span></div>
 <div id="models"></div>
+<div id="keys"></div>
 <script>
 "use strict";
 function esc(value) {
@@ -145,16 +149,44 @@ function render(data) {
       "</tbody></table>";
   }
 }
+function when(t) { return t ? new Date(t * 1000).toLocaleString() : "never"; }
+// With authentication on: who is signed in (a log-out form for a session) and the API keys
+// they may see, with their usage.
+function renderAccount(auth) {
+  const account = document.getElementById("account");
+  const keys = document.getElementById("keys");
+  if (!auth || !auth.user) { account.innerHTML = ""; keys.innerHTML = ""; return; }
+  let html = '&middot; signed in as <b class="user">' + esc(auth.user) + "</b> (" +
+    esc(auth.role) + ")";
+  if (auth.csrf) {
+    html += '<form method="post" action="/auth/logout"><input type="hidden" name="csrf" value="' +
+      esc(auth.csrf) + '"><button type="submit" id="logout">Log out</button></form>';
+  }
+  if (account.dataset.html !== html) { account.innerHTML = html; account.dataset.html = html; }
+  if (auth.keys_error) { keys.innerHTML = "<h2>API keys</h2><p>" + esc(auth.keys_error); return; }
+  keys.innerHTML = "<h2>API keys</h2><table><thead><tr><th>key</th><th>user</th>" +
+    "<th>models</th><th>state</th><th>requests</th><th>rows</th><th>errors</th>" +
+    "<th>last used</th></tr></thead><tbody>" +
+    (auth.keys || []).map(k =>
+      '<tr class="key"><td class="prefix">' + esc(k.prefix) + "</td><td>" + esc(k.user) +
+      "</td><td>" + esc(k.models ? k.models.join(", ") : "all") + "</td><td>" +
+      esc(k.state) + '</td><td class="n requests">' + k.requests + '</td><td class="n">' +
+      k.rows + '</td><td class="n">' + k.errors + "</td><td>" + esc(when(k.last_used_at)) +
+      "</td></tr>").join("") + "</tbody></table>";
+}
 /*CHARTS-SCRIPT*/
 async function getJSON(url) {
   const response = await fetch(url, {cache: "no-store"});
+  if (response.status === 401 && document.getElementById("account").dataset.html) {
+    window.location = "/auth/login?next=/";  // the session ended: log in again
+  }
   if (!response.ok) throw new Error(url + ": HTTP " + response.status);
   return response.json();
 }
 async function tick() {
   const [status, history] = await Promise.allSettled(
     [getJSON("status.json"), getJSON("status/history.json")]);
-  if (status.status === "fulfilled") render(status.value);
+  if (status.status === "fulfilled") { render(status.value); renderAccount(status.value.auth); }
   if (history.status === "fulfilled") drawCharts(history.value);
   const failed = [status, history].find(r => r.status === "rejected");
   document.getElementById("error").textContent =
