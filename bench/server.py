@@ -109,6 +109,10 @@ wrk.body = f:read("*a")
 f:close()
 wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+local authorization = os.getenv("WRK_AUTHORIZATION")
+if authorization ~= nil and authorization ~= "" then
+  wrk.headers["Authorization"] = authorization
+end
 local header_length = os.getenv("WRK_HEADER_LENGTH")
 if header_length ~= nil and header_length ~= "" then
   wrk.headers["Inference-Header-Content-Length"] = header_length
@@ -347,8 +351,10 @@ class ServerProcess:
         src: str | None = None,
         ready: str = "ready:",
         launcher: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.label = label
+        self.env = env or {}  # added to the environment it starts with
         self.launcher = launcher  # a peer's launcher (bench/peers.py): its front is not known
         self.ready_line = ready  # what it prints once it serves
         self.src = src  # a source tree to import modelpool from, ahead of the installed one
@@ -360,7 +366,7 @@ class ServerProcess:
         self.leaked = 0
 
     def start(self) -> None:
-        env = {**os.environ, **THREAD_ENV}
+        env = {**os.environ, **THREAD_ENV, **self.env}
         path = [HERE, self.src, env.get("PYTHONPATH")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         self.proc = subprocess.Popen(
@@ -577,11 +583,18 @@ class Load:
         self.bodies = bodies
 
     def run(
-        self, server: ServerProcess, path: str, body: str, connections: int, seconds: int
+        self,
+        server: ServerProcess,
+        path: str,
+        body: str,
+        connections: int,
+        seconds: int,
+        authorization: str = "",
     ) -> dict[str, float]:
         spec = self.bodies[body]
         env = {
             **os.environ,
+            "WRK_AUTHORIZATION": authorization,
             "WRK_BODY": self.files[body],
             "WRK_CONTENT_TYPE": spec.content_type,
             "WRK_HEADER_LENGTH": "" if spec.header_length is None else str(spec.header_length),
@@ -616,11 +629,15 @@ class Load:
         }
 
 
-def post(server: ServerProcess, path: str, body: Body) -> tuple[bytes, str | None]:
+def post(
+    server: ServerProcess, path: str, body: Body, authorization: str = ""
+) -> tuple[bytes, str | None]:
     """One request outside the measurement: the answer must be a 200."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         headers = {"Content-Type": body.content_type}
+        if authorization:
+            headers["Authorization"] = authorization
         if body.header_length is not None:
             headers[HEADER_LENGTH] = str(body.header_length)
         conn.request("POST", path, body=body.data, headers=headers)

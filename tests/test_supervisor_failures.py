@@ -26,7 +26,8 @@ def test_a_crashed_supervisor_thread_fails_every_caller_with_a_modelpool_error(
         raise KeyError("a bug")
 
     monkeypatch.setattr(pool._supervisor.dispatch, "dispatch", bug)
-    queued = pool.submit(os.getpid)  # queued: the loop wakes, dispatches, and hits the bug
+    queued = pool.submit(os.getpid)  # queued behind the busy worker
+    pool._supervisor._wake()  # the loop's next round dispatches, and hits the bug
     for future in (queued, running):
         error = future.exception(timeout=60)
         assert type(error) is modelpool.ModelpoolError

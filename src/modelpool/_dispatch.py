@@ -104,7 +104,11 @@ class Dispatcher:
         every dispatch drops them all, so the queue's head is always one the supervisor saw.
         """
         if len(self.queue) == 1:  # the first live one in line (settled heads were dropped)
-            return True  # start a batch timer; a worker may be starting, or the pool scale up
+            # the supervisor starts a batch timer for an idle worker, or grows the pool; with
+            # every worker busy (or starting) and no growing to do, the next answer (or READY,
+            # or exit) brings it to the queue anyway: a wake-up now would be spent for nothing,
+            # and at one per batch it cost the front a tenth of its time (issue 13's bench)
+            return self.settings.autoscaling or self._fleet.idle_worker() is not None
         # Behind a live head the supervisor already knows of: its batch timer, or a worker's
         # answer, brings it back. Only a full batch is worth waking it early for.
         return self._batching and self.rows_queued >= self.settings.max_batch_size

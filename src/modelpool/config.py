@@ -162,8 +162,11 @@ class AuthSettings(_Strict):
     #: failed logins allowed per account, and per client address, within ``login_window``
     login_attempts: int = Field(5, ge=1)
     login_window: Duration = 300.0
+    #: auto: cookies are Secure when the request came over TLS; always: behind a proxy that
+    #: terminates TLS (the server itself then sees plain HTTP)
+    secure_cookies: Literal["auto", "always"] = "auto"
 
-    @pydantic.field_validator("registration", "metrics", mode="before")
+    @pydantic.field_validator("registration", "metrics", "secure_cookies", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -19,6 +19,7 @@ from _serving import ServerProcess, infer_body, request
 
 from _accounts import store_do
 from _postgres import PostgresServer
+from _waiting import wait_for
 from modelpool import demo
 from modelpool.auth._store import Store
 
@@ -267,10 +268,26 @@ def test_sql_injection_through_http_is_an_ordinary_refusal(tmp_path: Path, attac
         assert _login(authed, "ann", PASSWORD)[0] == 200
 
 
+def test_a_session_expires(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    _populate(url)
+    with ServerProcess(config=_config(url, session_ttl="1s"), tmp=tmp_path) as server:
+        authed = Authed(server, url)
+        status, headers, answer = _login(authed, "ann", PASSWORD)
+        assert (status, answer["expires_in"]) == (200, 1.0)
+        cookie = _session_cookie(headers)
+        assert "Max-Age=1" in headers["Set-Cookie"]
+        assert authed.call("GET", "/status.json", Cookie=cookie)[0] == 200
+        time.sleep(1.1)  # (the session's own lifetime: nothing to wait on but the clock)
+        status, _, answer = authed.call("GET", "/status.json", Cookie=cookie)
+        assert status == 401
+        assert "expired" in _error(answer)
+
+
 def test_logins_are_throttled_per_account_and_per_address(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     _populate(url)
-    config = _config(url, login_attempts=3)
+    config = _config(url, login_attempts=3, secure_cookies="always")  # (a TLS proxy in front)
     with ServerProcess(config=config, tmp=tmp_path) as server:
         authed = Authed(server, url)
         codes = [_login(authed, "ann", "wrong password")[0] for _ in range(3)]
@@ -279,7 +296,9 @@ def test_logins_are_throttled_per_account_and_per_address(tmp_path: Path) -> Non
         assert status == 429
         assert int(headers["Retry-After"]) > 0
         assert "too many failed logins" in _error(answer)
-        assert _login(authed, "root", PASSWORD)[0] == 200  # another account is not blocked
+        status, headers, _ = _login(authed, "root", PASSWORD)
+        assert status == 200  # another account is not blocked
+        assert "Secure" in headers["Set-Cookie"]
         for i in range(9):  # this address: 4 x the per-account limit, over any accounts
             assert _login(authed, f"nobody{i}", "wrong password")[0] == 401
         assert _login(authed, "root", PASSWORD)[0] == 429
@@ -463,14 +482,15 @@ def test_with_the_database_down_cached_keys_work_and_logins_fail_clearly(
             assert status == 503
             assert "logins are unavailable" in _error(answer)
             assert authed.call("GET", "/v2/health/ready")[0] == 200
+            wait_for(lambda: "unreachable" in server.output, 30, "the outage to be logged")
             database.start()
             deadline = time.monotonic() + 30
             while authed.call("GET", "/v2/models/iris", key=keys["admin"])[0] != 200:
                 assert time.monotonic() < deadline, "the server did not recover"
                 time.sleep(0.1)
             assert _login(authed, "ann", PASSWORD)[0] == 200
+            wait_for(lambda: "answers again" in server.output, 30, "the recovery to be logged")
             assert server.proc.poll() is None
         assert "authentication database is unreachable" in server.output
-        assert "answers again" in server.output
     finally:
         database.remove()

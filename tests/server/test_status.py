@@ -273,13 +273,13 @@ def test_the_status_page_asks_to_log_in_and_shows_the_account_and_its_keys(
             browser.find_element(by.ID, "password").send_keys(password)
             browser.find_element(by.CSS_SELECTOR, "button[type=submit]").click()
 
+        wait = ui.WebDriverWait(browser, 30, poll_frequency=0.1)
         browser.get(server.url + "/")
         assert "/auth/login" in browser.current_url
-        log_in("not the password")
-        problem = browser.find_element(by.CSS_SELECTOR, ".problem").text
-        assert problem == "wrong user name or password"
+        log_in("not the password")  # the form again, with the reason (a new page: waited for)
+        problem = wait.until(lambda d: d.find_elements(by.CSS_SELECTOR, ".problem"))
+        assert problem[0].text == "wrong user name or password"
         log_in("a long password")
-        wait = ui.WebDriverWait(browser, 30, poll_frequency=0.1)
         wait.until(lambda d: d.title == "modelpool status")
         assert browser.current_url.rstrip("/") == server.url
 

@@ -143,10 +143,12 @@ class Database:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except DBAPIError as exc:
+        except DBAPIError as exc:  # (an IntegrityError, say, is the caller's to handle)
             if exc.connection_invalidated or _unreachable(exc):
                 raise DatabaseError(self.unreachable(exc)) from exc
             raise
+        except (SQLAlchemyError, OSError) as exc:  # a pool timeout, a connection torn down
+            raise DatabaseError(self.unreachable(exc)) from exc
 
     def unreachable(self, exc: BaseException) -> str:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -25,8 +25,6 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from modelpool._exceptions import DatabaseError
-
 from ._store import KeyRecord, Store, Usage, User
 
 __all__ = ["FLUSH_INTERVAL", "POLL_INTERVAL", "Keyring", "Throttle"]
@@ -75,6 +73,9 @@ class Keyring:
         self._buckets: dict[int, _Bucket] = {}
         self._usage: dict[int, Usage] = {}
         self._version: int | None = None
+        #: goes up each time the cache is dropped: what others derived from it is stale then
+        self.generation = 0
+        self._dropped_at = time.monotonic()
         self.database_up = True
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -157,25 +158,35 @@ class Keyring:
             bucket = self._buckets[record.id] = _Bucket(record.rate_limit, now)
         return bucket.take(now)
 
-    def count(self, record: KeyRecord, *, error: bool, rows: int = 0) -> None:
+    def usage(self, record: KeyRecord) -> Usage:
+        """The counts of ``record``'s use not yet written (increment them; the time of last
+        use is taken at the next flush, when ``requests`` moved)."""
         usage = self._usage.get(record.id)
         if usage is None:
             usage = self._usage[record.id] = Usage()
+        return usage
+
+    def count(self, record: KeyRecord, *, error: bool, rows: int = 0) -> None:
+        usage = self.usage(record)
         usage.requests += 1
         usage.rows += rows
         usage.errors += error
-        usage.last_used_at = time.time()
 
     def pending_usage(self) -> dict[int, Usage]:
-        """Counts not yet written to the database (key id -> usage)."""
+        """Counts not yet written to the database (key id -> usage; ``last_used_at`` is 0.0
+        until the next flush)."""
         return dict(self._usage)
 
     async def flush(self) -> None:
         """Write the counted usage to the database; kept for the next flush if it is down."""
         usage, self._usage = self._usage, {}
+        flushed_at = time.time()
+        for counts in usage.values():
+            if counts.requests and not counts.last_used_at:
+                counts.last_used_at = flushed_at  # (used since the last flush: within 2 s)
         try:
             await self.store.add_usage(usage)
-        except DatabaseError:
+        except Exception:
             for key_id, counts in usage.items():  # merge back, to try again
                 now = self._usage.setdefault(key_id, Usage())
                 now.requests += counts.requests
@@ -186,13 +197,18 @@ class Keyring:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug: logged, and the counts are tried again next time
+                log.exception("could not write the API keys' usage")
 
     # ------------------------------------------------------------------ revocation
 
     def drop_cache(self) -> None:
         self._keys.clear()
         self._sessions.clear()
+        self.generation += 1
+        self._dropped_at = time.monotonic()
 
     async def _poll(self) -> None:
         while True:
@@ -204,7 +220,7 @@ class Keyring:
         answers again after an outage)."""
         try:
             version = await self.store.version()
-        except DatabaseError as exc:
+        except Exception as exc:  # (anything: the poll must outlive every failure)
             if self.database_up:
                 log.warning(
                     "the authentication database is unreachable (%s); cached keys "
@@ -220,6 +236,8 @@ class Keyring:
         if version != self._version:
             self._version = version
             self.drop_cache()
+        elif time.monotonic() - self._dropped_at > RECHECK_AFTER:
+            self.drop_cache()  # now and then, everything is looked up again
 
 
 class Throttle:

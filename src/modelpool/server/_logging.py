@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -25,6 +25,7 @@ from modelpool.config import ServerSettings
 __all__ = [
     "HEADER",
     "MODEL",
+    "Gate",
     "JsonLines",
     "adopt_body_id",
     "id_given",
@@ -45,6 +46,16 @@ _GIVEN: Any = _RequestKey("id_given", bool) if _RequestKey else "id_given"
 MODEL: Any = _RequestKey("model", str) if _RequestKey else "model"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Gate(Protocol):
+    """What a route is behind (``_auth``): ``enter`` lets a request in (raising the error
+    that refuses it), returning None or, when it must look something up, an awaitable that
+    does; ``leave`` is told how the request ended (its status)."""
+
+    def enter(self, request: web.Request) -> Awaitable[None] | None: ...
+
+    def leave(self, request: web.Request, status: int) -> None: ...
 
 
 def setup(settings: ServerSettings, stream: IO[str]) -> IO[str]:
@@ -121,13 +132,17 @@ def adopt_body_id(request: web.Request, body_id: str | None) -> str:
 
 
 def tracked(
-    handler: Handler, access_log: float, on_error: Callable[[web.Request, Exception], web.Response]
+    handler: Handler,
+    access_log: float,
+    on_error: Callable[[web.Request, Exception], web.Response],
+    gate: Gate | None = None,
 ) -> Handler:
     """``handler`` with the request id, the access log (``access_log``: the fraction of
     answers below 400 logged; 0 = off, 1 = all; every answer of 400 or above is logged unless
-    it is off) and its exceptions answered by ``on_error`` (which re-raises what it does not
-    answer). Each route's handler is wrapped once, instead of aiohttp middlewares, whose chain
-    adds coroutine layers to every request."""
+    it is off), behind ``gate`` (authentication) if any, and its exceptions answered by
+    ``on_error`` (which re-raises what it does not answer). Each route's handler is wrapped
+    once, instead of aiohttp middlewares, whose chain adds coroutine layers to every
+    request."""
 
     async def requests(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -144,6 +159,8 @@ def tracked(
                 response = _bad_id(given)
             else:
                 try:
+                    if gate is not None and (pending := gate.enter(request)) is not None:
+                        await pending
                     response = await handler(request)
                 except Exception as exc:
                     response = on_error(request, exc)
@@ -159,6 +176,8 @@ def tracked(
             status = 499  # the client went away (cancelled), or a bug the caller logs
             raise
         finally:
+            if gate is not None:
+                gate.leave(request, status)
             if access_log > 0 and (
                 status >= 400 or access_log >= 1 or random.random() < access_log
             ):
