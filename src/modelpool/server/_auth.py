@@ -70,8 +70,6 @@ IDENTITY: Any = _RequestKey("identity", object) if _RequestKey else "identity"
 #: the rows an inference request had (told by its worker), for the key's usage
 ROWS: Any = _RequestKey("rows", int) if _RequestKey else "rows"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def exposed(host: str) -> bool:
     """Whether binding ``host`` may let other machines in (anything but loopback)."""
@@ -349,11 +347,8 @@ class _Gate:
     def leave(self, request: web.Request, status: int) -> None:
         identity = request.get(IDENTITY)
         if identity is not None and identity.key is not None:
-            usage = self.auth.keyring.usage(identity.key)
-            usage.requests += 1
-            usage.rows += request.get(ROWS, 0)
-            if status >= 400:
-                usage.errors += 1
+            rows = request.get(ROWS, 0)
+            self.auth.keyring.count(identity.key, error=status >= 400, rows=rows)
 
 
 def same(a: str, b: str) -> bool:
