@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "modelpool"
 MAX_LINES = 600
 #: The layers above the pool: they use the pool through its public names (and the documented
 #: seam ``Pool.start_predict`` / ``probe`` / ``terminate``), never another object's privates.
-OUTER = ("server", "integrations", "cli.py", "client.py")
+OUTER = ("server", "integrations", "doctor", "cli.py", "client.py")
 #: The pool's internals, which no outer layer imports.
 INTERNALS = {
     "modelpool._supervisor",

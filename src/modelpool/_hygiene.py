@@ -32,6 +32,9 @@ __all__ = [
     "fork_hazards",
     "ignore_sigint",
     "import_path",
+    "limit_blas_and_openmp",
+    "limit_onnxruntime",
+    "limit_tensorflow",
     "limit_thread_pools",
     "limit_when_imported",
     "resolve_threads",
@@ -49,6 +52,9 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
     "BLIS_NUM_THREADS",
+    # TensorFlow's runtime, when it starts, for a pool whose size its config leaves at 0
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
 )
 
 #: Prefix of the names of modelpool's own threads (not counted as fork hazards).
@@ -147,8 +153,15 @@ def thread_env(
     env = {}
     for name in THREAD_ENV_VARS:
         exported = _env_int(environ, name)
-        env[name] = str(threads if explicit or exported is None else exported)
+        ours = _tf_interop(threads) if name == "TF_NUM_INTEROP_THREADS" else threads
+        env[name] = str(ours if explicit or exported is None else exported)
     return env
+
+
+def _tf_interop(threads: int) -> int:
+    """TensorFlow's inter-op pool for a budget of ``threads``: it runs independent ops side by
+    side, each using the intra-op pool (the budget), so a small one: 1, or 2 from 2 threads."""
+    return min(threads, 2)
 
 
 #: threadpoolctl library (internal API) -> the variable that sets its size.
@@ -195,6 +208,39 @@ def _openmp_loaded() -> bool:
     return False
 
 
+def _tensorflow_started() -> bool:
+    """TensorFlow's runtime has started here (its eager context exists: a model, a tensor or
+    a tf.function was made), as far as its internals tell; False when they cannot tell."""
+    context = sys.modules.get("tensorflow.python.eager.context")
+    if context is None:
+        return False
+    with contextlib.suppress(Exception):
+        return context.context_safe() is not None
+    return False
+
+
+def _tensorflow_hazard() -> str:
+    # Measured with tensorflow-cpu 2.21: a child forked after a Keras model was built hangs
+    # in its first predict(), every time; forked after the import alone, it works (the
+    # runtime starts in the child). Imported alone is refused too: whatever runs before the
+    # fork may start the runtime, and nothing tells the children.
+    fix = (
+        "import TensorFlow only where the model loads (in the model's module or its setup(), "
+        "which run in each worker), not in the process that forks"
+    )
+    if _tensorflow_started():
+        return (
+            "TensorFlow's runtime has started in this process (a model or tensor was made): "
+            "its threads do not survive fork, and a forked child's predict() waits for them "
+            f"forever; {fix}"
+        )
+    return (
+        "TensorFlow is imported in this process: once its runtime starts (the first model or "
+        "tensor made), a forked child's predict() waits forever for threads that do not "
+        f"survive fork; {fix}"
+    )
+
+
 def fork_hazards() -> list[str]:
     """Reasons why forking this process now would break its children (empty = safe enough)."""
     reasons = []
@@ -207,10 +253,7 @@ def fork_hazards() -> list[str]:
                     "('Cannot re-initialize CUDA in forked subprocess')"
                 )
     if "tensorflow" in sys.modules:
-        reasons.append(
-            "TensorFlow is imported; its runtime threads do not survive fork and predict() "
-            "hangs in the children"
-        )
+        reasons.append(_tensorflow_hazard())
     others = [
         t.name
         for t in threading.enumerate()
@@ -289,10 +332,9 @@ def apply_sys_path(entries: Sequence[str]) -> None:
         sys.path[:] = [*entries, *(p for p in sys.path if p not in entries)]
 
 
-def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
-    """Limit thread pools already loaded: BLAS/OpenMP (threadpoolctl, each by its own variable
-    in ``env``), torch (by ``OMP_NUM_THREADS``), OpenCV (by ``threads``), numexpr (by
-    ``NUMEXPR_NUM_THREADS``). Those loaded later: ``limit_when_imported``."""
+def limit_blas_and_openmp(threads: int, env: Mapping[str, str]) -> dict[str, int]:
+    """Limit the BLAS and OpenMP runtimes loaded in this process (threadpoolctl), each by its
+    own variable in ``env`` (else ``threads``); return the limit per threadpoolctl API."""
     limits = {api: int(env.get(var, threads)) for api, var in _POOL_VARS.items()}
     with contextlib.suppress(Exception):
         from threadpoolctl import ThreadpoolController
@@ -302,6 +344,28 @@ def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
             selected = controller.select(internal_api=api)
             if selected:
                 selected.limit(limits=n)
+    return limits
+
+
+#: OpenCV was loaded when this worker started: it came with the fork (``limit_thread_pools``).
+_cv2_inherited = False
+
+
+def limit_thread_pools(threads: int, env: Mapping[str, str], *, at_start: bool = False) -> None:
+    """Limit thread pools already loaded when a worker starts: BLAS/OpenMP (threadpoolctl, each
+    by its own variable in ``env``), torch (by ``OMP_NUM_THREADS``), OpenCV (sequential, see
+    below), ONNX Runtime (``limit_onnxruntime``), TensorFlow (``limit_tensorflow``, if its
+    runtime has not started), numexpr (by ``NUMEXPR_NUM_THREADS``). Those loaded later:
+    ``limit_when_imported``.
+
+    ``at_start``: the worker is starting, so what is loaded came with the fork. OpenCV loaded
+    then came from a process that may have run it on threads.
+    Its pool still lists those threads, which the fork did not copy, and resizing the pool
+    waits for them forever (``setNumThreads(1)`` hangs at once; measured with
+    opencv-python-headless 4.x). ``setNumThreads(0)`` makes OpenCV sequential without
+    touching them; an OpenCV imported after the worker started gets the budget instead."""
+    global _cv2_inherited
+    limits = limit_blas_and_openmp(threads, env)
     torch = sys.modules.get("torch")
     if torch is not None:
         with contextlib.suppress(Exception):
@@ -309,8 +373,16 @@ def limit_thread_pools(threads: int, env: Mapping[str, str]) -> None:
                 torch.set_num_threads(limits["openmp"])
     cv2 = sys.modules.get("cv2")
     if cv2 is not None:
+        _cv2_inherited = _cv2_inherited or at_start
         with contextlib.suppress(Exception):
-            cv2.setNumThreads(threads)
+            cv2.setNumThreads(0 if _cv2_inherited else threads)
+    onnxruntime = sys.modules.get("onnxruntime")
+    if onnxruntime is not None:
+        with contextlib.suppress(Exception):
+            limit_onnxruntime(onnxruntime, threads)
+    tensorflow = sys.modules.get("tensorflow")
+    if tensorflow is not None:
+        limit_tensorflow(tensorflow, threads, env)
     numexpr = sys.modules.get("numexpr")
     if numexpr is not None:
         with contextlib.suppress(Exception):
@@ -364,7 +436,60 @@ def _late_hooks(seed: int, threads: int, env: Mapping[str, str]) -> dict[str, An
     def numexpr(module: Any) -> None:
         module.set_num_threads(int(env.get("NUMEXPR_NUM_THREADS", threads)))
 
-    return {"torch": torch, "cv2": cv2, "numexpr": numexpr}
+    def onnxruntime(module: Any) -> None:
+        limit_onnxruntime(module, threads)
+
+    def tensorflow(module: Any) -> None:
+        limit_tensorflow(module, threads, env)
+
+    return {
+        "torch": torch,
+        "cv2": cv2,
+        "numexpr": numexpr,
+        "onnxruntime": onnxruntime,
+        "tensorflow": tensorflow,
+    }
+
+
+def limit_tensorflow(module: Any, threads: int, env: Mapping[str, str]) -> None:
+    """Size TensorFlow's intra-op pool (``TF_NUM_INTRAOP_THREADS``, else the budget) and its
+    inter-op pool (``TF_NUM_INTEROP_THREADS``, else 1 or 2). Its runtime reads them once, when
+    it starts: a runtime already started keeps its pools (TensorFlow raises RuntimeError; it
+    read the same variables from the worker's environment when it started)."""
+    intra = int(env.get("TF_NUM_INTRAOP_THREADS", threads))
+    inter = int(env.get("TF_NUM_INTEROP_THREADS", _tf_interop(threads)))
+    with contextlib.suppress(Exception):
+        config = module.config.threading
+        with contextlib.suppress(RuntimeError):
+            config.set_intra_op_parallelism_threads(intra)
+        with contextlib.suppress(RuntimeError):
+            config.set_inter_op_parallelism_threads(inter)
+
+
+def limit_onnxruntime(module: Any, threads: int) -> None:
+    """Give every ``InferenceSession`` made from now on ``threads`` intra-op threads (and one
+    inter-op thread) unless its ``SessionOptions`` set a number. ONNX Runtime reads no
+    variable: each session sizes its own pool to the machine's cores."""
+    cls = getattr(module, "InferenceSession", None)
+    init = getattr(cls, "__init__", None)
+    if cls is None or init is None or getattr(init, "_modelpool_threads", None) is not None:
+        return
+    make_options = module.SessionOptions
+
+    def __init__(
+        self: Any, path_or_bytes: Any, sess_options: Any = None, *a: Any, **kw: Any
+    ) -> None:
+        options = kw.pop("sess_options", sess_options)
+        if options is None:
+            options = make_options()
+        if options.intra_op_num_threads == 0:  # (0: ORT's "every core")
+            options.intra_op_num_threads = threads
+        if options.inter_op_num_threads == 0:
+            options.inter_op_num_threads = 1
+        init(self, path_or_bytes, options, *a, **kw)
+
+    __init__._modelpool_threads = threads  # type: ignore[attr-defined]
+    cls.__init__ = __init__
 
 
 def limit_when_imported(seed: int, threads: int, env: Mapping[str, str]) -> None:
@@ -372,8 +497,10 @@ def limit_when_imported(seed: int, threads: int, env: Mapping[str, str]) -> None
     wherever that happens later: in ``predict``, a submitted function or a Celery task.
 
     torch: seeded, threads by ``OMP_NUM_THREADS``; OpenCV: the budget (it reads no variable);
-    numexpr: ``NUMEXPR_NUM_THREADS``. BLAS and OpenMP runtimes loaded later read their
-    variables, set by ``apply_env``, when they load.
+    numexpr: ``NUMEXPR_NUM_THREADS``; ONNX Runtime: the budget for each session made after
+    (``limit_onnxruntime``); TensorFlow: intra-op pool the budget, inter-op 1 or 2
+    (``limit_tensorflow``). BLAS and OpenMP runtimes loaded later read their variables, set
+    by ``apply_env``, when they load.
     """
     waiting = {f.name for f in sys.meta_path if isinstance(f, _AfterImport)}
     for name, after in _late_hooks(seed, threads, env).items():

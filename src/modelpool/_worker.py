@@ -141,8 +141,10 @@ def _load(spec: WorkerSpec) -> Any:
         initializer, initargs = spec.pool.initializer
         initializer(*initargs)
         _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
+    # libraries the model imports from here on (at import, in setup or later) get the budget
+    # as they load: ONNX Runtime's sessions made in setup() need it then, not after
+    _hygiene.limit_when_imported(spec.seed, spec.pool.threads, spec.env)
     if spec.pool.model_ref is None:
-        _hygiene.limit_when_imported(spec.seed, spec.pool.threads, spec.env)
         return None
     from ._importer import import_from_string
 
@@ -155,7 +157,6 @@ def _load(spec: WorkerSpec) -> Any:
         setup()
     _SEEDED = _hygiene.seed_rngs(spec.seed, only_new=_SEEDED)
     _hygiene.limit_thread_pools(spec.pool.threads, spec.env)
-    _hygiene.limit_when_imported(spec.seed, spec.pool.threads, spec.env)
     return model
 
 
@@ -180,7 +181,8 @@ def run_worker(
     )
     _hygiene.apply_env(spec.env)
     _hygiene.apply_sys_path(spec.sys_path)
-    _hygiene.limit_thread_pools(spec.pool.threads, spec.env)  # loaded before us (forkserver)
+    # loaded before us: they came with the fork (from the fork server, or the parent)
+    _hygiene.limit_thread_pools(spec.pool.threads, spec.env, at_start=True)
     _INFO = WorkerInfo(
         spec.index, spec.generation, os.getpid(), spec.seed, spec.pool.threads, spec.lane
     )

@@ -208,5 +208,14 @@ def _add_auth_commands() -> None:
 
 _add_auth_commands()
 
+
+def _add_doctor() -> None:
+    from .doctor._cli import doctor
+
+    main.add_command(doctor)
+
+
+_add_doctor()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

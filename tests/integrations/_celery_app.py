@@ -35,6 +35,9 @@ def _from_environment() -> Celery | None:
         # The trap: the app module imports a library that starts its runtime's threads at
         # import, in the worker's main process, before prefork forks the children.
         import _tfstyle  # noqa: F401
+    if os.environ.get("MODELPOOL_TEST_IMPORT_KERAS"):
+        # The real one: a Keras model loaded at import (MODELPOOL_TEST_KERAS names the file).
+        import _tf_module_level  # noqa: F401
 
     options: dict[str, Any] = {}
     if os.environ.get("MODELPOOL_TEST_WORKER_LOST"):

@@ -1,2 +1,3 @@
 """Integrations with other frameworks, each imported only when used
-(``modelpool.integrations.celery``)."""
+(``modelpool.integrations.celery``,
+``modelpool.integrations.torch``)."""
