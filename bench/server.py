@@ -64,7 +64,8 @@ import tempfile
 import threading
 import time
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -77,6 +78,7 @@ from modelpool import _infer
 from modelpool._protocol import CodecError, decode_infer_response, encode_infer_request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+T = TypeVar("T")
 WORKERS = 2
 SMALL_CONNECTIONS = 32
 BIG_CONNECTIONS = 8
@@ -570,7 +572,8 @@ class Scenario:
 class Load:
     """Runs wrk against one URL with one body; returns req/s, percentiles and CPU costs."""
 
-    def __init__(self, tmp: str, bodies: dict[str, Body]) -> None:
+    def __init__(self, tmp: str, bodies: dict[str, Body], threads: int = 1) -> None:
+        self.threads = threads  # wrk's threads (one here; bench/fronts.py uses more)
         self.script = os.path.join(tmp, "post.lua")
         with open(self.script, "w") as f:
             f.write(WRK_SCRIPT)
@@ -599,7 +602,7 @@ class Load:
             "WRK_CONTENT_TYPE": spec.content_type,
             "WRK_HEADER_LENGTH": "" if spec.header_length is None else str(spec.header_length),
         }
-        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+        argv = ["wrk", f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
         argv += ["-s", self.script, server.url + path]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_before, front_before = server.cpu_seconds()
@@ -804,6 +807,23 @@ def measure(
     return plan
 
 
+def measured(servers: dict[str, ServerProcess], run: Callable[[], T]) -> T | None:
+    """``run()``, then every server stopped; None (having said why) when it failed or a
+    server left processes behind after SIGTERM."""
+    try:
+        result = run()
+    except BenchError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return None
+    finally:
+        for server in servers.values():
+            server.stop()
+    leaked = [s for s in servers.values() if s.leaked]
+    for server in leaked:
+        print(f"\nerror: {server.label} left processes behind after SIGTERM:\n{server.tail()}")
+    return None if leaked else result
+
+
 def within_rounds(num: list[dict[str, float]], den: list[dict[str, float]]) -> list[float]:
     """One req/s ratio per round, ``num[i] / den[i]``, both measured in round ``i``."""
     return [a["req_per_s"] / b["req_per_s"] for a, b in zip(num, den, strict=True)]
@@ -974,18 +994,8 @@ def main() -> int:
         for kind in peers.PACKAGES:
             peers.build(kind)
     servers = make_servers(args.target_only, also_src, args.peers)
-    try:
-        plan = measure(servers, rounds, seconds, warmup)
-    except BenchError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for server in servers.values():
-            server.stop()
-    leaked = [s for s in servers.values() if s.leaked]
-    for server in leaked:
-        print(f"\nerror: {server.label} left processes behind after SIGTERM:\n{server.tail()}")
-    if leaked:
+    plan = measured(servers, lambda: measure(servers, rounds, seconds, warmup))
+    if plan is None:
         return 1
 
     results: dict[str, Any] = {}

@@ -6,6 +6,7 @@ import signal
 import time
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -98,6 +99,17 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         "packages: apt-get install chromium chromium-driver redis-server tini",
         red=True,
     )
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this run shared by its parallel workers (pytest-xdist gives each worker its
+    own base folder inside one folder of the run), for files made once per run under a lock
+    (e.g. ``_tf_models.saved_keras``)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

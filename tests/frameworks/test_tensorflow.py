@@ -21,8 +21,9 @@ from _deps import need_module
 from _scripts import RESULT, ROOT, run_python, run_script
 from modelpool import _hygiene
 
-#: one xdist worker runs the module: its fixtures (seconds of TensorFlow each) run once
-pytestmark = pytest.mark.xdist_group("tensorflow")
+#: the tests of one parent run on one xdist worker, so that the parent (seconds of TensorFlow)
+#: runs once; the others are spread over the workers like any test
+one_parent = pytest.mark.xdist_group("tensorflow-parent")
 
 #: how long a forked child may take for one tiny predict() before it counts as hung (it takes
 #: about 0.2 s on this machine when it works)
@@ -68,9 +69,9 @@ print({RESULT!r} + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def keras_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def keras_file(shared_tmp: Path) -> Path:
     need_module("tensorflow")
-    return m.saved_keras(tmp_path_factory.mktemp("keras"))
+    return m.saved_keras(shared_tmp)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def parent(keras_file: Path) -> dict[str, Any]:
     return result
 
 
+@one_parent
 def test_keras_used_in_the_parent_hangs_a_forked_child_without_modelpool(
     parent: dict[str, Any],
 ) -> None:
@@ -90,6 +92,7 @@ def test_keras_used_in_the_parent_hangs_a_forked_child_without_modelpool(
     assert parent["control_hung"], f"the forked child exited ({parent['control_exit']})"
 
 
+@one_parent
 def test_a_fork_pool_is_refused_naming_tensorflow(parent: dict[str, Any]) -> None:
     message = parent["fork_refused"]
     assert "start_method='fork' refused" in message
@@ -98,11 +101,13 @@ def test_a_fork_pool_is_refused_naming_tensorflow(parent: dict[str, Any]) -> Non
     assert "forkserver" in message
 
 
+@one_parent
 def test_the_same_parent_serves_the_model_from_a_default_pool(parent: dict[str, Any]) -> None:
     assert parent["start_method"] == "forkserver"
     assert parent["pool_ok"], "the workers compute the reference"
 
 
+@one_parent
 def test_the_workers_thread_budget_reaches_tensorflow(parent: dict[str, Any]) -> None:
     """TensorFlow sizes its pools to the cores by default (the parent: one inter-op thread,
     ``tf_Compute``, per core); a worker's follow its budget: intra-op the budget, inter-op

@@ -27,7 +27,7 @@ celery = deferred_module("celery")
 celery_app = deferred_module("_celery_app", "celery", "msgpack")
 mp_celery = deferred_module("modelpool.integrations.celery", "celery", "msgpack")
 
-pytestmark = pytest.mark.xdist_group("tensorflow")
+pytestmark = pytest.mark.xdist_group("tensorflow-celery")
 
 TESTS = Path(HERE).parent
 #: a tiny predict() takes about 0.2 s once TensorFlow is loaded; 10 s without an answer is a hang
@@ -46,12 +46,12 @@ def _config(keras_file: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def workers(
-    worker_factory: Callable[..., CeleryWorker], tmp_path_factory: pytest.TempPathFactory
+    worker_factory: Callable[..., CeleryWorker], shared_tmp: Path
 ) -> dict[str, tuple[CeleryWorker, str, dict[str, Any]]]:
     """kind -> (worker, queue, config): ``threads`` and ``refused`` import the Keras model at
     the top of the app module; ``prefork`` does not; ``plain`` is the app without modelpool."""
     need_module("tensorflow")
-    keras_file = m.saved_keras(tmp_path_factory.mktemp("keras"))
+    keras_file = m.saved_keras(shared_tmp)
     config = _config(keras_file)
     env = {
         "PYTHONPATH": os.pathsep.join([str(HERE), str(SRC), str(TESTS)]),

@@ -127,7 +127,8 @@ def _setup(probe: dict[str, Any]) -> Finding:
         f"{_mib(probe['rss'])}, {probe['threads_started']} thread(s) started, "
         f"{len(native)} native librar{'y' if len(native) == 1 else 'ies'} loaded"
         + (f" ({shown})" if native else ""),
-        "CUDA is in use in the worker (fine there: give each worker a device with device:)"
+        "CUDA is in use in the worker, which is fine there (its own CUDA, started after the "
+        "worker did); give each worker its own GPU with devices: ['cuda:0', 'cuda:1', ...]"
         if probe.get("cuda_initialised")
         else "",
     )
