@@ -9,6 +9,7 @@ the collection of the whole suite.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 from types import ModuleType
@@ -54,6 +55,17 @@ def deferred_module(name: str, *needs: str) -> Any:
     as an import or a ``need_module`` call at module level does. ``needs`` are the optional
     modules to check first, for a message that names them (default: ``name`` itself)."""
     return _Deferred(name, needs or (name,))
+
+
+def need_installed(name: str) -> None:
+    """Skip (locally) / fail (in CI) unless package ``name`` is installed, without importing
+    it: for what a test imports only in a child process (KServe's protocol messages clash
+    with tritonclient.grpc's in one process)."""
+    if importlib.util.find_spec(name) is None:
+        message = f"{MISSING} {name} is not installed; run: pip install -e '.[test]'"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 def need_program(name: str, package: str) -> str:

@@ -18,6 +18,11 @@ and the front words it (``server._errors``). ``body_id`` is the body's ``id`` (N
 has none), which the front adopts as the request id under the same rule as before.
 
 Large bodies travel out of band (through the pool's shared memory) both ways.
+
+A gRPC ``ModelInferRequest`` travels the same way, as its serialized bytes, with the header
+length ``GRPC``: the worker decodes it with ``_grpc_codec`` and answers a serialized
+``ModelInferResponse`` (the statuses above keep their meaning; the front maps them to gRPC
+codes).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from . import _batching, _logs, _protocol, _shm, _transport
+from . import _batching, _grpc_codec, _logs, _protocol, _shm, _transport
 from ._exceptions import (
     BatchError,
     BodyTooLarge,
@@ -35,10 +40,20 @@ from ._exceptions import (
 )
 from ._model import check_rows, declared, normalize_inputs
 
-__all__ = ["BAD_OUTPUTS", "SIGNATURE", "Answer", "handle", "handle_batch", "request_payload"]
+__all__ = [
+    "BAD_OUTPUTS",
+    "GRPC",
+    "SIGNATURE",
+    "Answer",
+    "handle",
+    "handle_batch",
+    "request_payload",
+]
 
 #: the status of an answer whose outputs the model got wrong (a 500, logged)
 BAD_OUTPUTS = -1
+#: the header length that marks a body as a serialized gRPC ModelInferRequest
+GRPC = -1
 
 Answer = tuple[int, Any, int | None, str | None, int]
 
@@ -105,18 +120,34 @@ def handle_batch(model: Any, payloads: list[tuple[Any, ...]], max_batch_size: in
 class _Read:
     """A decoded and checked request."""
 
-    __slots__ = ("decoded", "inputs", "name", "rid", "rows", "signature", "tag", "version")
+    __slots__ = (
+        "decoded",
+        "grpc",
+        "inputs",
+        "name",
+        "rid",
+        "rows",
+        "signature",
+        "tag",
+        "version",
+    )
 
-    def __init__(self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any) -> None:
+    def __init__(
+        self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any, grpc: bool
+    ) -> None:
         self.decoded, self.inputs, self.name, self.version = decoded, inputs, name, version
-        self.rid = rid
+        self.rid, self.grpc = rid, grpc
         self.signature, self.rows = _batching.signature(inputs)
 
 
 def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
     name, version, body, header_length, tag, adopt_id = payload
+    grpc = header_length == GRPC
     try:
-        decoded = _protocol.decode_infer_request(body, header_length)
+        if grpc:
+            decoded = _grpc_codec.decode_model_infer(body)
+        else:
+            decoded = _protocol.decode_infer_request(body, header_length)
     except BodyTooLarge as exc:
         return (413, str(exc), None, None, 0)
     except CodecError as exc:
@@ -132,7 +163,7 @@ def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
         check_rows(inputs, limit, name)
     except InputValidationError as exc:
         return (400, f"model {name!r}: {exc.problem or exc}", None, body_id, 0)
-    return _Read(decoded, inputs, name, version, rid)
+    return _Read(decoded, inputs, name, version, rid, grpc)
 
 
 def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
@@ -168,9 +199,15 @@ def _encode(read: _Read, outputs: Any) -> Answer:
         what = f"{type(outputs).__name__}, but predict() must return a dict of output name -> array"
         return (BAD_OUTPUTS, what, None, body_id, 0)
     try:
-        data, json_length = _protocol.encode_infer_response(
-            read.name, read.version, body_id or read.rid, outputs, read.decoded
-        )
+        if read.grpc:
+            data: bytes = _grpc_codec.encode_model_infer(
+                read.name, read.version, body_id or read.rid, outputs, read.decoded
+            )
+            json_length = None
+        else:
+            data, json_length = _protocol.encode_infer_response(
+                read.name, read.version, body_id or read.rid, outputs, read.decoded
+            )
     except CodecError as exc:
         return (400, str(exc), None, body_id, 0)
     except UnsupportedDatatypeError as exc:

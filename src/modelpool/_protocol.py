@@ -46,21 +46,27 @@ from modelpool._exceptions import CodecError, UnsupportedDatatypeError
 from modelpool._model import DATATYPES
 
 __all__ = [
+    "WIRE_DTYPES",
     "CodecError",
     "InferRequest",
     "RequestedOutput",
     "UnsupportedDatatypeError",
+    "check_shape",
     "datatype_of",
     "decode_infer_request",
     "decode_infer_response",
     "encode_infer_request",
     "encode_infer_response",
+    "from_binary",
+    "select_outputs",
+    "short",
+    "to_binary",
 ]
 
 _ALIGN: Final = 64
 _MAX_DIMS: Final = 32
 _LENGTH = struct.Struct("<I")
-_WIRE_DTYPES: Final = {  # little-endian; native where the host is (the usual case)
+WIRE_DTYPES: Final = {  # little-endian; native where the host is (the usual case)
     name: dt if sys.byteorder == "little" else dt.newbyteorder("<")
     for name, dt in DATATYPES.items()
 }
@@ -118,7 +124,7 @@ def _dumps(doc: Any) -> bytes:
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -158,13 +164,13 @@ def _document(body: Buffer, header_length: int | str | None, what: str, key: str
     return doc, length
 
 
-def _shape(value: Any, where: str) -> list[int]:
+def check_shape(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or len(value) > _MAX_DIMS:
         raise CodecError(f"{where}: shape must be a list of at most {_MAX_DIMS} integers")
     if any(type(d) is not int or d < 0 for d in value):
-        raise CodecError(f"{where}: shape must hold integers >= 0, got {_short(value)}")
+        raise CodecError(f"{where}: shape must hold integers >= 0, got {short(value)}")
     if math.prod(d for d in value if d) > 1 << 48:
-        raise CodecError(f"{where}: shape {_short(value)} is too large for any tensor")
+        raise CodecError(f"{where}: shape {short(value)} is too large for any tensor")
     return value
 
 
@@ -196,13 +202,13 @@ def _unpack_bytes(buf: memoryview, count: int, where: str) -> np.ndarray:
     return out
 
 
-def _from_binary(
+def from_binary(
     body: Buffer, offset: int, size: int, datatype: str, shape: list[int], where: str
 ) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
         return _unpack_bytes(memoryview(body)[offset : offset + size], count, where).reshape(shape)
-    dtype = _WIRE_DTYPES[datatype]
+    dtype = WIRE_DTYPES[datatype]
     if size != count * dtype.itemsize:
         raise CodecError(
             f"{where}: binary_data_size is {size} bytes but shape {shape} of {datatype} "
@@ -320,15 +326,15 @@ def _decode_tensors(
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise CodecError(f'{kind} #{index} must be an object with a string "name"')
         name = item["name"]
-        where = f"{kind} {_short(name)}"
+        where = f"{kind} {short(name)}"
         if name in tensors:
             raise CodecError(f"{where} appears twice; each {kind} may be given once")
         datatype = item.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise CodecError(
-                f"{where}: datatype {_short(datatype)} is not supported; use one of {_TYPES_HINT}"
+                f"{where}: datatype {short(datatype)} is not supported; use one of {_TYPES_HINT}"
             )
-        shape = _shape(item.get("shape"), where)
+        shape = check_shape(item.get("shape"), where)
         params = _params(item, where)
         if "shared_memory_region" in params:
             raise CodecError(f"{where}: shared memory is not supported; send the data in the body")
@@ -343,7 +349,7 @@ def _decode_tensors(
             raise CodecError(f'{where} has both "data" and binary_data_size; send one of them')
         if type(size) is not int or size < 0:
             raise CodecError(
-                f"{where}: binary_data_size must be an integer >= 0, got {_short(size)}"
+                f"{where}: binary_data_size must be an integer >= 0, got {short(size)}"
             )
         if header_length is None:
             raise CodecError(
@@ -355,7 +361,7 @@ def _decode_tensors(
                 f"{where}: binary_data_size is {size} but only {len(body) - offset} bytes of "
                 "binary data are left in the body"
             )
-        tensors[name] = _from_binary(body, offset, size, datatype, shape, where)
+        tensors[name] = from_binary(body, offset, size, datatype, shape, where)
         offset += size
     if offset != len(body):
         raise CodecError(
@@ -375,7 +381,7 @@ def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
     for index, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise CodecError(f'requested output #{index} must be an object with a string "name"')
-        where = f"requested output {_short(item['name'])}"
+        where = f"requested output {short(item['name'])}"
         params = _params(item, where)
         for unsupported in ("classification", "shared_memory_region"):
             if unsupported in params:
@@ -398,7 +404,7 @@ def decode_infer_request(body: Buffer, header_length: int | str | None = None) -
     doc, length = _document(body, header_length, "the request", "inputs")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise CodecError(f'"id" must be a string, got {_short(request_id)}')
+        raise CodecError(f'"id" must be a string, got {short(request_id)}')
     params = _params(doc, "the request")
     binary_default = params.get("binary_data_output")
     if binary_default is not None and type(binary_default) is not bool:
@@ -450,13 +456,13 @@ def _bytes_elements(array: np.ndarray) -> list[bytes]:
     ]
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> Buffer:
+def to_binary(array: np.ndarray, datatype: str) -> Buffer:
     if datatype == "BYTES":
         parts: list[bytes] = []
         for item in _bytes_elements(array):
             parts += (_LENGTH.pack(len(item)), item)
         return b"".join(parts)
-    flat = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[datatype]).reshape(-1)
+    flat = np.ascontiguousarray(array, dtype=WIRE_DTYPES[datatype]).reshape(-1)
     return flat.data.cast("B") if flat.size else b""
 
 
@@ -485,7 +491,7 @@ def _encode(
         datatype = datatype_of(array)
         item: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            raw = _to_binary(array, datatype)
+            raw = to_binary(array, datatype)
             item["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -497,6 +503,33 @@ def _encode(
         return header, None
     header += b" " * (-len(header) % _ALIGN)
     return b"".join([header, *chunks]), len(header)
+
+
+def select_outputs(
+    model_name: str,
+    outputs: Mapping[str, Any],
+    request: InferRequest | None,
+    binary_by_default: bool = False,
+) -> list[tuple[str, Any, bool]]:
+    """``(name, array, binary)`` of each output to send: those the request names, in its
+    order (all, in the model's order, if it names none); ``binary`` as the request says for
+    it, else per ``binary_data_output``, else per ``binary_by_default``. Raises ``CodecError``
+    for a requested output the model does not have."""
+    default = binary_by_default
+    if request is not None and request.binary_default is not None:
+        default = request.binary_default
+    if request is None or request.outputs is None:
+        return [(name, array, default) for name, array in outputs.items()]
+    chosen = []
+    for wanted in request.outputs:
+        if wanted.name not in outputs:
+            raise CodecError(
+                f"model {model_name!r} has no output {wanted.name!r}; its outputs are "
+                f"{', '.join(map(repr, outputs)) or 'none'}"
+            )
+        binary = default if wanted.binary is None else wanted.binary
+        chosen.append((wanted.name, outputs[wanted.name], binary))
+    return chosen
 
 
 def encode_infer_response(
@@ -514,21 +547,7 @@ def encode_infer_response(
     per ``binary_by_default``. Raises ``CodecError`` for a requested output the model does not
     have, ``UnsupportedDatatypeError`` for an output array no datatype fits.
     """
-    default = binary_by_default
-    if request is not None and request.binary_default is not None:
-        default = request.binary_default
-    if request is None or request.outputs is None:
-        chosen = [(name, array, default) for name, array in outputs.items()]
-    else:
-        chosen = []
-        for wanted in request.outputs:
-            if wanted.name not in outputs:
-                raise CodecError(
-                    f"model {model_name!r} has no output {wanted.name!r}; its outputs are "
-                    f"{', '.join(map(repr, outputs)) or 'none'}"
-                )
-            binary = default if wanted.binary is None else wanted.binary
-            chosen.append((wanted.name, outputs[wanted.name], binary))
+    chosen = select_outputs(model_name, outputs, request, binary_by_default)
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version

@@ -80,7 +80,16 @@ def demo(workers: int, n: int) -> None:
 
 
 #: ``serve`` options that set the ``server:`` section (and override a file's)
-SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop", "fronts")
+SERVER_FLAGS = (
+    "host",
+    "port",
+    "grpc_port",
+    "access_log",
+    "log_level",
+    "log_format",
+    "loop",
+    "fronts",
+)
 
 
 @main.command()
@@ -89,6 +98,11 @@ SERVER_FLAGS = ("host", "port", "access_log", "log_level", "log_format", "loop",
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (one model).")
 @click.option("--host", help="Address to bind (default 127.0.0.1: this machine only).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port to bind (default 8000).")
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    help="Also serve gRPC (GRPCInferenceService) on this port (default: off).",
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="Rows per batch (1 = off).")
 @click.option("--max-batch-delay", type=click.FloatRange(min=0), help="Seconds to fill a batch.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per request.")
@@ -181,8 +195,8 @@ def _config_for(target: str | None, flags: dict[str, object]) -> Config:
         if given:
             raise ConfigError(
                 f"{target}: {', '.join(given)} apply to one model given as 'pkg.module:Class'; "
-                "set them in the file instead (only --host, --port, --loop, --fronts and the "
-                "logging options override a file)"
+                "set them in the file instead (only --host, --port, --grpc-port, --loop, "
+                "--fronts and the logging options override a file)"
             )
         config = load_config(target)
         return config.with_server(server) if server else config

@@ -90,6 +90,9 @@ class ServerSettings(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    #: also serve the Open Inference Protocol over gRPC on this port (needs modelpool[grpc]);
+    #: None = off. Its messages obey max_body_size too
+    grpc_port: int | None = Field(None, ge=0, le=65535)
     #: largest request body accepted, decided from Content-Length before reading it (413)
     max_body_size: Size = 64 * 2**20
     #: largest body after gzip/deflate decompression (413)

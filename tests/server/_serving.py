@@ -18,6 +18,7 @@ import yaml
 
 TESTS = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on (http://\S+)")
+_GRPC = re.compile(r"grpc +(\S+) \(GRPCInferenceService\)")
 
 
 class ServerProcess:
@@ -44,6 +45,7 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.url = ""
+        self.grpc_target = ""  # host:port of the gRPC service, when the server has one
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -55,6 +57,9 @@ class ServerProcess:
             match = _LISTENING.search(line)
             if match:
                 self.url = match.group(1)
+            match = _GRPC.search(line)
+            if match:
+                self.grpc_target = match.group(1)
             if "Press Ctrl+C to stop." in line:  # the banner's last line (plain or JSON)
                 self._ready.set()
 

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _deps import need_module
+from _deps import need_installed, need_module
+from _scripts import RESULT, run_script
 from modelpool._compression import decompress
 from modelpool._exceptions import BodyTooLarge
 from modelpool._protocol import (
@@ -649,7 +650,25 @@ def test_tritonclient_parses_responses(binary: bool) -> None:
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_kserve_interop(binary: bool) -> None:
-    infer_type = need_module("kserve.protocol.infer_type")
+    """KServe's own codec against ours, in a child interpreter (``kserve_interop``): KServe's
+    protocol messages and tritonclient.grpc's clash in one process, and other tests here load
+    the latter."""
+    need_installed("kserve")
+    code = f"""
+        import sys
+        sys.path.insert(0, "server")
+        import test_codec
+        test_codec.kserve_interop(sys.argv[1] == "binary")
+        print({RESULT!r} + "true")
+    """
+    assert run_script(code, "binary" if binary else "json", timeout=120) is True
+
+
+def kserve_interop(binary: bool) -> None:
+    """Requests KServe's client encodes decode here, our answers decode there (every
+    datatype, binary or JSON)."""
+    import kserve.protocol.infer_type as infer_type
+
     arrays = {
         t: _sample(t, binary) for t in SAMPLES if binary or t != "FP16"
     }  # kserve: no FP16 JSON

@@ -34,11 +34,12 @@ from ._metrics import Metrics
 from ._served import ServedModel
 from ._shared import PUBLISH_INTERVAL, FrontShare
 
-__all__ = ["Server"]
+__all__ = ["SHUTTING_DOWN", "Server"]
 
 log = logging.getLogger("modelpool.server")
 
 JSON = "application/json"
+SHUTTING_DOWN = "the server is shutting down; send the request to another instance"
 #: a path made of plain URL segments (as sent, no percent-encoding; nothing aiohttp's route
 #: syntax reads as a pattern)
 _SEGMENTS = re.compile(r"(/[A-Za-z0-9_.~-]+)+")
@@ -238,12 +239,14 @@ class Server:
         )
 
     def _model(self, request: web.Request) -> ServedModel:
-        name = request.match_info["model"]
+        return self.model_named(request.match_info["model"], request.match_info.get("version"))
+
+    def model_named(self, name: str, version: str | None) -> ServedModel:
+        """The model ``name`` (at ``version``, when given); ``HTTPError`` 404 otherwise."""
         served = self.models.get(name)
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise HTTPError(404, f"unknown model {name!r}; this server has: {known}")
-        version = request.match_info.get("version")
         if version is not None and version != served.version:
             raise HTTPError(
                 404, f"model {name!r} has no version {version!r}; it has {served.version!r}"
@@ -257,30 +260,39 @@ class Server:
 
     async def ready(self, request: web.Request) -> web.Response:
         if not self.accepting:
-            body = {
-                "ready": False,
-                "error": "the server is shutting down; send the request to another instance",
-            }
+            body = {"ready": False, "error": SHUTTING_DOWN}
             return _json(body, 503, {"Retry-After": "0"})
-        models, _ = self.whole()
-        for served in models.values():
-            ok, why = served.readiness(self.window)
-            if not ok:
-                return _json({"ready": False, "error": why}, 503, self._retry_after())
+        why = self.not_ready()
+        if why:
+            return _json({"ready": False, "error": why}, 503, self._retry_after())
         return _json({"ready": True})
 
+    def not_ready(self, model: str | None = None) -> str:
+        """Why the server (or ``model``) is not ready to serve, across the fronts; "" when it
+        is."""
+        if not self.accepting:
+            return SHUTTING_DOWN
+        models = self.whole()[0]
+        for served in models.values() if model is None else [models[model]]:
+            ok, why = served.readiness(self.window)
+            if not ok:
+                return str(why)
+        return ""
+
     async def model_ready(self, request: web.Request) -> web.Response:
-        served = self.whole()[0][self._model(request).name]
-        ok, why = served.readiness(self.window)
-        if not ok or not self.accepting:
-            why = why or "the server is shutting down; send the request to another instance"
-            body = {"name": served.name, "ready": False, "error": why}
-            return _json(body, 503, self._retry_after())
-        return _json({"name": served.name, "ready": True})
+        name = self._model(request).name
+        why = self.not_ready(name)
+        if why:
+            return _json({"name": name, "ready": False, "error": why}, 503, self._retry_after())
+        return _json({"name": name, "ready": True})
+
+    def metadata(self) -> dict[str, Any]:
+        """The server's metadata (``GET /v2``)."""
+        extensions = ["binary_tensor_data", "model_configuration", "model_repository"]
+        return {"name": "modelpool", "version": __version__, "extensions": extensions}
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        extensions = ["binary_tensor_data", "model_configuration", "model_repository"]
-        return _json({"name": "modelpool", "version": __version__, "extensions": extensions})
+        return _json(self.metadata())
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         return _json(self._model(request).metadata())
@@ -288,14 +300,18 @@ class Server:
     async def model_config(self, request: web.Request) -> web.Response:
         return _json(self._model(request).triton_config())
 
-    async def repository_index(self, request: web.Request) -> web.Response:
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index: every model with its version and state."""
         index = []
         for served in self.whole()[0].values():
             ok, why = served.readiness(self.window)
             state = "READY" if ok else "UNAVAILABLE"
             entry = {"name": served.name, "version": served.version, "state": state}
             index.append(entry | ({"reason": why} if why else {}))
-        return _json(index)
+        return index
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        return _json(self.index())
 
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after)}
@@ -318,11 +334,7 @@ class Server:
         self.in_flight += 1
         try:
             if not self.accepting:
-                raise HTTPError(
-                    503,
-                    "the server is shutting down; send the request to another instance",
-                    retry_after=0,
-                )
+                raise HTTPError(503, SHUTTING_DOWN, retry_after=0)
             if self._over_limit(request):
                 raise HTTPError(413, self._too_large(request.content_length))
             body = await request.read()
@@ -370,11 +382,16 @@ class Server:
             code = 499  # the client went away (nginx's convention)
             raise
         finally:
-            self.in_flight -= 1
-            elapsed = time.perf_counter() - started_at
-            self.metrics.observe(served.name, code, elapsed)
-            if code == 200:
-                served.recent.append(elapsed)
+            self.finished(served, code, started_at)
+
+    def finished(self, served: ServedModel, code: int, started_at: float) -> None:
+        """An inference request (HTTP or gRPC) has ended with ``code`` (HTTP's words; 499:
+        the client went away): it leaves the in-flight count and enters the metrics."""
+        self.in_flight -= 1
+        elapsed = time.perf_counter() - started_at
+        self.metrics.observe(served.name, code, elapsed)
+        if code == 200:
+            served.recent.append(elapsed)
 
     async def _decompress(self, body: bytes, encoding: str) -> bytes:
         try:

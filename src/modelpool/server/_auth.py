@@ -170,19 +170,7 @@ class Auth:
         credential that does not hold, 503 when it cannot be checked (the database down)."""
         header = request.headers.get("Authorization")
         if header is not None:
-            scheme, _, key = header.strip().partition(" ")
-            key = key.strip()
-            if scheme.lower() != "bearer" or not key:
-                raise refused("send the API key as 'Authorization: Bearer <key>'", invalid=True)
-            digest = hashlib.sha256(key.encode()).hexdigest()
-            found, record = self.keyring.cached_key(digest, time.monotonic())
-            if not found:
-                record = await self.checked(self.keyring.key(key, digest))
-            if record is None or record.state(time.time()) != "active":
-                raise refused(_BAD_KEY, invalid=True)
-            identity = Identity(record.user, record.role, key=record)
-            self._remember_key(header, identity)
-            return identity
+            return await self.identify_key(header)
         token = cookie(request, COOKIE)
         if token is None:
             return None
@@ -199,6 +187,33 @@ class Auth:
                     f"{CSRF_HEADER} header, or the csrf field of the page's form)",
                 )
         return Identity(user.name, user.role, session=token, csrf=csrf)
+
+    async def identify_key(self, header: str) -> Identity:
+        """The identity of an ``Authorization`` header's API key (``Bearer <key>``); raises
+        401 for one that does not hold, 503 when it cannot be checked. Also for gRPC calls
+        (their ``authorization`` metadata)."""
+        scheme, _, key_text = header.strip().partition(" ")
+        key_text = key_text.strip()
+        if scheme.lower() != "bearer" or not key_text:
+            raise refused("send the API key as 'Authorization: Bearer <key>'", invalid=True)
+        digest = hashlib.sha256(key_text.encode()).hexdigest()
+        found, record = self.keyring.cached_key(digest, time.monotonic())
+        if not found:
+            record = await self.checked(self.keyring.key(key_text, digest))
+        if record is None or record.state(time.time()) != "active":
+            raise refused(_BAD_KEY, invalid=True)
+        identity = Identity(record.user, record.role, key=record)
+        self._remember_key(header, identity)
+        return identity
+
+    @staticmethod
+    def may_use(who: Identity | None, model: str) -> None:
+        """The ``model`` rule: 401 without an identity, 403 for a key limited to other
+        models."""
+        if who is None:
+            raise refused(NO_CREDENTIALS)
+        if who.key is not None and who.key.models is not None and model not in who.key.models:
+            raise HTTPError(403, f"this API key may not use model {model!r}")
 
     async def checked(self, pending: Awaitable[Any]) -> Any:
         try:
@@ -218,11 +233,7 @@ class Auth:
             raise refused(NO_CREDENTIALS)
 
     def _rule_model(self, request: web.Request, who: Identity | None, model: str | None) -> None:
-        if who is None:
-            raise refused(NO_CREDENTIALS)
-        name = model or request.match_info.get("model", "")
-        if who.key is not None and who.key.models is not None and name not in who.key.models:
-            raise HTTPError(403, f"this API key may not use model {name!r}")
+        self.may_use(who, model or request.match_info.get("model", ""))
 
     def _rule_admin(self, request: web.Request, who: Identity | None, model: str | None) -> None:
         if who is None:

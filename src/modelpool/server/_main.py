@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -115,6 +115,7 @@ class _Runner:
         self.stop = asyncio.Event()
         self.signals = 0
         self.server: Server | None = None
+        self.grpc: Any = None  # the gRPC site (``_grpc.GrpcSite``) when server.grpc_port is set
 
     def _on_signal(self, signum: int) -> None:
         # act first, then say so: nothing said may keep the signal from acting
@@ -158,6 +159,16 @@ class _Runner:
                 await self.server.auth.db.close()
                 self.out.write(f"Error: authentication is on, but {exc}\n")
                 return EXIT_FAILURE
+        if s.grpc_port is not None:
+            try:
+                from ._grpc import GrpcSite
+            except ImportError as exc:
+                self.out.write(
+                    f"Error: server.grpc_port is set, but gRPC cannot be served here ({exc}); "
+                    "install it with pip install 'modelpool[grpc]', or unset grpc_port\n"
+                )
+                return EXIT_USAGE
+            self.grpc = GrpcSite(self.server, s.host, s.grpc_port, self.share is not None)
         runner = web.AppRunner(
             self.server.app(), handle_signals=False, access_log=None, handler_cancellation=True
         )
@@ -205,6 +216,14 @@ class _Runner:
                 "Choose another port (--port or server.port).\n"
             )
             return None
+        if self.grpc is not None:
+            try:
+                await self.grpc.start()
+            except OSError as exc:
+                self.out.write(
+                    f"Error: {exc}. Choose another port (--grpc-port or server.grpc_port).\n"
+                )
+                return None
         url = _url(runner, s.host)
         assert self.server is not None
         self.server.listening = True
@@ -253,6 +272,10 @@ class _Runner:
         name, served = next(iter(self.server.models.items()))
         self.out.write(f"ready: {len(self.server.models)} model(s) on {url}\n")
         self.out.write(f"  status page   {url}/\n  metrics       {url}/metrics\n")
+        if self.grpc is not None:
+            host = self.config.server.host
+            shown = f"[{host}]" if ":" in host else host
+            self.out.write(f"  grpc          {shown}:{self.grpc.bound} (GRPCInferenceService)\n")
         key = ' -H "Authorization: Bearer $MODELPOOL_API_KEY"' if self.server.auth else ""
         if self.server.auth is not None:
             self.out.write(
@@ -280,6 +303,9 @@ class _Runner:
         assert self.server is not None
         server = self.server
         server.accepting = False
+        grpc_stopped = None
+        if self.grpc is not None:  # no new calls; those running have the drain's time
+            grpc_stopped = asyncio.ensure_future(self.grpc.stop(self.config.server.drain_timeout))
         with contextlib.suppress(Exception):
             await site.stop()  # no new connections; requests already read still run
         if site.paths is not None:
@@ -289,6 +315,9 @@ class _Runner:
             await asyncio.sleep(0.02)
         if server.in_flight:
             self.out.write(f"drain timeout: {server.in_flight} request(s) still running\n")
+        if grpc_stopped is not None:
+            with contextlib.suppress(Exception):
+                await grpc_stopped
         await runner.cleanup()
         if server.auth is not None:
             await server.auth.stop()  # (the last usage counts are written)

@@ -1,0 +1,321 @@
+"""The Open Inference Protocol over gRPC: ``GRPCInferenceService`` beside HTTP.
+
+Served when ``server.grpc_port`` (``--grpc-port``) is set, by ``grpcio``'s asyncio server on
+the HTTP server's own event loop, over the same pools: the same readiness, metrics, errors,
+body limit and API keys (the ``authorization`` metadata, ``Bearer <key>``). ``tritonclient.grpc``
+and KServe's gRPC client work unchanged.
+
+``ModelInfer`` does what ``POST .../infer`` does: the front reads the request's model name,
+version and id (``_grpc_codec.scan_header``) and hands the serialized message to a worker,
+which decodes it, predicts and encodes the serialized answer (``_infer``, header length
+``GRPC``); the front writes those bytes back. The client's deadline becomes the request's
+timeout; a cancelled or expired call drops its queued request, as a closed HTTP connection
+does.
+
+Errors carry the REST answer's message, with the status code that says the same thing
+(``CODES``). One difference: a worker that crashed running the request is ``INTERNAL`` here,
+not ``UNAVAILABLE`` (HTTP 503), because gRPC clients retry ``UNAVAILABLE`` on their own
+(KServe's three times), and a request that kills its worker would kill three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from modelpool._exceptions import CodecError, WorkerCrashedError
+from modelpool._grpc_codec import scan_header
+from modelpool._grpc_schema import SERVICE, messages
+from modelpool._infer import BAD_OUTPUTS, GRPC
+from modelpool._logs import REQUEST_ID, usable_request_id
+
+from . import _errors, _logging
+from ._app import SHUTTING_DOWN, Server
+from ._auth import Identity
+from ._errors import HTTPError
+
+# grpc-core logs to stderr itself, past ``logging``: only its errors (set before it loads)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc
+
+__all__ = ["CODES", "GrpcSite"]
+
+log = logging.getLogger("modelpool.server")
+
+#: an HTTP answer's status -> the gRPC status code that says the same thing
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+#: the request id's metadata key (the X-Request-ID header's, in gRPC's lower case)
+_REQUEST_ID = _logging.HEADER.lower()
+
+Handler = Callable[[Any, "_Call"], Awaitable[Any]]
+
+
+class _Call:
+    """One RPC: its context, request id and caller."""
+
+    __slots__ = ("context", "identity", "metadata", "rid", "rows")
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.metadata = dict(context.invocation_metadata() or ())
+        self.identity: Identity | None = None
+        self.rid = ""
+        self.rows = 0
+
+
+class GrpcSite:
+    """The gRPC service of ``server`` on ``host:port`` (``reuse_port``: several fronts share
+    the port, as their HTTP sites do)."""
+
+    def __init__(self, server: Server, host: str, port: int, reuse_port: bool) -> None:
+        self.server = server
+        self.host, self.port = host, port
+        settings = server.settings
+        options = [
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", settings.max_body_size),
+            ("grpc.max_send_message_length", -1),
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        self._grpc.add_generic_rpc_handlers((self._handlers(),))
+        self.bound = 0
+
+    async def start(self) -> int:
+        """Bind and serve; the port. Raises ``OSError`` when the address cannot be had."""
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            self.bound = self._grpc.add_insecure_port(f"{shown}:{self.port}")
+        except RuntimeError as exc:  # (grpc says only that it failed)
+            raise OSError(f"cannot bind the gRPC port {shown}:{self.port}: {exc}") from None
+        await self._grpc.start()
+        return self.bound
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls now; cancel those still running after ``grace`` seconds."""
+        await self._grpc.stop(grace)
+
+    # ------------------------------------------------------------------ the service
+
+    def _handlers(self) -> Any:
+        m = messages()
+        unary = grpc.unary_unary_rpc_method_handler
+
+        def method(handler: Handler, request: Any, response: Any) -> Any:
+            return unary(
+                self._wrapped(handler),
+                request_deserializer=request.FromString if request is not None else None,
+                response_serializer=response.SerializeToString if response is not None else None,
+            )
+
+        table = {
+            "ServerLive": method(self.server_live, m.ServerLiveRequest, m.ServerLiveResponse),
+            "ServerReady": method(self.server_ready, m.ServerReadyRequest, m.ServerReadyResponse),
+            "ModelReady": method(self.model_ready, m.ModelReadyRequest, m.ModelReadyResponse),
+            "ServerMetadata": method(
+                self.server_metadata, m.ServerMetadataRequest, m.ServerMetadataResponse
+            ),
+            "ModelMetadata": method(
+                self.model_metadata, m.ModelMetadataRequest, m.ModelMetadataResponse
+            ),
+            "ModelConfig": method(self.model_config, m.ModelConfigRequest, m.ModelConfigResponse),
+            "RepositoryIndex": method(
+                self.repository_index, m.RepositoryIndexRequest, m.RepositoryIndexResponse
+            ),
+            # bytes in, bytes out: a worker decodes and encodes (``_infer``)
+            "ModelInfer": method(self.model_infer, None, None),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, table)
+
+    def _wrapped(self, handler: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
+        """``handler`` with its request id, its key's usage counted, and its ``HTTPError``
+        answered as the gRPC status that says the same."""
+
+        async def rpc(request: Any, context: Any) -> Any:
+            call = _Call(context)
+            given = call.metadata.get(_REQUEST_ID)
+            if given is not None and not usable_request_id(given):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the {_REQUEST_ID} metadata must be 1 to 200 visible ASCII characters",
+                )
+            call.rid = given or _logging.new_id()
+            token = REQUEST_ID.set(call.rid)
+            status = 500
+            try:
+                context.set_trailing_metadata(((_REQUEST_ID, call.rid),))
+                answer = await handler(request, call)
+                status = 200
+                return answer
+            except HTTPError as exc:
+                status = exc.status
+                await self._abort(context, exc)
+            except asyncio.CancelledError:
+                status = 499  # the client went away, or its deadline passed
+                raise
+            finally:
+                auth = self.server.auth
+                who = call.identity
+                if auth is not None and who is not None and who.key is not None:
+                    auth.keyring.count(who.key, error=status >= 400, rows=call.rows)
+                REQUEST_ID.reset(token)
+
+        return rpc
+
+    @staticmethod
+    async def _abort(context: Any, exc: HTTPError) -> None:
+        metadata = [(_REQUEST_ID, REQUEST_ID.get() or "")]
+        if exc.retry_after is not None:
+            metadata.append(("retry-after", str(exc.retry_after)))
+        context.set_trailing_metadata(tuple(metadata))
+        code = exc.code if isinstance(exc, _Crashed) else CODES.get(exc.status)
+        code = code or grpc.StatusCode.UNKNOWN
+        await context.abort(code, str(exc))
+
+    async def _allow(self, call: _Call, model: str | None) -> None:
+        """The caller may use ``model`` (None: read the server's index and metadata), when
+        authentication is on."""
+        auth = self.server.auth
+        if auth is None:
+            return
+        header = call.metadata.get("authorization")
+        if header is not None:
+            call.identity = await auth.identify_key(header)
+        if model is None:
+            if call.identity is None:
+                raise _no_key()
+        else:
+            try:
+                auth.may_use(call.identity, model)
+            except HTTPError as exc:
+                if exc.status == 401:
+                    raise _no_key() from None
+                raise
+        if call.identity is not None and call.identity.key is not None:
+            auth.admit(call.identity.key)
+
+    # ------------------------------------------------------------------ health and metadata
+
+    async def server_live(self, request: Any, call: _Call) -> Any:
+        return messages().ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, call: _Call) -> Any:
+        return messages().ServerReadyResponse(ready=not self.server.not_ready())
+
+    async def model_ready(self, request: Any, call: _Call) -> Any:
+        served = self.server.model_named(request.name, request.version or None)
+        await self._allow(call, served.name)
+        return messages().ModelReadyResponse(ready=not self.server.not_ready(served.name))
+
+    async def server_metadata(self, request: Any, call: _Call) -> Any:
+        await self._allow(call, None)
+        return messages().ServerMetadataResponse(**self.server.metadata())
+
+    async def model_metadata(self, request: Any, call: _Call) -> Any:
+        served = self.server.model_named(request.name, request.version or None)
+        await self._allow(call, served.name)
+        return messages().ModelMetadataResponse(**served.metadata())
+
+    async def model_config(self, request: Any, call: _Call) -> Any:
+        from google.protobuf import json_format
+
+        served = self.server.model_named(request.name, request.version or None)
+        await self._allow(call, served.name)
+        m = messages()
+        config = json_format.ParseDict(served.triton_config(), m.ModelConfig())
+        return m.ModelConfigResponse(config=config)
+
+    async def repository_index(self, request: Any, call: _Call) -> Any:
+        await self._allow(call, None)
+        m = messages()
+        entries = self.server.index()
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return m.RepositoryIndexResponse(models=entries)
+
+    # ------------------------------------------------------------------ inference
+
+    async def model_infer(self, body: bytes, call: _Call) -> bytes:
+        server = self.server
+        started_at = time.perf_counter()
+        try:
+            name, version, body_id = scan_header(body)
+        except CodecError as exc:
+            raise HTTPError(400, str(exc)) from None
+        served = server.model_named(name, version or None)
+        await self._allow(call, served.name)
+        code = 500
+        server.in_flight += 1
+        try:
+            if not server.accepting:
+                raise HTTPError(503, SHUTTING_DOWN, retry_after=0)
+            adopt = _REQUEST_ID not in call.metadata
+            if adopt and body_id and usable_request_id(body_id):
+                call.rid = body_id
+                REQUEST_ID.set(body_id)
+            started = None
+            try:
+                started = served.pool.start_infer(
+                    body,
+                    GRPC,
+                    version=served.version,
+                    request_id=call.rid,
+                    adopt_id=False,
+                    timeout=call.context.time_remaining(),
+                )
+                status, data, _, _, rows = await started.wait()
+            except Exception as exc:
+                pid = started.worker_pid if started is not None else None
+                error = _errors.predict_failed(
+                    served.name, exc, call.rid, pid, server.settings.retry_after
+                )
+                if isinstance(exc, WorkerCrashedError):
+                    error = _Crashed(error)
+                raise error from None
+            served.last_ok = time.monotonic()  # a worker answered
+            call.rows = rows
+            if status == BAD_OUTPUTS:
+                raise _errors.bad_outputs(served.name, data, call.rid, started.worker_pid)
+            if status != 200:
+                raise HTTPError(status, data)
+            code = 200
+            return bytes(data)
+        except HTTPError as exc:
+            code = exc.status
+            raise
+        except asyncio.CancelledError:
+            code = 499
+            raise
+        finally:
+            server.finished(served, code, started_at)
+
+
+def _no_key() -> HTTPError:
+    return HTTPError(
+        401,
+        "this server needs an API key: send the metadata 'authorization: Bearer <key>' (an "
+        "admin creates one with `modelpool keys create --user NAME`)",
+    )
+
+
+class _Crashed(HTTPError):
+    """A worker crash: HTTP's 503, but gRPC's ``INTERNAL`` (module docstring)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, error: HTTPError) -> None:
+        super().__init__(error.status, str(error), retry_after=error.retry_after)
