@@ -36,7 +36,13 @@ from modelpool._protocol import (
     to_binary,
 )
 
-__all__ = ["decode_model_infer", "encode_model_infer", "scan_header"]
+__all__ = [
+    "decode_model_infer",
+    "encode_model_infer",
+    "scan_header",
+    "stream_answer",
+    "stream_error",
+]
 
 #: the typed contents field of each datatype (FP16 has none: raw only)
 _FIELDS: Final = {
@@ -280,6 +286,32 @@ def encode_model_infer(
     for raw in raws:  # (written by hand: protobuf's serializer copies big ones slowly)
         _field(parts, 6, raw)
     return b"".join(parts)
+
+
+def stream_answer(response: bytes) -> bytes:
+    """A ``ModelStreamInferResponse`` carrying a serialized ``ModelInferResponse`` (as the
+    worker encodes it), marked as the request's last (``triton_final_response``: a model that
+    does not stream answers each request once)."""
+    inner = [response]
+    entry: list[Any] = []
+    _field(entry, 1, b"triton_final_response")
+    _field(entry, 2, b"\x08\x01")  # InferParameter{bool_param: true}
+    _field(inner, 4, b"".join(entry))  # (appended: a repeated map field merges)
+    parts: list[Any] = []
+    _field(parts, 2, b"".join(inner))
+    return b"".join(parts)
+
+
+def stream_error(message: str, model_name: str, request_id: str) -> bytes:
+    """A ``ModelStreamInferResponse`` saying that one request of the stream failed (the stream
+    goes on): its message, and a response holding only the request's model and id, so that
+    the client knows which request it was."""
+    m = messages()
+    response = m.ModelInferResponse(model_name=model_name, id=request_id)
+    data: bytes = m.ModelStreamInferResponse(
+        error_message=message, infer_response=response
+    ).SerializeToString()
+    return data
 
 
 def _field(parts: list[Any], number: int, payload: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import socket
 import threading
 from collections.abc import Iterator
@@ -298,6 +299,7 @@ def test_a_deadline_or_a_cancel_drops_the_queued_request(server: ServerProcess, 
     def model() -> dict[str, Any]:
         return model_status(server, "gated")
 
+    (tmp / "gate").unlink(missing_ok=True)  # (closed: another test may have opened it)
     try:
         assert client.infer("gated", [item(1.0)]).as_numpy("y").tolist() == [2.0]
         before = int(model()["workers"][0]["served"])
@@ -443,3 +445,105 @@ def test_api_keys_in_metadata_guard_every_rpc_but_the_probes(tmp_path: Path) -> 
         wait_for(lambda: usage()[limited_prefix]["requests"] == 2, 30, "the key's usage")
         assert usage()[limited_prefix]["rows"] == 2  # the infer that ran had 2 rows
         assert usage()[limited_prefix]["errors"] == 1  # the refused one
+
+
+# ---------------------------------------------------------------- ModelStreamInfer
+
+
+def test_a_stream_answers_each_request_once_and_goes_on_after_an_error(
+    server: ServerProcess,
+) -> None:
+    """tritonclient's stream API against a model that does not stream: each request gets one
+    answer (marked final), in whatever order they finish; a bad one gets its error, with the
+    REST message, and the stream serves the others."""
+    grpcclient = need_module("tritonclient.grpc")
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = _client(server)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(6):
+            if i == 3:
+                bad = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+                bad.set_data_from_numpy(np.zeros((1, 3), np.float32))
+                client.async_stream_infer("iris", [bad], request_id="bad")
+            else:
+                client.async_stream_infer("iris", [_iris(grpcclient)], request_id=f"r{i}")
+        got = [answers.get(timeout=60) for _ in range(6)]
+        client.stop_stream()
+    finally:
+        client.close()
+    results = {r.get_response().id: r for r, e in got if e is None}
+    assert sorted(results) == ["r0", "r1", "r2", "r4", "r5"]
+    for result in results.values():
+        assert result.as_numpy("LABEL").tolist() == [0, 2]
+        final = result.get_response().parameters["triton_final_response"]
+        assert final.bool_param is True
+    (error,) = [e for r, e in got if e is not None]
+    status, _, rest = request(
+        server, "POST", "/v2/models/iris/infer", infer_body("INPUT0", "FP32", [1, 3], [0.0] * 3)
+    )
+    assert status == 400
+    assert str(error).endswith(json.loads(rest)["error"])
+
+
+def test_the_asyncio_stream(server: ServerProcess) -> None:
+    aio = need_module("tritonclient.grpc.aio")
+    grpcclient = need_module("tritonclient.grpc")
+
+    async def main() -> list[str]:
+        client = aio.InferenceServerClient(server.grpc_target)
+
+        async def requests() -> Any:
+            for i in range(10):
+                x = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+                x.set_data_from_numpy(np.full((1, 4), i, np.float32))
+                yield {"model_name": "identity", "inputs": [x], "request_id": f"a{i}"}
+
+        seen = []
+        try:
+            async for result, error in client.stream_infer(requests()):
+                assert error is None, error
+                i = int(result.get_response().id[1:])
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), i))
+                seen.append(result.get_response().id)
+                if len(seen) == 10:
+                    break
+        finally:
+            await client.close()
+        return seen
+
+    assert sorted(asyncio.run(main())) == sorted(f"a{i}" for i in range(10))
+
+
+def test_a_cancelled_stream_drops_its_queued_requests(server: ServerProcess, tmp: Path) -> None:
+    grpc = need_module("grpc")
+    m = _grpc_schema.messages()
+
+    def model() -> dict[str, Any]:
+        return model_status(server, "gated")
+
+    def body(x: float) -> bytes:
+        message = m.ModelInferRequest(model_name="gated", id=str(x))
+        message.inputs.add(name="x", datatype="FP32", shape=[1])
+        message.raw_input_contents.append(np.array([x], np.float32).tobytes())
+        data: bytes = message.SerializeToString()
+        return data
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stream = channel.stream_stream(f"/{_grpc_schema.SERVICE}/ModelStreamInfer")
+            call = stream(iter([body(-1.0), body(7.0)]), timeout=60)  # the gate, then one more
+            while not await asyncio.to_thread(lambda: model()["queued"] == 1):
+                await asyncio.sleep(0.05)
+            assert model()["in_flight"] == 1
+            call.cancel()
+
+    before = int(model()["workers"][0]["served"])
+    (tmp / "gate").unlink(missing_ok=True)
+    try:
+        asyncio.run(main())
+        wait_for(lambda: model()["queued"] == 0, 60, "the stream's queued request to be dropped")
+    finally:
+        (tmp / "gate").touch()
+    wait_for(lambda: model()["in_flight"] == 0, 60, "the held request to finish")
+    assert int(model()["workers"][0]["served"]) == before + 1  # the dropped one never ran

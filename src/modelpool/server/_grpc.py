@@ -24,11 +24,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from modelpool._exceptions import CodecError, WorkerCrashedError
-from modelpool._grpc_codec import scan_header
+from modelpool._grpc_codec import scan_header, stream_answer, stream_error
 from modelpool._grpc_schema import SERVICE, messages
 from modelpool._infer import BAD_OUTPUTS, GRPC
 from modelpool._logs import REQUEST_ID, usable_request_id
@@ -43,7 +43,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 
-__all__ = ["CODES", "GrpcSite"]
+__all__ = ["CODES", "STREAM_IN_FLIGHT", "GrpcSite"]
 
 log = logging.getLogger("modelpool.server")
 
@@ -59,6 +59,8 @@ CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+#: requests of one ModelStreamInfer stream running at once (past it the stream is not read)
+STREAM_IN_FLIGHT = 64
 #: the request id's metadata key (the X-Request-ID header's, in gRPC's lower case)
 _REQUEST_ID = _logging.HEADER.lower()
 
@@ -138,6 +140,7 @@ class GrpcSite:
             ),
             # bytes in, bytes out: a worker decodes and encodes (``_infer``)
             "ModelInfer": method(self.model_infer, None, None),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
         }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
@@ -168,13 +171,17 @@ class GrpcSite:
                 status = 499  # the client went away, or its deadline passed
                 raise
             finally:
-                auth = self.server.auth
-                who = call.identity
-                if auth is not None and who is not None and who.key is not None:
-                    auth.keyring.count(who.key, error=status >= 400, rows=call.rows)
+                self._count(call, status)
                 REQUEST_ID.reset(token)
 
         return rpc
+
+    def _count(self, call: _Call, status: int) -> None:
+        """The call's API key's usage (when authentication is on)."""
+        auth = self.server.auth
+        who = call.identity
+        if auth is not None and who is not None and who.key is not None:
+            auth.keyring.count(who.key, error=status >= 400, rows=call.rows)
 
     @staticmethod
     async def _abort(context: Any, exc: HTTPError) -> None:
@@ -302,6 +309,68 @@ class GrpcSite:
             raise
         finally:
             server.finished(served, code, started_at)
+
+    # ------------------------------------------------------------------ streams
+
+    async def model_stream_infer(self, requests: Any, context: Any) -> AsyncIterator[bytes]:
+        """``ModelStreamInfer``: the requests of a stream run concurrently (at most
+        ``STREAM_IN_FLIGHT`` at a time: past that the stream is not read, and HTTP/2's flow
+        control holds the client back); each is answered once, as it finishes, with its
+        outputs or its error (the stream goes on). The client closing its side ends the stream
+        once every request is answered; cancelling it (or its deadline) drops the requests
+        still queued."""
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(body: bytes) -> None:
+            try:
+                answers.put_nowait(await self._stream_one(body, context))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for body in requests:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one(body))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(list(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # (its errors, if any, end the call)
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_one(self, body: bytes, context: Any) -> bytes:
+        """One request of a stream: its answer, or its error, as a stream message."""
+        call = _Call(context)
+        call.rid = _logging.new_id()
+        token = REQUEST_ID.set(call.rid)
+        status = 500
+        try:
+            data = await self.model_infer(body, call)
+            status = 200
+            return stream_answer(data)
+        except HTTPError as exc:
+            status = exc.status
+            try:
+                name, _, body_id = scan_header(body)
+            except CodecError:
+                name, body_id = "", ""
+            return stream_error(str(exc), name, body_id or call.rid)
+        finally:
+            self._count(call, status)
+            REQUEST_ID.reset(token)
 
 
 def _no_key() -> HTTPError:
