@@ -30,7 +30,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from . import _batching, _grpc_codec, _logs, _protocol, _shm, _transport
+from . import _batching, _generate, _grpc_codec, _logs, _protocol, _shm, _transport
 from ._exceptions import (
     BatchError,
     BodyTooLarge,
@@ -42,6 +42,7 @@ from ._model import check_rows, declared, normalize_inputs
 
 __all__ = [
     "BAD_OUTPUTS",
+    "GENERATE",
     "GRPC",
     "SIGNATURE",
     "Answer",
@@ -54,6 +55,8 @@ __all__ = [
 BAD_OUTPUTS = -1
 #: the header length that marks a body as a serialized gRPC ModelInferRequest
 GRPC = -1
+#: the header length that marks a body as a request of Triton's generate extension
+GENERATE = -2
 
 Answer = tuple[int, Any, int | None, str | None, int]
 
@@ -122,8 +125,8 @@ class _Read:
 
     __slots__ = (
         "decoded",
-        "grpc",
         "inputs",
+        "kind",
         "name",
         "rid",
         "rows",
@@ -133,19 +136,22 @@ class _Read:
     )
 
     def __init__(
-        self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any, grpc: bool
+        self, decoded: Any, inputs: Any, name: str, version: Any, rid: Any, kind: Any
     ) -> None:
         self.decoded, self.inputs, self.name, self.version = decoded, inputs, name, version
-        self.rid, self.grpc = rid, grpc
+        self.rid, self.kind = rid, kind  # kind: GRPC, GENERATE, or None (REST)
         self.signature, self.rows = _batching.signature(inputs)
 
 
 def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
     name, version, body, header_length, tag, adopt_id = payload
-    grpc = header_length == GRPC
+    kind = header_length if header_length in (GRPC, GENERATE) else None
+    specs, limit = declared(type(model))
     try:
-        if grpc:
+        if kind == GRPC:
             decoded = _grpc_codec.decode_model_infer(body)
+        elif kind == GENERATE:
+            decoded = _generate.decode_generate(body, specs, name)
         else:
             decoded = _protocol.decode_infer_request(body, header_length)
     except BodyTooLarge as exc:
@@ -157,13 +163,12 @@ def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
     if adopt_id and body_id is not None and _logs.usable_request_id(body_id):
         rid = body_id
         _logs.REQUEST_ID.set(rid)  # the model's log lines carry it (reset by the caller)
-    specs, limit = declared(type(model))
     try:
         inputs = normalize_inputs(decoded.inputs, specs, name)
         check_rows(inputs, limit, name)
     except InputValidationError as exc:
         return (400, f"model {name!r}: {exc.problem or exc}", None, body_id, 0)
-    return _Read(decoded, inputs, name, version, rid, grpc)
+    return _Read(decoded, inputs, name, version, rid, kind)
 
 
 def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
@@ -199,8 +204,11 @@ def _encode(read: _Read, outputs: Any) -> Answer:
         what = f"{type(outputs).__name__}, but predict() must return a dict of output name -> array"
         return (BAD_OUTPUTS, what, None, body_id, 0)
     try:
-        if read.grpc:
-            data: bytes = _grpc_codec.encode_model_infer(
+        if read.kind is not None:
+            encode = (
+                _grpc_codec.encode_model_infer if read.kind == GRPC else _generate.encode_generate
+            )
+            data: bytes = encode(
                 read.name, read.version, body_id or read.rid, outputs, read.decoded
             )
             json_length = None

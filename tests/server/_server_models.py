@@ -96,3 +96,14 @@ class Printer(modelpool.Model):
         print("predict called", flush=True)
         print("a warning on stderr", file=sys.stderr, flush=True)
         return {k.replace("INPUT", "OUTPUT"): v for k, v in inputs.items()}
+
+
+class Upper(modelpool.Model):
+    """Text in, text out (a stand-in for a text model): each string upper-cased."""
+
+    inputs = [modelpool.TensorSpec("text_input", "BYTES", [-1])]
+    outputs = [modelpool.TensorSpec("text_output", "BYTES", [-1])]
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        words = inputs["text_input"]
+        return {"text_output": np.array([w.upper() for w in words.tolist()], dtype=object)}

@@ -23,7 +23,7 @@ from aiohttp import HttpVersion11, web
 
 from modelpool import __version__, _compression
 from modelpool._exceptions import BodyTooLarge, CodecError
-from modelpool._infer import BAD_OUTPUTS
+from modelpool._infer import BAD_OUTPUTS, GENERATE
 from modelpool._pool import StartedPredict
 from modelpool.config import Config
 
@@ -39,6 +39,8 @@ __all__ = ["SHUTTING_DOWN", "Server"]
 log = logging.getLogger("modelpool.server")
 
 JSON = "application/json"
+#: the two forms of Triton's generate extension
+GENERATE_ONE, GENERATE_STREAM = "generate", "generate_stream"
 SHUTTING_DOWN = "the server is shutting down; send the request to another instance"
 #: a path made of plain URL segments (as sent, no percent-encoding; nothing aiohttp's route
 #: syntax reads as a pattern)
@@ -126,6 +128,8 @@ class Server:
                     ("GET", prefix + "/ready", self.model_ready),
                     ("GET", prefix + "/config", self.model_config),
                     ("POST", prefix + "/infer", self.infer),
+                    ("POST", prefix + "/generate", self.generate),
+                    ("POST", prefix + "/generate_stream", self.generate_stream),
                 )
             ],
             *[(m, p, h, None) for m, p, h in (self.logins.routes() if self.logins else [])],
@@ -321,11 +325,22 @@ class Server:
     async def infer(self, request: web.Request) -> web.StreamResponse:
         return await self._infer(request, self._model(request))
 
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """Triton's generate extension (``_generate``): flat JSON in, flat JSON out."""
+        return await self._infer(request, self._model(request), GENERATE_ONE)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        """The same, answered as Server-Sent Events (one per answer: a model that does not
+        stream answers once)."""
+        return await self._infer(request, self._model(request), GENERATE_STREAM)
+
     def _infer_route(self, served: ServedModel) -> _logging.Handler:
         """The handler of one model's own infer path (no lookup, no extra coroutine)."""
         return lambda request: self._infer(request, served)
 
-    async def _infer(self, request: web.Request, served: ServedModel) -> web.StreamResponse:
+    async def _infer(
+        self, request: web.Request, served: ServedModel, generate: str | None = None
+    ) -> web.StreamResponse:
         """The body's bytes go to a worker, which decodes, predicts and encodes (``_infer``;
         with batching, several requests' bytes at once): no tensor work in this process."""
         started_at = time.perf_counter()
@@ -342,8 +357,10 @@ class Server:
             if encoding and encoding.lower() != "identity":
                 body = await self._decompress(body, encoding)
             try:
-                header_length = _header_length(
-                    request.headers.get("Inference-Header-Content-Length")
+                header_length = (
+                    _header_length(request.headers.get("Inference-Header-Content-Length"))
+                    if generate is None
+                    else GENERATE
                 )
             except CodecError as exc:
                 raise HTTPError(400, str(exc)) from None
@@ -369,6 +386,9 @@ class Server:
                 raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
             if status != 200:
                 raise HTTPError(status, data)
+            if generate == GENERATE_STREAM:
+                code = 200
+                return await _events(request, [data], rid)
             if len(data) < self.settings.compress_min_size:
                 response = self._response(data, json_length)
             else:
@@ -513,6 +533,24 @@ class Server:
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")
+
+
+async def _events(request: web.Request, answers: list[Any], rid: str) -> web.StreamResponse:
+    """``answers`` as Server-Sent Events, each ``data: <JSON>`` (a chunked answer, flushed
+    event by event)."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # (nginx: pass each event on at once)
+            _logging.HEADER: rid,
+        }
+    )
+    await response.prepare(request)
+    for answer in answers:
+        await response.write(b"data: " + bytes(answer) + b"\n\n")
+    await response.write_eof()
+    return response
 
 
 def _header_length(value: str | None) -> int | None:
