@@ -273,6 +273,18 @@ class Config(_Strict):
                 )
         return value
 
+    @pydantic.model_validator(mode="after")
+    def _grpc_and_fork(self) -> Config:
+        forked = [name for name, m in self.models.items() if m.start_method == "fork"]
+        if self.server.grpc_port is not None and forked:
+            raise ValueError(
+                f"server.grpc_port cannot be combined with start_method: fork (model "
+                f"{forked[0]!r}): the gRPC server runs threads in the server process, and a "
+                "worker forked from it could hang on a lock one of them held; use the default "
+                "start method (forkserver), or serve without gRPC"
+            )
+        return self
+
     def for_front(self, index: int, count: int) -> Config:
         """This configuration as front ``index`` of ``count`` serves it: its share of every
         model's workers (at least one each), and readiness checked per front (one worker

@@ -547,3 +547,14 @@ def test_a_cancelled_stream_drops_its_queued_requests(server: ServerProcess, tmp
         (tmp / "gate").touch()
     wait_for(lambda: model()["in_flight"] == 0, 60, "the held request to finish")
     assert int(model()["workers"][0]["served"]) == before + 1  # the dropped one never ran
+
+
+def test_grpc_with_fork_workers_is_a_usage_error(tmp_path: Path) -> None:
+    """grpcio runs threads in the server process; workers forked from it could inherit a held
+    lock. The combination is refused before anything starts, saying what to do."""
+    server = ServerProcess("--grpc-port", "0", "--start-method", "fork")
+    code = server.proc.wait(60)
+    server.stop()
+    assert code == 2, server.output
+    assert "server.grpc_port cannot be combined with start_method: fork" in server.output
+    assert "use the default start method (forkserver)" in server.output
