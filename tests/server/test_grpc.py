@@ -360,10 +360,11 @@ def test_a_grpc_port_in_use_stops_the_server_with_the_reason(tmp_path: Path) -> 
 
 
 def test_the_flag_serves_grpc_and_sigterm_answers_a_call_in_flight(tmp_path: Path) -> None:
-    """``--grpc-port`` on the command line; SIGTERM while a call runs: it is answered, the
-    server exits 0."""
+    """``--grpc-port`` on the command line; SIGTERM while a call runs: it is answered (and
+    logged), the server exits 0."""
     grpcclient = need_module("tritonclient.grpc")
-    with ServerProcess("_server_models:Sleepy", "--grpc-port", "0", "--workers", "1") as server:
+    flags = ("--grpc-port", "0", "--workers", "1", "--access-log", "on")
+    with ServerProcess("_server_models:Sleepy", *flags) as server:
         client = grpcclient.InferenceServerClient(server.grpc_target)
         try:
             seconds = grpcclient.InferInput("SECONDS", [1], "FP64")
@@ -381,6 +382,8 @@ def test_the_flag_serves_grpc_and_sigterm_answers_a_call_in_flight(tmp_path: Pat
     assert code == 0, server.output
     assert answers, "the call in flight got no answer"
     assert answers[0].as_numpy("PID").shape == (1,)
+    # the call's access log line, as an HTTP request's
+    assert '"POST /inference.GRPCInferenceService/ModelInfer gRPC" 200' in server.output
 
 
 def _keys(url: str) -> dict[str, str]:

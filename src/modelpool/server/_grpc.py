@@ -70,12 +70,13 @@ Handler = Callable[[Any, "_Call"], Awaitable[Any]]
 class _Call:
     """One RPC: its context, request id and caller."""
 
-    __slots__ = ("context", "identity", "metadata", "rid", "rows")
+    __slots__ = ("context", "identity", "metadata", "model", "rid", "rows")
 
     def __init__(self, context: Any) -> None:
         self.context = context
         self.metadata = dict(context.invocation_metadata() or ())
         self.identity: Identity | None = None
+        self.model: str | None = None  # the model it named, once known
         self.rid = ""
         self.rows = 0
 
@@ -119,7 +120,7 @@ class GrpcSite:
 
         def method(handler: Handler, request: Any, response: Any) -> Any:
             return unary(
-                self._wrapped(handler),
+                self._wrapped(handler, f"/{SERVICE}/{_rpc_name(handler)}"),
                 request_deserializer=request.FromString if request is not None else None,
                 response_serializer=response.SerializeToString if response is not None else None,
             )
@@ -144,11 +145,12 @@ class GrpcSite:
         }
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
-    def _wrapped(self, handler: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
-        """``handler`` with its request id, its key's usage counted, and its ``HTTPError``
-        answered as the gRPC status that says the same."""
+    def _wrapped(self, handler: Handler, path: str) -> Callable[[Any, Any], Awaitable[Any]]:
+        """``handler`` with its request id, its key's usage counted, its ``HTTPError``
+        answered as the gRPC status that says the same, and its access log line."""
 
         async def rpc(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
             call = _Call(context)
             given = call.metadata.get(_REQUEST_ID)
             if given is not None and not usable_request_id(given):
@@ -159,6 +161,7 @@ class GrpcSite:
             call.rid = given or _logging.new_id()
             token = REQUEST_ID.set(call.rid)
             status = 500
+            answer: Any = None
             try:
                 context.set_trailing_metadata(((_REQUEST_ID, call.rid),))
                 answer = await handler(request, call)
@@ -172,9 +175,23 @@ class GrpcSite:
                 raise
             finally:
                 self._count(call, status)
+                self._access(call, path, status, answer, started)
                 REQUEST_ID.reset(token)
 
         return rpc
+
+    def _access(self, call: _Call, path: str, status: int, answer: Any, started: float) -> None:
+        """The call's access log line, as HTTP requests have (``server.access_log``)."""
+        if not _logging.sampled(self.server.settings.access_log, status):
+            return
+        size = len(answer) if isinstance(answer, bytes) else 0
+        code = CODES.get(status, grpc.StatusCode.OK if status == 200 else grpc.StatusCode.UNKNOWN)
+        peer = call.context.peer() or ""
+        remote = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
+        _logging.access_line(
+            remote, "POST", path, "gRPC", status, size, started, call.rid, call.model,
+            grpc_status=code.name,
+        )  # fmt: skip
 
     def _count(self, call: _Call, status: int) -> None:
         """The call's API key's usage (when authentication is on)."""
@@ -196,6 +213,7 @@ class GrpcSite:
     async def _allow(self, call: _Call, model: str | None) -> None:
         """The caller may use ``model`` (None: read the server's index and metadata), when
         authentication is on."""
+        call.model = model
         auth = self.server.auth
         if auth is None:
             return
@@ -353,10 +371,12 @@ class GrpcSite:
 
     async def _stream_one(self, body: bytes, context: Any) -> bytes:
         """One request of a stream: its answer, or its error, as a stream message."""
+        started = time.perf_counter()
         call = _Call(context)
         call.rid = _logging.new_id()
         token = REQUEST_ID.set(call.rid)
         status = 500
+        data = None
         try:
             data = await self.model_infer(body, call)
             status = 200
@@ -370,7 +390,13 @@ class GrpcSite:
             return stream_error(str(exc), name, body_id or call.rid)
         finally:
             self._count(call, status)
+            self._access(call, f"/{SERVICE}/ModelStreamInfer", status, data, started)
             REQUEST_ID.reset(token)
+
+
+def _rpc_name(handler: Handler) -> str:
+    """``model_infer`` -> ``ModelInfer``: the RPC a handler method serves."""
+    return "".join(part.title() for part in handler.__name__.split("_"))
 
 
 def _no_key() -> HTTPError:

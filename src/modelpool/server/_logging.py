@@ -27,8 +27,11 @@ __all__ = [
     "MODEL",
     "Gate",
     "JsonLines",
+    "access_line",
     "adopt_body_id",
     "id_given",
+    "new_id",
+    "sampled",
     "setup",
     "tracked",
     "worker_logging",
@@ -178,9 +181,7 @@ def tracked(
         finally:
             if gate is not None:
                 gate.leave(request, status)
-            if access_log > 0 and (
-                status >= 400 or access_log >= 1 or random.random() < access_log
-            ):
+            if sampled(access_log, status):
                 _access(request, status, response, started)
             _logs.REQUEST_ID.reset(token)
 
@@ -201,31 +202,58 @@ def _bad_id(given: str) -> web.Response:
 def _access(
     request: web.Request, status: int, response: web.StreamResponse | None, started: float
 ) -> None:
-    ms = (time.perf_counter() - started) * 1000
     size = 0
     if isinstance(response, web.Response):
         size = response.content_length or 0
+    version = f"HTTP/{request.version.major}.{request.version.minor}"
+    model = request.get(MODEL) or request.match_info.get("model")
+    # (the path as sent, percent-encoded: no line breaks can be forged)
+    access_line(
+        request.remote, request.method, request.raw_path, version, status, size, started,
+        request[_KEY], model,
+    )  # fmt: skip
+
+
+def access_line(
+    remote: str | None,
+    method: str,
+    path: str,
+    version: str,
+    status: int,
+    size: int,
+    started: float,
+    request_id: str,
+    model: str | None,
+    **extra: Any,
+) -> None:
+    """One access log line (and its JSON fields): HTTP requests and gRPC calls alike."""
+    ms = (time.perf_counter() - started) * 1000
     fields: dict[str, Any] = {
-        "remote": request.remote,
-        "method": request.method,
-        "path": request.raw_path,
+        "remote": remote,
+        "method": method,
+        "path": path,
         "status": status,
         "bytes": size,
         "duration_ms": round(ms, 3),
-        _FIELD: request[_KEY],
+        _FIELD: request_id,
+        **extra,
     }
-    model = request.get(MODEL) or request.match_info.get("model")
     if model is not None:
         fields["model"] = model
-    version = f"HTTP/{request.version.major}.{request.version.minor}"
     ACCESS.info(
         '%s "%s %s %s" %d %d %.1fms',
-        request.remote,
-        request.method,
-        request.raw_path,  # as sent (percent-encoded): no line breaks can be forged
+        remote,
+        method,
+        path,
         version,
         status,
         size,
         ms,
         extra={"fields": fields},
     )
+
+
+def sampled(access_log: float, status: int) -> bool:
+    """Whether an answer with ``status`` goes to the access log (``access_log``: off, on, or
+    the fraction of answers below 400 logged; every one of 400 or above is, unless off)."""
+    return access_log > 0 and (status >= 400 or access_log >= 1 or random.random() < access_log)
