@@ -70,13 +70,14 @@ Handler = Callable[[Any, "_Call"], Awaitable[Any]]
 class _Call:
     """One RPC: its context, request id and caller."""
 
-    __slots__ = ("context", "identity", "metadata", "model", "rid", "rows")
+    __slots__ = ("code", "context", "identity", "metadata", "model", "rid", "rows")
 
     def __init__(self, context: Any) -> None:
         self.context = context
         self.metadata = dict(context.invocation_metadata() or ())
         self.identity: Identity | None = None
         self.model: str | None = None  # the model it named, once known
+        self.code: Any = None  # the gRPC status it failed with, if it did
         self.rid = ""
         self.rows = 0
 
@@ -116,33 +117,36 @@ class GrpcSite:
 
     def _handlers(self) -> Any:
         m = messages()
-        unary = grpc.unary_unary_rpc_method_handler
-
-        def method(handler: Handler, request: Any, response: Any) -> Any:
-            return unary(
-                self._wrapped(handler, f"/{SERVICE}/{_rpc_name(handler)}"),
+        unary_rpcs: list[tuple[str, Handler, Any, Any]] = [
+            ("ServerLive", self.server_live, m.ServerLiveRequest, m.ServerLiveResponse),
+            ("ServerReady", self.server_ready, m.ServerReadyRequest, m.ServerReadyResponse),
+            ("ModelReady", self.model_ready, m.ModelReadyRequest, m.ModelReadyResponse),
+            (
+                "ServerMetadata",
+                self.server_metadata,
+                m.ServerMetadataRequest,
+                m.ServerMetadataResponse,
+            ),
+            ("ModelMetadata", self.model_metadata, m.ModelMetadataRequest, m.ModelMetadataResponse),
+            ("ModelConfig", self.model_config, m.ModelConfigRequest, m.ModelConfigResponse),
+            (
+                "RepositoryIndex",
+                self.repository_index,
+                m.RepositoryIndexRequest,
+                m.RepositoryIndexResponse,
+            ),
+            # bytes in, bytes out: a worker decodes and encodes (``_infer``)
+            ("ModelInfer", self.model_infer, None, None),
+        ]
+        table = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._wrapped(handler, f"/{SERVICE}/{name}"),
                 request_deserializer=request.FromString if request is not None else None,
                 response_serializer=response.SerializeToString if response is not None else None,
             )
-
-        table = {
-            "ServerLive": method(self.server_live, m.ServerLiveRequest, m.ServerLiveResponse),
-            "ServerReady": method(self.server_ready, m.ServerReadyRequest, m.ServerReadyResponse),
-            "ModelReady": method(self.model_ready, m.ModelReadyRequest, m.ModelReadyResponse),
-            "ServerMetadata": method(
-                self.server_metadata, m.ServerMetadataRequest, m.ServerMetadataResponse
-            ),
-            "ModelMetadata": method(
-                self.model_metadata, m.ModelMetadataRequest, m.ModelMetadataResponse
-            ),
-            "ModelConfig": method(self.model_config, m.ModelConfigRequest, m.ModelConfigResponse),
-            "RepositoryIndex": method(
-                self.repository_index, m.RepositoryIndexRequest, m.RepositoryIndexResponse
-            ),
-            # bytes in, bytes out: a worker decodes and encodes (``_infer``)
-            "ModelInfer": method(self.model_infer, None, None),
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            for name, handler, request, response in unary_rpcs
         }
+        table["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         return grpc.method_handlers_generic_handler(SERVICE, table)
 
     def _wrapped(self, handler: Handler, path: str) -> Callable[[Any, Any], Awaitable[Any]]:
@@ -169,7 +173,8 @@ class GrpcSite:
                 return answer
             except HTTPError as exc:
                 status = exc.status
-                await self._abort(context, exc)
+                call.code = exc.code if isinstance(exc, _Crashed) else _code(exc.status)
+                await self._abort(context, exc, call.code)
             except asyncio.CancelledError:
                 status = 499  # the client went away, or its deadline passed
                 raise
@@ -185,7 +190,7 @@ class GrpcSite:
         if not _logging.sampled(self.server.settings.access_log, status):
             return
         size = len(answer) if isinstance(answer, bytes) else 0
-        code = CODES.get(status, grpc.StatusCode.OK if status == 200 else grpc.StatusCode.UNKNOWN)
+        code = call.code or (grpc.StatusCode.OK if status == 200 else _code(status))
         peer = call.context.peer() or ""
         remote = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
         _logging.access_line(
@@ -201,13 +206,11 @@ class GrpcSite:
             auth.keyring.count(who.key, error=status >= 400, rows=call.rows)
 
     @staticmethod
-    async def _abort(context: Any, exc: HTTPError) -> None:
+    async def _abort(context: Any, exc: HTTPError, code: Any) -> None:
         metadata = [(_REQUEST_ID, REQUEST_ID.get() or "")]
         if exc.retry_after is not None:
             metadata.append(("retry-after", str(exc.retry_after)))
         context.set_trailing_metadata(tuple(metadata))
-        code = exc.code if isinstance(exc, _Crashed) else CODES.get(exc.status)
-        code = code or grpc.StatusCode.UNKNOWN
         await context.abort(code, str(exc))
 
     async def _allow(self, call: _Call, model: str | None) -> None:
@@ -394,9 +397,9 @@ class GrpcSite:
             REQUEST_ID.reset(token)
 
 
-def _rpc_name(handler: Handler) -> str:
-    """``model_infer`` -> ``ModelInfer``: the RPC a handler method serves."""
-    return "".join(part.title() for part in handler.__name__.split("_"))
+def _code(status: int) -> Any:
+    """The gRPC status code of an HTTP status (``CODES``; UNKNOWN for one it lacks)."""
+    return CODES.get(status, grpc.StatusCode.UNKNOWN)
 
 
 def _no_key() -> HTTPError:
