@@ -36,6 +36,7 @@ from ._handle import WorkerStats
 from ._logs import request_id
 from ._model import Model, TensorSpec
 from ._pool import Pool, PoolStats
+from ._streaming import PredictStream
 from ._worker import WorkerInfo, current_model, worker_info
 
 if _typing.TYPE_CHECKING:
@@ -77,6 +78,7 @@ __all__ = [
     "PoolClosedError",
     "PoolOverloadedError",
     "PoolStats",
+    "PredictStream",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",

@@ -26,7 +26,7 @@ import contextlib
 import errno
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import _batching, _infer, _transport
 from ._deadlines import Deadlines
@@ -163,14 +163,27 @@ class Dispatcher:
     def complete(self, worker: WorkerHandle) -> None:
         """``worker`` answered its request."""
         assert self._lock.locked()
-        if worker.request is None or worker.request.counted:
+        req = cast(Request | None, worker.request)
+        if req is None or req.counted:
             worker.served += 1
+        if req is not None and req.stream is not None:
+            req.stream.close()  # no more CREDIT or CANCEL: it may take another request now
         worker.request = None
         if worker.state == BUSY:
             worker.state = IDLE
             worker.idle_since = self._clock()
         if worker.limit is not None and worker.served >= worker.limit:
             worker.retiring = True
+
+    def piece(self, worker: WorkerHandle, rid: int, payload: Any) -> ProtocolError | None:
+        """A piece of the streamed predict ``worker`` runs, to its reader (``_streaming``);
+        the error to report when it runs no such stream."""
+        req = cast(Request | None, worker.request)
+        if req is None or req.stream is None or rid != req.id:
+            return out_of_step(worker, rid, req.id if req is not None else 0)
+        req.stream.started = True  # (a crash from now on fails it: no retry)
+        req.stream.put(payload)
+        return None
 
     def next_for(self, worker: WorkerHandle) -> Request | None:
         """Give ``worker`` (just freed) the oldest queued request, if any."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,14 +63,20 @@ def messages() -> Messages:
 
 
 def compile_descriptor(proto: Path = PROTO) -> bytes:
-    """The serialized ``FileDescriptorSet`` of ``proto`` (with ``grpcio-tools``' compiler)."""
-    from grpc_tools import protoc
-
+    """The serialized ``FileDescriptorSet`` of ``proto`` (with ``grpcio-tools``' compiler, in
+    a process of its own: it carries its own protobuf and gRPC libraries, and loaded beside
+    grpcio and protobuf's it can crash the process)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "schema.desc"
-        argv = ["protoc", f"-I{proto.parent}", f"--descriptor_set_out={out}", proto.name]
-        if protoc.main(argv) != 0:
-            raise RuntimeError(f"protoc could not compile {proto}")
+        argv = [f"-I{proto.parent}", f"--descriptor_set_out={out}", proto.name]
+        done = subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"protoc could not compile {proto}: {done.stderr.strip()}")
         return out.read_bytes()
 
 

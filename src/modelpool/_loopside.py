@@ -40,6 +40,7 @@ from . import _aio
 from ._dispatch import Dispatcher, out_of_step, peer_gone, transport_error
 from ._handle import WorkerHandle
 from ._requests import Request
+from ._streaming import PIECE
 from ._transport import DecodeError
 from ._worker import ERR, OK
 
@@ -268,6 +269,12 @@ class LoopSide:
 
     def _answered(self, worker: WorkerHandle, kind: int, rid: int, payload: Any) -> None:
         dispatch = self._dispatch
+        if kind == PIECE:  # a streamed predict's piece; more may have come in the same read
+            if (mistake := dispatch.piece(worker, rid, payload)) is not None:
+                self._out_of_step(worker, mistake, f"a piece of {rid}, not a stream it runs")
+            elif worker.channel.readable():
+                self._readable(worker)
+            return
         with self._lock:
             req = cast(Request | None, worker.request)  # the handle's view of what we assigned
             if req is None or worker.kill_reason is not None:

@@ -23,6 +23,7 @@ from ._loopside import LoopFuture
 from ._model import TensorSpec, check_rows, normalize_inputs
 from ._requests import Request
 from ._settings import PoolSettings, check, default_start_method, scaling, validate
+from ._streaming import STREAM, PredictStream, Sink
 from ._supervisor import Supervisor
 from ._worker import CALL, INFER, PREDICT, PREDICT_TAGGED, model_loaded
 
@@ -357,6 +358,31 @@ class Pool(cf.Executor):
         if self._settings.max_batch_size > 1:
             return self._request(PREDICT, inputs, timeout, tag).result()
         return self._call(PREDICT, inputs, timeout, tag)
+
+    def stream(
+        self, inputs: Any, timeout: float | None = None, *, request_id: str | None = None
+    ) -> PredictStream:
+        """Run the model on ``inputs`` and return its answer's pieces as they come: for a
+        ``predict`` written as a generator (or async generator), each item it yields, as soon
+        as it is yielded; for any other ``predict``, its one answer.
+
+        Iterate the result with ``for`` or ``async for``. The worker stays at most
+        ``_streaming.WINDOW`` pieces ahead of the reader (a slow reader pauses the
+        generator). ``close()`` (or leaving a ``with`` block) stops the generator in the
+        worker, whose ``finally`` runs. A worker that dies mid-stream ends the iteration with
+        ``WorkerCrashedError`` (a stream that has yielded is never retried); ``timeout``
+        covers the whole stream. Arguments as for ``predict``.
+        """
+        self._check_has_model()
+        inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
+        check_rows(inputs, self._model_limit, self._model_name)
+        req = self._new_request(timeout)
+        req.tag = _tag(request_id)
+        req.stream = Sink()
+        req.future.add_done_callback(req.stream.end)
+        req.frame = _transport.encode_request((STREAM, req.id, (req.tag, inputs)), "the inputs")
+        self._supervisor.submit(req)
+        return PredictStream(req)
 
     def _check_has_model(self) -> None:
         if self._settings.model_ref is None:

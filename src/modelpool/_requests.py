@@ -43,6 +43,7 @@ class Request:
         "inputs",
         "rows",
         "signature",
+        "stream",
         "tag",
         "worker",
     )
@@ -63,6 +64,12 @@ class Request:
         self.batch: Batch | None = None  # the batch this request runs in
         self.tag: str | None = None  # the caller's request id, carried to the worker
         self.counted = True  # False: not a served request (a readiness probe)
+        self.stream: Any = None  # a streamed predict's sink (``_streaming``), else None
+
+    def may_retry(self, retries: int) -> bool:
+        """Whether a crash may send it to another worker: tries left, and no piece of it (a
+        streamed predict) delivered yet."""
+        return self.attempts <= retries and not (self.stream is not None and self.stream.started)
 
     @property
     def members(self) -> tuple[Request, ...]:

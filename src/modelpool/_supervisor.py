@@ -61,6 +61,7 @@ from ._loopside import LoopFuture, LoopSide
 from ._poller import Poller
 from ._requests import Outbox, Request, fresh
 from ._settings import PoolSettings
+from ._streaming import PIECE
 from ._transport import DecodeError
 from ._worker import ERR, OK, READY, SETUP_FAILED
 
@@ -420,6 +421,10 @@ class Supervisor:
             self._out_of_step(worker, transport_error(exc, worker), "reading from it failed")
             return False
         current = worker.request
+        if kind == PIECE:  # a streamed predict's piece; more may have come in the same read
+            if (wrong := self.dispatch.piece(worker, rid, payload)) is not None:
+                self._out_of_step(worker, wrong, f"a piece of {rid}, not a stream it runs")
+            return wrong is None and (not worker.channel.readable() or self._on_message(worker))
         if kind in (OK, ERR) and current is not None and rid not in (current.id, 0):
             wrong = out_of_step(worker, rid, current.id)  # a bug: never blame the model
             self._out_of_step(worker, wrong, f"answer {rid} to request {current.id}")
@@ -531,7 +536,7 @@ class Supervisor:
             if member.future.done():
                 continue
             member.batch = None
-            if member.attempts <= self.settings.retries and not self._closing:
+            if member.may_retry(self.settings.retries) and not self._closing:
                 self.dispatch.requeue(member)
                 continue
             if worker.kill_reason is not None and self._closing:

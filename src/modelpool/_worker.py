@@ -8,6 +8,7 @@ module, seed, ``setup()``, limit the thread pools the model loaded, report ready
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 import traceback
@@ -17,6 +18,7 @@ from typing import Any
 from . import _hygiene, _infer, _logs, _output, _shm, _transport
 from ._exceptions import ModelSpecError, SerializationError
 from ._settings import PoolSettings
+from ._streaming import CANCEL, CREDIT, STREAM, run_stream
 
 __all__ = [
     "CALL",
@@ -212,7 +214,12 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
         if kind == STOP:
             _teardown(model)
             return
-        reply = _handle(kind, rid, payload, predict, model)
+        if kind in (CREDIT, CANCEL):
+            continue  # for a stream that has ended meanwhile
+        if kind == STREAM:
+            reply = _stream(channel, rid, payload, predict)
+        else:
+            reply = _handle(kind, rid, payload, predict, model)
         del payload  # inputs no longer referenced are released with this reply
         try:
             channel.send(reply)
@@ -261,9 +268,29 @@ def _handle(kind: int, rid: int, payload: Any, predict: Any, model: Any) -> tupl
         if kind == PREDICT:
             if predict is None:
                 raise ModelSpecError("this pool has no model; use submit() to run functions")
-            return (OK, rid, predict(payload))
+            outputs = predict(payload)
+            if inspect.isgenerator(outputs) or inspect.isasyncgen(outputs):
+                raise ModelSpecError(
+                    "predict() is a generator (it streams its answer in pieces): call it with "
+                    "pool.stream(inputs), which returns the pieces as they come"
+                )
+            return (OK, rid, outputs)
         fn, args, kwargs = payload
         return (OK, rid, fn(*args, **kwargs))
+    except Exception as exc:
+        return (ERR, rid, _transport.RemoteException.capture(exc))
+    finally:
+        _logs.REQUEST_ID.reset(token)
+
+
+def _stream(channel: Any, rid: int, payload: Any, predict: Any) -> tuple[int, int, Any]:
+    """A streamed predict: its pieces sent as they come (``_streaming``), then its end."""
+    tag, inputs = payload
+    token = _logs.REQUEST_ID.set(tag)
+    try:
+        if predict is None:
+            raise ModelSpecError("this pool has no model; use submit() to run functions")
+        return run_stream(channel, rid, predict(inputs), OK)
     except Exception as exc:
         return (ERR, rid, _transport.RemoteException.capture(exc))
     finally:

@@ -5,6 +5,7 @@ login throttle. The store is a real one on SQLite, wrapped to count and to fail 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from modelpool import DatabaseError
 from modelpool.auth._db import Database
 from modelpool.auth._guard import Keyring, Throttle
-from modelpool.auth._store import Store
+from modelpool.auth._store import Store, Usage
 
 
 class _Flaky(Store):
@@ -24,6 +25,7 @@ class _Flaky(Store):
         super().__init__(db)
         self.lookups = 0
         self.down = False
+        self.writing: tuple[asyncio.Event, asyncio.Event] | None = None  # (started, go on)
 
     def _check(self) -> None:
         if self.down:
@@ -40,6 +42,9 @@ class _Flaky(Store):
 
     async def add_usage(self, counts: Any) -> None:
         self._check()
+        if self.writing is not None:  # a write the test holds open
+            self.writing[0].set()
+            await self.writing[1].wait()
         await super().add_usage(counts)
 
 
@@ -138,3 +143,31 @@ def test_the_throttle_blocks_after_the_limit_for_the_rest_of_the_window() -> Non
     assert throttle.blocked("ann", 60.5) == 0.0  # the first failure left the window
     throttle.succeeded("ann")
     assert throttle.blocked("ann", 3.0) == 0.0
+
+
+def test_keys_read_during_a_usage_write_count_each_use_once(tmp_path: Path) -> None:
+    """The status page reads the keys' written usage and the usage counted here together: a
+    flush under way (counts taken from memory, not yet in the database) makes it wait, so no
+    use is shown in neither place, nor in both."""
+
+    async def scenario(store: _Flaky, ring: Keyring) -> None:
+        key, _ = await store.create_key("ann")
+        record = await ring.key(key, hashlib.sha256(key.encode()).hexdigest())
+        assert record is not None
+        for _ in range(3):
+            ring.count(record, error=False, rows=2)
+        store.writing = (asyncio.Event(), asyncio.Event())
+        flushing = asyncio.ensure_future(ring.flush())
+        await store.writing[0].wait()  # the counts left memory; the database has not got them
+        reading = asyncio.ensure_future(ring.counted_keys("ann"))
+        try:
+            await asyncio.sleep(0.05)
+            assert not reading.done(), "the keys were read in the middle of a usage write"
+        finally:
+            store.writing[1].set()  # (the write goes on, whatever the check found)
+        await flushing
+        (written,), pending = await reading
+        assert written.requests + pending.get(written.id, Usage()).requests == 3
+        assert written.rows == 6
+
+    _run(tmp_path, scenario)

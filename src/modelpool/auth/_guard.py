@@ -72,6 +72,9 @@ class Keyring:
         )
         self._buckets: dict[int, _Bucket] = {}
         self._usage: dict[int, Usage] = {}
+        #: held while usage is written: a reader of the written and the pending counts
+        #: (``counted_keys``) never sees counts in neither, nor in both
+        self._writing = asyncio.Lock()
         self._version: int | None = None
         #: goes up each time the cache is dropped: what others derived from it is stale then
         self.generation = 0
@@ -177,8 +180,18 @@ class Keyring:
         until the next flush)."""
         return dict(self._usage)
 
+    async def counted_keys(self, user: str | None) -> tuple[list[KeyRecord], dict[int, Usage]]:
+        """``user``'s keys (None: every key) as the database has them, and the usage counted
+        here and not yet written, read together (no flush in between)."""
+        async with self._writing:
+            return await self.store.keys(user), self.pending_usage()
+
     async def flush(self) -> None:
         """Write the counted usage to the database; kept for the next flush if it is down."""
+        async with self._writing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         usage, self._usage = self._usage, {}
         flushed_at = time.time()
         for counts in usage.values():

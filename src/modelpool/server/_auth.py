@@ -270,12 +270,11 @@ class Auth:
         section: dict[str, Any] = {"user": who.user, "role": who.role}
         if who.csrf is not None:
             section["csrf"] = who.csrf  # for the page's log-out form
-        try:
-            records = await self.store.keys(None if who.admin else who.user)
+        try:  # (with the usage counted here and not yet written)
+            records, pending = await self.keyring.counted_keys(None if who.admin else who.user)
         except DatabaseError:
             section["keys_error"] = "the account database is unavailable"
             return section
-        pending = self.keyring.pending_usage()  # counted here, not yet written
         now = time.time()
         keys = []
         for k in records:
