@@ -94,3 +94,35 @@ def spread(values: list[float]) -> dict[str, Any]:
         "rounds": len(values),
         "per_round": values,
     }
+
+
+class Ticker(modelpool.Model):
+    """A model that streams (its ``predict`` is a generator), for bench/streaming.py: it works
+    ``first_ms`` ms (a "prefill"), then yields ``n`` pieces as fast as it can, each
+    ``{"i": [k], "took": [s]}`` (``took``: the seconds from the call to this yield, as the
+    model itself measures them) plus ``data``, a string of ``size`` bytes, when ``size`` > 0.
+    With a ``log`` path, it writes there how many pieces it has yielded so far."""
+
+    inputs = [
+        modelpool.TensorSpec("n", "INT64", [1]),
+        modelpool.TensorSpec("size", "INT64", [1]),
+        modelpool.TensorSpec("first_ms", "FP64", [1]),
+        modelpool.TensorSpec("log", "BYTES", [1]),
+    ]
+
+    def predict(self, inputs: Any) -> Any:
+        import time
+
+        import numpy as np
+
+        start = time.perf_counter()
+        n, size = int(inputs["n"][0]), int(inputs["size"][0])
+        log = inputs["log"][0]
+        log = log.decode() if isinstance(log, bytes) else str(log)
+        time.sleep(float(inputs["first_ms"][0]) / 1e3)
+        data = {"data": np.array([b"x" * size], dtype=object)} if size else {}
+        for k in range(n):
+            if log:
+                with open(log, "w") as f:
+                    f.write(str(k + 1))
+            yield {"i": np.array([k]), "took": np.array([time.perf_counter() - start]), **data}

@@ -16,7 +16,8 @@ import modelpool
 class Counter(modelpool.Model):
     """Yields ``n`` pieces {"i": [k]}; ``log`` (a file) gets "yielded k" per piece and
     "finally" when the generator ends or is closed; ``fail_at`` raises there, ``crash_at``
-    kills the worker there; ``pause`` seconds between pieces."""
+    kills the worker there, ``stuck_at`` sleeps 600 s there; ``pause`` seconds between
+    pieces."""
 
     def __init__(self, log: str = "", pause: float = 0.0) -> None:
         self.log, self.pause = log, pause
@@ -30,12 +31,15 @@ class Counter(modelpool.Model):
         n = int(inputs["n"][0])
         fail_at = int(inputs.get("fail_at", np.array([-1]))[0])
         crash_at = int(inputs.get("crash_at", np.array([-1]))[0])
+        stuck_at = int(inputs.get("stuck_at", np.array([-1]))[0])
         try:
             for k in range(n):
                 if k == fail_at:
                     raise ValueError(f"piece {k} failed")
                 if k == crash_at:
                     os._exit(9)
+                if k == stuck_at:
+                    time.sleep(600)
                 self._note(f"yielded {k}")
                 yield {"i": np.array([k])}
                 if self.pause:

@@ -113,13 +113,38 @@ def test_a_crash_mid_stream_fails_it_and_is_not_retried(tmp_path: Path) -> None:
         assert [int(p["i"][0]) for p in pool.stream(_n(2))] == [0, 1]  # a new worker
 
 
-def test_the_timeout_covers_the_whole_stream(tmp_path: Path) -> None:
-    options = {"pause": 1.0}
-    with (
-        modelpool.Pool("_stream_models:Counter", workers=1, options=options) as pool,
-        pytest.raises(modelpool.RequestTimeoutError),
-    ):
-        _read_into(pool.stream(_n(100), timeout=1.5), [])
+def _pid(pool: modelpool.Pool) -> int | None:
+    return pool.stats().workers[0].pid
+
+
+def test_the_timeout_covers_the_whole_stream_and_stops_the_generator(tmp_path: Path) -> None:
+    """Past its timeout the reader fails at once, and the generator is told to stop as a
+    close does: its ``finally`` runs and the worker is kept."""
+    log = tmp_path / "log"
+    options = {"log": str(log), "pause": 0.1}
+    with modelpool.Pool("_stream_models:Counter", workers=1, options=options) as pool:
+        pid = _pid(pool)
+        with pytest.raises(modelpool.RequestTimeoutError, match="generator was stopped"):
+            _read_into(pool.stream(_n(1000), timeout=1.0), [])
+        wait_for(lambda: "finally" in _lines(log), 30, "the generator's finally")
+        assert len(_lines(log)) < 500
+        assert [int(p["i"][0]) for p in pool.stream(_n(2))] == [0, 1]
+        assert _pid(pool) == pid  # the same worker
+
+
+def test_a_stream_stuck_past_its_timeout_loses_its_worker(tmp_path: Path) -> None:
+    """A generator stuck between two pieces cannot hear the stop: the reader still fails at
+    the timeout, and the worker is killed ``STOP_GRACE`` seconds later and replaced."""
+    log = tmp_path / "log"
+    with modelpool.Pool("_stream_models:Counter", workers=1, options={"log": str(log)}) as pool:
+        pid = _pid(pool)
+        got: list[int] = []
+        with pytest.raises(modelpool.RequestTimeoutError, match="generator was stopped"):
+            _read_into(pool.stream(_n(3, stuck_at=1), timeout=1.0), got)
+        assert got == [0]
+        assert [int(p["i"][0]) for p in pool.stream(_n(2))] == [0, 1]  # (a new worker)
+        assert _pid(pool) != pid
+        assert _lines(log)[:2] == ["yielded 0", "yielded 0"]  # (no finally: it was killed)
 
 
 def test_async_generators_and_async_iteration() -> None:
@@ -129,6 +154,35 @@ def test_async_generators_and_async_iteration() -> None:
 
     with modelpool.Pool("_stream_models:AsyncCounter", workers=1) as pool:
         assert asyncio.run(main(pool)) == list(range(6))
+
+
+def test_on_an_attached_loop_a_crash_comes_after_every_piece_sent_before_it() -> None:
+    """The worker writes three pieces and dies at once. Its pipe is read by the event loop
+    the pool is attached to, while its exit is seen by the supervisor thread: the crash must
+    wait for the loop to read the pieces, or they would be lost (the loop is kept busy
+    while the worker dies, as a server's loop is, and it is tried 8 times)."""
+
+    async def read(pool: modelpool.Pool, got: list[int]) -> None:
+        async for piece in pool.stream(_n(5, crash_at=3)):
+            got.append(int(piece["i"][0]))
+            if len(got) == 1:
+                time.sleep(0.2)  # the loop is busy (it is the race, not a wait)
+
+    async def main(pool: modelpool.Pool) -> list[list[int]]:
+        pool.attach_loop()
+        runs = []
+        try:
+            for _ in range(8):
+                got: list[int] = []
+                with pytest.raises(modelpool.WorkerCrashedError):
+                    await read(pool, got)
+                runs.append(got)
+        finally:
+            pool.detach_loop()
+        return runs
+
+    with modelpool.Pool("_stream_models:Counter", workers=1, retries=0) as pool:
+        assert asyncio.run(main(pool)) == [[0, 1, 2]] * 8
 
 
 def test_a_model_that_does_not_stream_streams_its_one_answer() -> None:

@@ -35,6 +35,7 @@ from ._fleet import Fleet
 from ._handle import BUSY, IDLE, STARTING, WorkerHandle
 from ._requests import Batch, Outbox, Request, settle_failed
 from ._settings import PoolSettings
+from ._streaming import STOP_GRACE
 from ._worker import ERR, INFER_BATCH, OK, PREDICT, PREDICT_TAGGED
 
 __all__ = ["Dispatcher", "out_of_step", "peer_gone", "transport_error"]
@@ -285,6 +286,8 @@ class Dispatcher:
                 )
                 continue
             assert worker is not None
+            if req.stream is not None and self._stop_stream(req, worker, now, outbox):
+                continue
             if batch is not None and len(batch.parts) > 1:
                 outbox.fail_later(
                     req,
@@ -312,6 +315,24 @@ class Dispatcher:
             self._fleet.kill(
                 worker, "killed by modelpool: a request ran past its timeout", "timeout"
             )
+
+    def _stop_stream(self, req: Request, worker: WorkerHandle, now: float, outbox: Outbox) -> bool:
+        """A running stream past its deadline: the first time, its reader fails now and the
+        worker is told to stop the generator (its ``finally`` runs), with ``STOP_GRACE``
+        seconds to do it (True: nothing more to do now); the second time, it did not stop
+        (False: the worker is killed as for any request past its timeout)."""
+        if req.stream.stopping:
+            return False
+        req.stream.stopping = True
+        error = RequestTimeoutError(
+            f"request to model {self.settings.model_name!r} timed out while streaming in "
+            f"worker pid {worker.pid}; the model's generator was stopped. Raise the timeout "
+            "if the model is just slow."
+        )
+        outbox.call_later(req.stream.stop, worker, req.id, error)  # (a write: after the lock)
+        req.deadline = now + STOP_GRACE
+        self._deadlines.add(req)
+        return True
 
     # ------------------------------------------------------------------ channels (lock held)
 

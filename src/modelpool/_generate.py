@@ -21,11 +21,11 @@ from typing import Any
 
 import orjson
 
-from modelpool._exceptions import CodecError
+from modelpool._exceptions import CodecError, ServerError, ServerTimeoutError
 from modelpool._model import TensorSpec
 from modelpool._protocol import InferRequest, decode_infer_request, encode_infer_response, short
 
-__all__ = ["decode_generate", "encode_generate"]
+__all__ = ["Events", "decode_generate", "encode_generate", "generate_body", "read_piece"]
 
 
 def _flat(value: Any) -> list[Any]:
@@ -118,3 +118,74 @@ def encode_generate(
         values = output["data"]
         answer[output["name"]] = values[0] if len(values) == 1 else values
     return orjson.dumps(answer)
+
+
+# ----------------------------------------------------------------------------- the client's side
+
+#: the keys of an answer that are not outputs
+_ANSWER_KEYS = frozenset({"model_name", "model_version", "id"})
+
+
+def generate_body(
+    inputs: Mapping[str, Any], parameters: Mapping[str, Any] | None, request_id: str | None
+) -> bytes:
+    """A ``generate`` request: each input by name (an array as a nested list, a string or a
+    number as it is), the parameters, the id."""
+    doc: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if name in ("id", "parameters"):
+            raise CodecError(f"an input cannot be named {name!r} in a generate request")
+        doc[name] = value.tolist() if hasattr(value, "tolist") else value
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    if request_id is not None:
+        doc["id"] = request_id
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:
+        raise CodecError(f"the inputs cannot be sent as JSON: {exc}") from None
+
+
+class Events:
+    """Server-Sent Events from the lines of a ``generate_stream`` answer: ``feed`` each line
+    (with or without its newline); an event comes out, as (its name, its data), at the blank
+    line that ends it."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: bytes) -> tuple[str, str] | None:
+        text = line.decode("utf-8").rstrip("\r\n")
+        if not text:
+            if not self._data:
+                return None
+            event = (self._name, "\n".join(self._data))
+            self._name, self._data = "message", []
+            return event
+        field, _, value = text.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._name = value
+        elif field == "data":
+            self._data.append(value)
+        return None  # (comments and other fields are ignored, as the standard says)
+
+
+def read_piece(event: tuple[str, str], url: str) -> dict[str, Any]:
+    """A ``generate_stream`` event's outputs (name -> the JSON value: a number, a string or a
+    flat list). An error event raises ``ServerError`` (``ServerTimeoutError`` for a 504)
+    with its message and status."""
+    name, data = event
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ServerError(200, f"an event of the stream is not JSON ({exc})", url=url) from None
+    if not isinstance(doc, dict):
+        raise ServerError(200, "an event of the stream is not a JSON object", url=url)
+    if name == "error" or "error" in doc:
+        status = doc.get("status", 500)
+        status = status if isinstance(status, int) else 500
+        cls = ServerTimeoutError if status == 504 else ServerError
+        raise cls(status, str(doc.get("error", data)), url=url)
+    return {key: value for key, value in doc.items() if key not in _ANSWER_KEYS}

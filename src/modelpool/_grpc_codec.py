@@ -38,6 +38,7 @@ from modelpool._protocol import (
 
 __all__ = [
     "decode_model_infer",
+    "empty_response",
     "encode_model_infer",
     "scan_header",
     "stream_answer",
@@ -272,10 +273,7 @@ def encode_model_infer(
     order, if it names none), each raw. Raises ``CodecError`` for a requested output the model
     does not have, ``UnsupportedDatatypeError`` for an array no datatype fits."""
     tensor = messages().ModelInferResponse.InferOutputTensor
-    parts: list[Any] = []
-    for number, text in ((1, model_name), (2, model_version), (3, request_id)):
-        if text:
-            _field(parts, number, text.encode())
+    parts = [empty_response(model_name, model_version, request_id)]
     raws = []
     for name, value, _ in select_outputs(model_name, outputs, request):
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
@@ -288,17 +286,29 @@ def encode_model_infer(
     return b"".join(parts)
 
 
-def stream_answer(response: bytes) -> bytes:
+def stream_answer(response: bytes, final: bool | None = True) -> bytes:
     """A ``ModelStreamInferResponse`` carrying a serialized ``ModelInferResponse`` (as the
-    worker encodes it), marked as the request's last (``triton_final_response``: a model that
-    does not stream answers each request once)."""
+    worker encodes it), with the parameter ``triton_final_response`` set to ``final`` (True:
+    the request's last answer, as a model that does not stream gives each request; False: a
+    piece of a streamed answer; None: not set)."""
     inner = [response]
-    entry: list[Any] = []
-    _field(entry, 1, b"triton_final_response")
-    _field(entry, 2, b"\x08\x01")  # InferParameter{bool_param: true}
-    _field(inner, 4, b"".join(entry))  # (appended: a repeated map field merges)
+    if final is not None:
+        entry: list[Any] = []
+        _field(entry, 1, b"triton_final_response")
+        _field(entry, 2, b"\x08\x01" if final else b"\x08\x00")  # InferParameter{bool_param}
+        _field(inner, 4, b"".join(entry))  # (appended: a repeated map field merges)
     parts: list[Any] = []
     _field(parts, 2, b"".join(inner))
+    return b"".join(parts)
+
+
+def empty_response(model_name: str, model_version: str | None, request_id: str | None) -> bytes:
+    """A serialized ``ModelInferResponse`` with no outputs (the empty last answer of a
+    streamed one, which Triton's clients ask for with ``triton_enable_empty_final_response``)."""
+    parts: list[Any] = []
+    for number, text in ((1, model_name), (2, model_version), (3, request_id)):
+        if text:
+            _field(parts, number, text.encode())
     return b"".join(parts)
 
 

@@ -88,6 +88,8 @@ class WorkerHandle:
         self.users = 0  # threads holding the channel (writing or reading); close waits for 0
         self.idle_since = 0.0  # when it last became idle (for scaling down)
         self.exited = False
+        self.exit_deferred_at: float | None = None  # its exit waits for the loop to read the rest
+        self.exit_drained = False  # the loop has read it
         self.lifeline = lifeline  # write end; closing it (or our death) tells the worker to exit
         self.pid: int | None = process.pid
         self.state = STARTING

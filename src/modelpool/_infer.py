@@ -27,10 +27,11 @@ codes).
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from typing import Any
 
-from . import _batching, _generate, _grpc_codec, _logs, _protocol, _shm, _transport
+from . import _batching, _generate, _grpc_codec, _logs, _protocol, _shm, _streaming, _transport
 from ._exceptions import (
     BatchError,
     BodyTooLarge,
@@ -49,6 +50,7 @@ __all__ = [
     "handle",
     "handle_batch",
     "request_payload",
+    "stream",
 ]
 
 #: the status of an answer whose outputs the model got wrong (a 500, logged)
@@ -91,6 +93,64 @@ def handle(model: Any, payload: tuple[Any, ...]) -> Answer:
     if not isinstance(read, _Read):
         return read
     return _encode(read, model.predict(read.inputs))
+
+
+def stream(
+    channel: Any, rid: int, model: Any, payload: tuple[Any, ...], ok: int
+) -> tuple[int, int, Any]:
+    """A request to a model that streams (``STREAM_INFER``): each item ``predict`` yields
+    goes back as an encoded ``Answer`` piece as it comes (``_streaming.run_stream``); the
+    final answer's result is None, or the ``Answer`` of a request that could not be run, or
+    (gRPC, when the request asks for it) an empty last answer. An item that cannot be
+    encoded is a last, non-200 piece. gRPC pieces are whole ``ModelStreamInferResponse``s.
+    ``predict``'s exceptions propagate."""
+    read = _read(model, payload)
+    if not isinstance(read, _Read):
+        return (ok, rid, read)
+    grpc = read.kind == GRPC
+    outputs = model.predict(read.inputs)
+    once = not _streams(outputs)  # a plain answer: its one piece is the last (gRPC says so)
+
+    def encode(item: Any) -> tuple[Answer, bool]:
+        answer = _encode(read, item, streaming=True)
+        if answer[0] != 200:
+            return answer, True
+        if grpc:  # a whole ModelStreamInferResponse
+            data = _grpc_codec.stream_answer(bytes(answer[1]), final=once)
+            answer = (200, data, None, answer[3], answer[4])
+        return answer, False
+
+    reply = _streaming.run_stream(channel, rid, outputs, ok, encode)
+    if grpc and not once and read.decoded.parameters.get("triton_enable_empty_final_response"):
+        body_id = read.decoded.id
+        empty = _grpc_codec.empty_response(read.name, read.version, body_id or read.rid)
+        return (ok, rid, (200, _grpc_codec.stream_answer(empty), None, body_id, 0))
+    return reply
+
+
+def _streams(outputs: Any) -> bool:
+    return inspect.isgenerator(outputs) or inspect.isasyncgen(outputs)
+
+
+def _refuse_stream(read: _Read, outputs: Any) -> Answer:
+    """The answer to a request that cannot take a stream (as Triton refuses a decoupled
+    model on its non-streaming endpoints); the generator is closed unrun."""
+    close = getattr(outputs, "aclose", None) or outputs.close
+    result: Any = close()
+    if result is not None:  # (aclose's awaitable)
+        result.close()  # (an async generator that never started has nothing to finish)
+    where = {
+        GRPC: "ModelStreamInfer (gRPC)",
+        GENERATE: f"/v2/models/{read.name}/generate_stream",
+    }.get(read.kind, f"/v2/models/{read.name}/generate_stream or gRPC ModelStreamInfer")
+    return (
+        400,
+        f"model {read.name!r} streams its answer (its predict is a generator), so it cannot "
+        f"be answered in one response; call {where}",
+        None,
+        read.decoded.id,
+        0,
+    )
 
 
 def handle_batch(model: Any, payloads: list[tuple[Any, ...]], max_batch_size: int) -> list[Any]:
@@ -178,8 +238,8 @@ def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
     token = _logs.REQUEST_ID.set(",".join(tags) if tags else None)
     try:
         outputs = model.predict(_batching.merge([read.inputs for read in reads]))
-        if len(reads) == 1:
-            answers = [outputs]
+        if len(reads) == 1 or _streams(outputs):
+            answers = [outputs] * len(reads)  # (a stream is refused, to each of them)
         else:
             try:
                 answers = _batching.split(outputs, [read.rows for read in reads], reads[0].name)
@@ -198,8 +258,10 @@ def _run(model: Any, run: list[tuple[int, _Read]], results: list[Any]) -> None:
         results[i] = _encode(read, outputs)
 
 
-def _encode(read: _Read, outputs: Any) -> Answer:
+def _encode(read: _Read, outputs: Any, streaming: bool = False) -> Answer:
     body_id = read.decoded.id
+    if not streaming and _streams(outputs):
+        return _refuse_stream(read, outputs)
     if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
         what = f"{type(outputs).__name__}, but predict() must return a dict of output name -> array"
         return (BAD_OUTPUTS, what, None, body_id, 0)

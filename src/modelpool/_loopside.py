@@ -231,6 +231,21 @@ class LoopSide:
                     self._give_back(worker)
         self._wake()
 
+    def drain_soon(self, worker: WorkerHandle, done: Callable[[WorkerHandle], None]) -> None:
+        """(Any thread) ``worker`` has exited: on the loop, read what it wrote before (the
+        pieces of a stream), up to its end of file, then call ``done(worker)``."""
+
+        def drain() -> None:
+            try:
+                for _ in range(64):  # (a stream holds at most WINDOW pieces and its end)
+                    if not (worker.loop_watched and worker.channel.readable()):
+                        break
+                    self._readable(worker)
+            finally:
+                done(worker)
+
+        _aio.call_in_loop(self.loop, drain)
+
     # ------------------------------------------------------------------ answers (loop thread)
 
     def reap(self) -> None:

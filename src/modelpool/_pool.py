@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from . import _aio, _batching, _hygiene, _infer, _transport
+from . import _batching, _hygiene, _infer, _transport
 from ._atexit import register_atexit
 from ._exceptions import ModelSpecError, PoolClosedError, UnsafeForkError
 from ._handle import WorkerStats
@@ -23,7 +23,8 @@ from ._loopside import LoopFuture
 from ._model import TensorSpec, check_rows, normalize_inputs
 from ._requests import Request
 from ._settings import PoolSettings, check, default_start_method, scaling, validate
-from ._streaming import STREAM, PredictStream, Sink
+from ._started import StartedPredict
+from ._streaming import STREAM, STREAM_INFER, PredictStream, Sink
 from ._supervisor import Supervisor
 from ._worker import CALL, INFER, PREDICT, PREDICT_TAGGED, model_loaded
 
@@ -376,11 +377,21 @@ class Pool(cf.Executor):
         self._check_has_model()
         inputs = normalize_inputs(inputs, self._input_specs, self._model_name)
         check_rows(inputs, self._model_limit, self._model_name)
+        return self._stream(STREAM, inputs, timeout, _tag(request_id))
+
+    def _stream(self, kind: int, payload: Any, timeout: float | None, tag: Any) -> PredictStream:
+        """Queue a stream request (``STREAM`` or ``STREAM_INFER``); made on the attached loop,
+        its pieces are read there."""
         req = self._new_request(timeout)
-        req.tag = _tag(request_id)
+        req.tag = tag
+        self._supervisor.loop_future(req)
         req.stream = Sink()
-        req.future.add_done_callback(req.stream.end)
-        req.frame = _transport.encode_request((STREAM, req.id, (req.tag, inputs)), "the inputs")
+        future: Any = req.future
+        (future.waiter if isinstance(future, LoopFuture) else future).add_done_callback(
+            req.stream.end
+        )
+        message = (kind, req.id, (tag, payload) if kind == STREAM else payload)
+        req.frame = _transport.encode_request(message, "the inputs")
         self._supervisor.submit(req)
         return PredictStream(req)
 
@@ -436,11 +447,35 @@ class Pool(cf.Executor):
         queued requests' bytes to a worker at once, which merges the compatible ones into
         predicts of at most ``max_batch_size`` rows (a request counts as one row in the
         queue: the pool does not decode them)."""
-        self._check_has_model()
-        payload = _infer.request_payload(
-            self._model_name, version, body, header_length, _tag(request_id), adopt_id
-        )
+        payload = self._infer_payload(body, header_length, version, request_id, adopt_id)
         return StartedPredict(self._enqueue(INFER, payload, timeout, on_loop=True))
+
+    def start_stream_infer(
+        self,
+        body: bytes,
+        header_length: int | None = None,
+        *,
+        version: str | None = None,
+        request_id: str | None = None,
+        adopt_id: bool = True,
+        timeout: float | None = None,
+    ) -> PredictStream:
+        """``start_infer`` for a streaming model: an ``_infer.Answer`` per item ``predict``
+        yields, as they come; a non-200 one (a request or item that cannot be answered) last."""
+        payload = self._infer_payload(body, header_length, version, request_id, adopt_id)
+        return self._stream(STREAM_INFER, payload, timeout, payload[4])
+
+    def _infer_payload(
+        self,
+        body: bytes,
+        header_length: int | None,
+        version: str | None,
+        request_id: str | None,
+        adopt_id: bool,
+    ) -> tuple[Any, ...]:
+        self._check_has_model()
+        tag = _tag(request_id)
+        return _infer.request_payload(self._model_name, version, body, header_length, tag, adopt_id)
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Let an event loop (default: the running one; call this in its thread) send
@@ -524,36 +559,6 @@ class Pool(cf.Executor):
             f"<modelpool.Pool {self._model_name!r} workers={self._settings.workers} "
             f"{self._start_method} {state}>"
         )
-
-
-class StartedPredict:
-    """A predict queued by ``Pool.start_predict``: ``future`` settles with its outputs (or its
-    error); ``worker_pid`` is the pid of the worker it was last given to (the one that ran it,
-    or died running it), None while it waits for one (queued, or queued again for a retry)."""
-
-    __slots__ = ("_request",)
-
-    def __init__(self, request: Request) -> None:
-        self._request = request
-
-    @property
-    def future(self) -> cf.Future[Any]:
-        """The request's future; for one made on an attached loop (``Pool.attach_loop``), use
-        ``await wait()`` instead."""
-        return self._request.future
-
-    async def wait(self) -> Any:
-        """The outputs (or the error), awaited in the loop that started the predict.
-        Cancelling the wait drops the request if it has not started, or its answer."""
-        future: Any = self._request.future
-        if isinstance(future, LoopFuture):
-            return await future.wait()
-        return await _aio.await_future(future)
-
-    @property
-    def worker_pid(self) -> int | None:
-        worker = self._request.worker
-        return worker.pid if worker is not None else None
 
 
 def _tag(request_id: str | None) -> str | None:

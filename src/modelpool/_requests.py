@@ -123,11 +123,11 @@ def settle_failed(req: Request, exc: BaseException) -> None:
 
 
 class Outbox:
-    """Failures and log records decided under the supervisor's lock, delivered after it.
+    """Failures, log records and writes decided under the supervisor's lock, done after it.
 
-    ``fail_later`` and ``log_later`` require the lock (they only append); ``flush`` must be
-    called without it, by the thread that released it. ``forget`` is told of every request
-    settled here, so the deadline index drops it.
+    ``fail_later``, ``log_later`` and ``call_later`` require the lock (they only append);
+    ``flush`` must be called without it, by the thread that released it. ``forget`` is told of
+    every request settled here, so the deadline index drops it.
     """
 
     def __init__(self, logger: logging.Logger, forget: Callable[[int], object]) -> None:
@@ -135,6 +135,7 @@ class Outbox:
         self._forget = forget
         self.failures: list[tuple[Request, BaseException]] = []
         self._records: list[tuple[int, str, tuple[object, ...], BaseException | None]] = []
+        self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
 
     def fail_later(self, req: Request, exc: BaseException) -> None:
         self._forget(req.id)
@@ -151,7 +152,14 @@ class Outbox:
         and a log handler may call the pool: records are written by ``flush``."""
         self._records.append((level, message, args, exc_info))
 
+    def call_later(self, fn: Callable[..., object], *args: Any) -> None:
+        """Something to do after the lock (a write to a worker: it may block)."""
+        self._calls.append((fn, args))
+
     def flush(self) -> None:
+        while self._calls:
+            fn, args = self._calls.pop(0)
+            fn(*args)
         while self.failures:
             req, exc = self.failures.pop(0)
             settle_failed(req, exc)

@@ -9,10 +9,13 @@ Back-pressure: the worker may be at most ``WINDOW`` pieces ahead of the caller. 
 that many credits, spends one per piece, and waits for a ``CREDIT`` (sent as the caller takes
 a piece) when it has none: a slow reader pauses the generator instead of filling memory.
 Cancellation: closing the stream (or its caller going away) sends ``CANCEL``; the worker
-closes the generator (its ``finally`` runs) and answers the end. Both messages are written by
-the stream's owner while the worker runs the stream, the only time nobody else writes to that
-worker; ``Sink.lock`` keeps them from crossing the end of the stream (after which the worker
-may be given the next request).
+closes the generator (its ``finally`` runs) and answers the end. A stream past its deadline
+fails for its reader at once and is cancelled the same way; a worker that has not stopped
+``STOP_GRACE`` seconds later (stuck between two pieces) is killed, as for any timeout.
+Both messages are written while the worker runs the stream (by the stream's owner, or the
+pool's supervisor at a deadline), the only time nothing else writes to that worker;
+``Sink.lock`` keeps them from crossing the end of the stream (after which the worker may be
+given the next request).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ __all__ = [
     "CANCEL",
     "CREDIT",
     "PIECE",
+    "STOP_GRACE",
     "STREAM",
+    "STREAM_INFER",
     "WINDOW",
     "PredictStream",
     "Sink",
@@ -40,9 +45,13 @@ __all__ = [
 # parent -> worker: a stream request (payload: (request id or None, inputs)), more credit
 # (payload: a count), a cancel (payload: None); worker -> parent: one piece
 STREAM, CREDIT, CANCEL = 7, 8, 9
+# parent -> worker: a server's stream request, as its body's bytes (``_infer.stream``)
+STREAM_INFER = 10
 PIECE = 15
 #: pieces a worker may produce ahead of its caller
 WINDOW = 4
+#: seconds a stream past its deadline has to stop its generator before its worker is killed
+STOP_GRACE = 5.0
 
 _END = object()
 
@@ -50,9 +59,13 @@ _END = object()
 # ----------------------------------------------------------------------------- the worker
 
 
-def run_stream(channel: Any, rid: int, result: Any, ok: int) -> tuple[int, int, Any]:
+def run_stream(
+    channel: Any, rid: int, result: Any, ok: int, encode: Any = None
+) -> tuple[int, int, Any]:
     """Send ``result``'s items (a generator's, or ``result`` itself) as pieces; the final
-    answer to send (``(ok, rid, None)``); an exception the generator raises propagates."""
+    answer to send (``(ok, rid, None)``); an exception the generator raises propagates.
+    ``encode(item)``, when given, returns ``(piece, last)``: what to send for an item, and
+    whether it ends the stream (an item that cannot be answered: the generator is closed)."""
     if inspect.isasyncgen(result):
         items: Iterator[Any] = _sync_items(result)
     elif inspect.isgenerator(result):
@@ -62,7 +75,12 @@ def run_stream(channel: Any, rid: int, result: Any, ok: int) -> tuple[int, int, 
     credits = WINDOW
     try:
         for item in items:
+            last = False
+            if encode is not None:
+                item, last = encode(item)
             channel.send((PIECE, rid, item))
+            if last:
+                return (ok, rid, None)
             credits -= 1
             # what the caller sent meanwhile; with no credit left, wait for some
             while (message := channel.recv(block=credits <= 0)) is not None:
@@ -100,7 +118,7 @@ def _sync_items(agen: Any) -> Iterator[Any]:
 class Sink:
     """What the pool's readers put a stream's pieces into, and its end."""
 
-    __slots__ = ("cond", "done", "items", "lock", "open", "started", "waker")
+    __slots__ = ("cond", "done", "items", "lock", "open", "started", "stopping", "waker")
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -109,6 +127,7 @@ class Sink:
         self.lock = threading.Lock()  # held while writing CREDIT/CANCEL, and to close
         self.open = True  # the worker still runs the stream: CREDIT/CANCEL may be written
         self.started = False  # a piece arrived: a crash now fails the stream, no retry
+        self.stopping = False  # past its deadline: told to stop, and failed for its reader
         self.waker: Any = None  # (loop, asyncio.Event) of an async reader
 
     def put(self, item: Any) -> None:
@@ -117,6 +136,26 @@ class Sink:
             self.cond.notify_all()
         self._wake()
 
+    def send(self, worker: Any, rid: int, kind: int, payload: Any) -> None:
+        """``CREDIT`` or ``CANCEL`` to ``worker``, while it still runs the stream ``rid``."""
+        with self.lock:
+            if not self.open:
+                return
+            try:
+                worker.channel.send_small(_transport.encode_plain((kind, rid, payload)).body)
+            except OSError:
+                pass  # the worker is gone: the pool fails the stream
+
+    def stop(self, worker: Any, rid: int, error: BaseException) -> None:
+        """The stream is past its deadline: its reader gets ``error`` now, and the worker is
+        told to stop the generator (as a cancel does: its ``finally`` runs). The request
+        stays the worker's until it has stopped (the pool kills it if it does not, soon)."""
+        with self.cond:
+            self.items.append(_Failed(error))
+            self.cond.notify_all()
+        self._wake()
+        self.send(worker, rid, CANCEL, None)
+
     def close(self) -> None:
         """The worker is done with the stream: no more CREDIT or CANCEL to it (it may take
         another request next). Waits for one being written."""
@@ -124,10 +163,14 @@ class Sink:
             self.open = False
 
     def end(self, future: Any) -> None:
-        """The request's future settled: the stream is over (its error, if any, last)."""
+        """The request's future (a ``concurrent.futures`` or an asyncio one) settled: the
+        stream is over. Its error, if any, comes last; a result other than None is a last
+        piece (a server's request that was answered without running the model)."""
         self.close()
         error = None if future.cancelled() else future.exception()
         with self.cond:
+            if error is None and future.result() is not None:
+                self.items.append(future.result())
             self.items.append(_Failed(error) if error is not None else _END)
             self.done = True
             self.cond.notify_all()
@@ -137,7 +180,10 @@ class Sink:
         waker = self.waker
         if waker is not None:
             loop, event = waker
-            loop.call_soon_threadsafe(event.set)
+            if asyncio._get_running_loop() is loop:
+                event.set()  # (read on the reader's own loop: no hand-off)
+            else:
+                loop.call_soon_threadsafe(event.set)
 
 
 class _Failed:
@@ -204,6 +250,12 @@ class PredictStream:
         self._send(CREDIT, 1)
         return item
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the worker running the stream (None while it is queued)."""
+        worker = self._request.worker
+        return worker.pid if worker is not None else None
+
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
@@ -233,15 +285,6 @@ class PredictStream:
 
     def _send(self, kind: int, payload: Any) -> None:
         """A message to the worker running the stream, while it still does."""
-        sink, worker = self._sink, self._request.worker
-        if worker is None:
-            return
-        with sink.lock:
-            if not sink.open:
-                return
-            try:
-                worker.channel.send_small(
-                    _transport.encode_plain((kind, self._request.id, payload)).body
-                )
-            except OSError:
-                pass  # the worker is gone: the pool fails the stream
+        worker = self._request.worker
+        if worker is not None:
+            self._sink.send(worker, self._request.id, kind, payload)

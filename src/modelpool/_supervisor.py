@@ -44,7 +44,7 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any, cast
 
-from . import _handle
+from . import _exits, _handle
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher, out_of_step, peer_gone, transport_error
 from ._exceptions import (
@@ -52,10 +52,9 @@ from ._exceptions import (
     ModelSetupError,
     PoolClosedError,
     PoolOverloadedError,
-    WorkerCrashedError,
 )
 from ._fleet import Fleet, Launch, exit_kind, worker_stats
-from ._handle import BUSY, IDLE, STARTING, STOPPING, WorkerHandle, WorkerStats, describe_exit
+from ._handle import STARTING, STOPPING, WorkerHandle, WorkerStats, describe_exit
 from ._hygiene import THREAD_PREFIX
 from ._loopside import LoopFuture, LoopSide
 from ._poller import Poller
@@ -69,6 +68,8 @@ __all__ = ["Supervisor"]
 
 #: Setup failures (with the worker's traceback), and what the pool does about them.
 log = logging.getLogger("modelpool.pool")
+#: seconds a dead worker's exit waits for the attached loop to read what it wrote before
+EXIT_DRAIN = 1.0
 
 
 class Supervisor:
@@ -91,6 +92,7 @@ class Supervisor:
         self.loopside: LoopSide | None = None  # an event loop that reads its own answers
         self._ids = itertools.count(1)
         self.deadlines = Deadlines()
+        self._deferred_exits: list[WorkerHandle] = []  # exits waiting for the loop (_defer_exit)
         self.outbox = Outbox(log, self.deadlines.discard)
         self.fleet = Fleet(
             settings,
@@ -322,6 +324,8 @@ class Supervisor:
                         self._on_message(worker)
                     else:
                         self._on_exit(worker)
+                for worker in self._exits_due():
+                    self._on_exit(worker)
         except BaseException as exc:  # a bug in modelpool: fail loudly, never hang callers
             error = ModelpoolError(
                 f"modelpool's supervisor thread crashed ({type(exc).__name__}: {exc}): a bug in "
@@ -391,6 +395,7 @@ class Supervisor:
             times.append(self.dispatch.batch_due)
         if self._closing and self._drain_until is not None:
             times.append(self._drain_until)
+        times += [(w.exit_deferred_at or now) + EXIT_DRAIN for w in self._deferred_exits]
         return min(times) if times else None
 
     # ------------------------------------------------------------------ events
@@ -466,7 +471,48 @@ class Supervisor:
                 self.outbox.fail_later(member, fresh(error))
         self._flush()
 
+    def _defer_exit(self, worker: WorkerHandle) -> bool:
+        """Whether ``worker``'s exit waits: a stream's pieces it wrote before it died may be
+        in its pipe, and only the attached loop, which reads its answers, may read them. The
+        loop reads them (``LoopSide.drain_soon``), then the exit is handled (at the latest
+        ``EXIT_DRAIN`` seconds later)."""
+        with self._lock:
+            side, req = self.loopside, worker.request
+            if (
+                side is None
+                or worker.exit_deferred_at is not None
+                or not worker.loop_watched
+                or getattr(req, "stream", None) is None
+            ):
+                return False
+            worker.exit_deferred_at = self._clock()
+            self._deferred_exits.append(worker)
+        self.poller.forget_exit(worker)
+        side.drain_soon(worker, self._drained)
+        return True
+
+    def _drained(self, worker: WorkerHandle) -> None:
+        with self._lock:
+            worker.exit_drained = True
+        self._wake()
+
+    def _exits_due(self) -> list[WorkerHandle]:
+        """The deferred exits to handle now (``_defer_exit``)."""
+        if not self._deferred_exits:
+            return []
+        with self._lock:
+            since = self._clock() - EXIT_DRAIN
+            due = [
+                w
+                for w in self._deferred_exits
+                if w.exit_drained or (w.exit_deferred_at or 0.0) <= since
+            ]
+            self._deferred_exits = [w for w in self._deferred_exits if w not in due]
+        return due
+
     def _on_exit(self, worker: WorkerHandle) -> None:
+        if self._defer_exit(worker):
+            return
         worker.process.join(1.0)
         exitcode = worker.process.exitcode
         self.poller.forget_exit(worker)
@@ -516,85 +562,22 @@ class Supervisor:
     ) -> None:
         """``worker`` died (or was killed) while serving: retry or fail its request (lock
         held)."""
-        req = worker.request
-        worker.request = None
-        if req is None:
-            if worker.kill_reason is None and not self._closing:  # no request will tell of it
-                self.outbox.log_later(
-                    logging.WARNING,
-                    "worker %d (pid %s) of %r %s while idle; likely cause: %s. It is being "
-                    "replaced.",
-                    worker.index,
-                    worker.pid,
-                    self.settings.model_name,
-                    what,
-                    likely,
-                )
-            return
-        members = req.members
-        for member in reversed(members):  # retries go back to the front, in their order
-            if member.future.done():
-                continue
-            member.batch = None
-            if member.may_retry(self.settings.retries) and not self._closing:
-                self.dispatch.requeue(member)
-                continue
-            if worker.kill_reason is not None and self._closing:
-                self.outbox.fail_later(
-                    member, PoolClosedError(f"the pool was shut down ({worker.kill_reason})")
-                )
-                continue
-            tries = f" (tried {member.attempts} times)" if member.attempts > 1 else ""
-            shared = f" in a batch of {len(members)}" if len(members) > 1 else ""
-            if worker.kill_reason is not None:
-                what, likely = "was stopped", worker.kill_reason
-            self.outbox.fail_later(
-                member,
-                WorkerCrashedError(
-                    f"worker {worker.index} (pid {worker.pid}) of {self.settings.model_name!r} "
-                    f"{what} while running this request{shared}{tries}; likely cause: {likely}."
-                    " The worker is being replaced; other requests are unaffected.",
-                    pid=worker.pid,
-                    exitcode=code,
-                    signal_name=signame,
-                    likely_cause=likely,
-                ),
-            )
+        exit_ = _exits.Exit(what, signame, likely, code)
+        _exits.settle_crashed(
+            worker, exit_, self.dispatch, self.outbox, self.settings, self._closing
+        )
 
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown_step(self, now: float) -> bool:
         """One step of a staged shutdown; True when everything is stopped and reaped."""
-        fleet, dispatch, outbox = self.fleet, self.dispatch, self.outbox
-        fleet.respawn_at.clear()
-        dispatch.drop_settled()  # a cancelled request is nothing to wait for
         draining = not self._force and (self._drain_until is None or now < self._drain_until)
-        queued = bool(dispatch.queue)
-        if queued and draining and not fleet.capacity():
-            # nothing left that could run the queue (e.g. the model failed to load)
-            reason = fleet.last_setup_error or PoolClosedError("the pool was shut down")
-            for req in dispatch.take_all():
-                outbox.fail_later(req, fresh(reason))
-        if not draining:
-            self._fail_waiting(PoolClosedError("the pool was shut down"))
-        queued = bool(dispatch.queue)
-        for w in list(fleet.workers):
-            if w.state == STOPPING or w.kill_reason is not None:
-                continue
-            if self._force or (w.state == STARTING and not (draining and queued)):
-                fleet.kill(w, "killed by modelpool: pool shut down", "shutdown")
-            elif w.state == BUSY and not draining:
-                if w.request is not None:
-                    for member in w.request.members:
-                        outbox.fail_later(
-                            member,
-                            PoolClosedError(
-                                "the pool was shut down before this request finished "
-                                f"(drain_timeout={self.settings.drain_timeout} s)"
-                            ),
-                        )
-                    w.request = None
-                fleet.kill(w, "killed by modelpool: still busy at the end of shutdown", "shutdown")
-            elif w.state == IDLE and not (queued and draining):
-                fleet.stop(w, now)
-        return not fleet.workers and not dispatch.queue
+        return _exits.shutdown_step(
+            self.fleet,
+            self.dispatch,
+            self.outbox,
+            self.settings,
+            now,
+            draining=draining,
+            force=self._force,
+        )

@@ -18,7 +18,7 @@ from typing import Any
 from . import _hygiene, _infer, _logs, _output, _shm, _transport
 from ._exceptions import ModelSpecError, SerializationError
 from ._settings import PoolSettings
-from ._streaming import CANCEL, CREDIT, STREAM, run_stream
+from ._streaming import CANCEL, CREDIT, STREAM, STREAM_INFER, run_stream
 
 __all__ = [
     "CALL",
@@ -216,8 +216,8 @@ def _serve(channel: _transport.Channel, model: Any) -> None:
             return
         if kind in (CREDIT, CANCEL):
             continue  # for a stream that has ended meanwhile
-        if kind == STREAM:
-            reply = _stream(channel, rid, payload, predict)
+        if kind in (STREAM, STREAM_INFER):
+            reply = _stream(channel, kind, rid, payload, model)
         else:
             reply = _handle(kind, rid, payload, predict, model)
         del payload  # inputs no longer referenced are released with this reply
@@ -283,14 +283,16 @@ def _handle(kind: int, rid: int, payload: Any, predict: Any, model: Any) -> tupl
         _logs.REQUEST_ID.reset(token)
 
 
-def _stream(channel: Any, rid: int, payload: Any, predict: Any) -> tuple[int, int, Any]:
+def _stream(channel: Any, kind: int, rid: int, payload: Any, model: Any) -> tuple[int, int, Any]:
     """A streamed predict: its pieces sent as they come (``_streaming``), then its end."""
-    tag, inputs = payload
+    tag = payload[4] if kind == STREAM_INFER else payload[0]
     token = _logs.REQUEST_ID.set(tag)
     try:
-        if predict is None:
+        if getattr(model, "predict", None) is None:
             raise ModelSpecError("this pool has no model; use submit() to run functions")
-        return run_stream(channel, rid, predict(inputs), OK)
+        if kind == STREAM_INFER:
+            return _infer.stream(channel, rid, model, payload, OK)
+        return run_stream(channel, rid, model.predict(payload[1]), OK)
     except Exception as exc:
         return (ERR, rid, _transport.RemoteException.capture(exc))
     finally:

@@ -30,7 +30,7 @@ import http.client
 import json
 import os
 import threading
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 from urllib.parse import quote, urlsplit
@@ -44,6 +44,7 @@ from modelpool._exceptions import (
     ServerError,
     ServerTimeoutError,
 )
+from modelpool._generate import Events, generate_body, read_piece
 from modelpool._protocol import decode_infer_response, encode_infer_request
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ __all__ = ["Client", "ServerError", "ServerTimeoutError"]
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _MAX_BODY = 1 << 62  # responses are trusted as far as size goes
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
 class _Call(NamedTuple):
@@ -212,6 +214,18 @@ class Client:
         answer = yield _Call("POST", path, body, headers)
         return self._infer_result(answer, self.url + path)
 
+    def _stream_request(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        parameters: Mapping[str, Any] | None,
+        version: str | None,
+        request_id: str | None,
+    ) -> tuple[str, str, bytes]:
+        """A ``generate_stream`` request's path, URL and body."""
+        path = self._model_path(model, version) + "/generate_stream"
+        return path, self.url + path, generate_body(inputs, parameters, request_id)
+
     def _name_from_metadata(self, model: str, version: str | None, doc: dict[str, Any]) -> str:
         specs = doc.get("inputs")
         names = [s.get("name") for s in specs if isinstance(s, dict)] if specs else []
@@ -320,6 +334,61 @@ class Client:
         path = "/v2" if model is None else self._model_path(model, version)
         return _json(self._request("GET", path), self.url + path)
 
+    def stream(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Run ``model`` on ``inputs`` through Triton's ``generate_stream`` extension and
+        yield its answer's pieces as they come: for a model whose ``predict`` is a generator,
+        one per item it yields; for another model, one. Each piece is a dict of output name ->
+        its JSON value (a number, a string, or a flat list; a single element bare), as the
+        extension sends it. ``inputs`` are named values (arrays, lists, strings, numbers);
+        ``parameters`` go with the request.
+
+        Each stream has its own connection; leaving the loop early (or ``close()`` on the
+        iterator) closes it, which stops the model's generator on the server. A failure
+        mid-stream (the model raising, its worker crashing, its timeout) raises ``ServerError``
+        after the pieces before it (``ServerTimeoutError`` for a timeout). The Client's
+        ``timeout`` bounds the wait for each piece, not the whole stream."""
+        path, url, body = self._stream_request(model, inputs, parameters, version, request_id)
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.timeout)
+        try:
+            headers = {**self._auth, **_STREAM_HEADERS}
+            try:
+                conn.request("POST", self._prefix + path, body=body, headers=headers)
+                response = conn.getresponse()
+            except TimeoutError:
+                raise ServerTimeoutError(
+                    0, f"{url} sent nothing within {self.timeout} s", url=url
+                ) from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerError(0, _unreachable(url, exc), url=url) from exc
+            if response.status != 200:
+                raise _error(_Answer(response.status, response.read(), None, None), url)
+            events = Events()
+            while True:
+                try:
+                    line = response.readline()
+                except TimeoutError:
+                    raise ServerTimeoutError(
+                        0, f"{url} sent no piece within {self.timeout} s", url=url
+                    ) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    raise ServerError(0, f"{url} broke off the stream: {exc}", url=url) from exc
+                if not line:
+                    return
+                event = events.feed(line)
+                if event is not None:
+                    yield read_piece(event, url)
+        finally:
+            conn.close()
+
     def close(self) -> None:
         """Close the blocking connection (the async session is closed by ``aclose``)."""
         with self._lock:
@@ -338,13 +407,8 @@ class Client:
 
     # -- async ------------------------------------------------------------------------------
 
-    async def _arequest(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> _Answer:
+    async def _asession(self) -> aiohttp.ClientSession:
+        """The async session of this event loop (made on first use)."""
         try:
             import aiohttp
         except ImportError:
@@ -362,10 +426,22 @@ class Client:
                 timeout=aiohttp.ClientTimeout(total=self.timeout), auto_decompress=False
             )
             self._session_loop = loop
+        return self._session
+
+    async def _arequest(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Answer:
+        import aiohttp  # (_asession said what to install, if it is missing)
+
+        session = await self._asession()
         url = self.url + path
         headers = {"Accept-Encoding": "identity", **self._auth, **(headers or {})}
         try:
-            async with self._session.request(method, url, data=body, headers=headers) as response:
+            async with session.request(method, url, data=body, headers=headers) as response:
                 data = await response.read()
                 return _Answer(
                     response.status,
@@ -417,6 +493,40 @@ class Client:
         """The coroutine form of ``metadata``."""
         path = "/v2" if model is None else self._model_path(model, version)
         return _json(await self._arequest("GET", path), self.url + path)
+
+    async def astream(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, Any] | None = None,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The async form of ``stream`` (``async for piece in client.astream(...)``)."""
+        _, url, body = self._stream_request(model, inputs, parameters, version, request_id)
+        session = await self._asession()
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=self.timeout
+        )
+        headers = {**self._auth, **_STREAM_HEADERS}
+        try:
+            async with session.post(url, data=body, headers=headers, timeout=timeout) as response:
+                if response.status != 200:
+                    raise _error(_Answer(response.status, await response.read(), None, None), url)
+                events = Events()
+                async for line in response.content:
+                    event = events.feed(line)
+                    if event is not None:
+                        yield read_piece(event, url)
+        except TimeoutError:
+            raise ServerTimeoutError(
+                0, f"{url} sent no piece within {self.timeout} s", url=url
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise ServerError(0, f"{url}: {exc}", url=url) from exc
 
     async def aclose(self) -> None:
         """Close the async session and the blocking connection."""

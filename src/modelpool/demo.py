@@ -1,17 +1,20 @@
-"""A built-in demo model that needs no download and no torch.
+"""Built-in demo models that need no download and no torch.
 
 ``IrisClassifier`` classifies iris flowers from four measurements (sepal length, sepal width,
 petal length, petal width, in cm) by their distance to the mean of each species in Fisher's
 Iris data set (the class means are the data it ships). It answers softmax probabilities.
+``Words`` streams: the words of a text, one piece each (a stand-in for a text generator).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
 from ._model import Model, TensorSpec
 
-__all__ = ["MODEL", "SPECIES", "IrisClassifier"]
+__all__ = ["MODEL", "SPECIES", "IrisClassifier", "Words"]
 
 #: The demo model's import string: what ``modelpool demo`` runs and a bare ``modelpool serve``
 #: serves (the server, the YAML examples and the deploy manifests name it so).
@@ -47,3 +50,27 @@ class IrisClassifier(Model):
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         return {"PROBABILITIES": p.astype(np.float32), "LABEL": p.argmax(axis=1).astype(np.int64)}
+
+
+class Words(Model):
+    """A demo of a model that streams (its ``predict`` is a generator): the words of its text,
+    one piece each, ``pause`` seconds apart (option; default 0.1), as a text model yields
+    tokens. Serve it with ``modelpool serve modelpool.demo:Words --name words`` and read it with
+    ``curl -N .../v2/models/words/generate_stream -d '{"text_input": "one two three"}'``."""
+
+    inputs = [TensorSpec("text_input", "BYTES", [-1])]
+    outputs = [TensorSpec("text_output", "BYTES", [1])]
+
+    def __init__(self, pause: float = 0.1) -> None:
+        self.pause = float(pause)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        import time
+
+        text = " ".join(
+            w.decode() if isinstance(w, bytes) else str(w) for w in inputs["text_input"].tolist()
+        )
+        for i, word in enumerate(text.split()):
+            if i and self.pause:
+                time.sleep(self.pause)
+            yield {"text_output": np.array([word], dtype=object)}

@@ -128,7 +128,7 @@ def test_worker_init_fn_gives_distinct_reproducible_streams() -> None:
 
 
 OPENCV_SCRIPT = f"""
-import json, sys, time
+import json, signal, sys, time
 import psutil
 from torch.utils.data import DataLoader
 import _torch_cv_models as m
@@ -150,6 +150,8 @@ def load(init, timeout):
         rows = list(items)
     except RuntimeError as exc:
         rows = str(exc)
+        # torch's SIGCHLD handler would raise, mid-kill, that a worker was killed
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for child in psutil.Process().children():  # or the loader's shutdown waits 5 s each
             child.kill()
     return {{"rows": rows, "seconds": round(time.monotonic() - start, 3)}}

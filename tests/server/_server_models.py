@@ -107,3 +107,44 @@ class Upper(modelpool.Model):
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         words = inputs["text_input"]
         return {"text_output": np.array([w.upper() for w in words.tolist()], dtype=object)}
+
+
+class Words(modelpool.Model):
+    """A model that streams (a generator): one piece {"text_output": [word]} per word of its
+    text, as it goes. Words that act: "slow" sleeps 0.3 s before its piece, "wait" sleeps
+    60 s, "fail" raises, "crash" kills the worker, "bad" yields a piece that is not a dict,
+    "log:PATH" makes PATH get a line per piece ("yielded WORD") and "finally" at the end."""
+
+    inputs = [modelpool.TensorSpec("text_input", "BYTES", [-1])]
+    outputs = [modelpool.TensorSpec("text_output", "BYTES", [1])]
+
+    def predict(self, inputs: dict[str, Any]) -> Any:
+        words = " ".join(
+            w.decode() if isinstance(w, bytes) else str(w) for w in inputs["text_input"].tolist()
+        ).split()
+        log = next((w[4:] for w in words if w.startswith("log:")), "")
+
+        def note(text: str) -> None:
+            if log:
+                with open(log, "a") as f:
+                    f.write(text + "\n")
+
+        try:
+            for word in words:
+                if word.startswith("log:"):
+                    continue
+                if word == "slow":
+                    time.sleep(0.3)
+                elif word == "wait":
+                    time.sleep(60)
+                elif word == "fail":
+                    raise ValueError("the model failed at the word 'fail'")
+                elif word == "crash":
+                    os._exit(9)
+                elif word == "bad":
+                    yield 42
+                    continue
+                note(f"yielded {word}")
+                yield {"text_output": np.array([word], dtype=object)}
+        finally:
+            note("finally")

@@ -45,6 +45,7 @@ def server(tmp: Path) -> Iterator[ServerProcess]:
             "buggy": {"model": "_server_models:Buggy"},
             "abort": {"model": "_server_models:Abort"},
             "gated": {"model": "_models:Gate", "options": {"path": str(tmp / "gate")}},
+            "words": {"model": "_server_models:Words"},
         },
     }
     with ServerProcess(config=config, tmp=tmp) as served:
@@ -561,3 +562,102 @@ def test_grpc_with_fork_workers_is_a_usage_error(tmp_path: Path) -> None:
     assert code == 2, server.output
     assert "server.grpc_port cannot be combined with start_method: fork" in server.output
     assert "use the default start method (forkserver)" in server.output
+
+
+# ----------------------------------------------------------------------------- a model that streams
+
+
+def _text(grpcclient: Any, text: str) -> Any:
+    item = grpcclient.InferInput("text_input", [1], "BYTES")
+    item.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    return item
+
+
+def _stream(
+    server: ServerProcess, text: str, *, until: int, empty_final: bool = False, **start: Any
+) -> tuple[list[tuple[Any, Any]], Any]:
+    """tritonclient's stream API, one request to ``words``: the first ``until`` callbacks
+    (result, error), and the still open client (the caller stops and closes it)."""
+    grpcclient = need_module("tritonclient.grpc")
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = _client(server)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), **start)
+    client.async_stream_infer(
+        "words", [_text(grpcclient, text)], request_id="w1", enable_empty_final_response=empty_final
+    )
+    return [answers.get(timeout=60) for _ in range(until)], client
+
+
+def _final(result: Any) -> bool:
+    return bool(result.get_response().parameters["triton_final_response"].bool_param)
+
+
+def test_a_streaming_model_answers_in_pieces_as_tritons_decoupled_models_do(
+    server: ServerProcess,
+) -> None:
+    """One answer per piece, marked not final, then (asked for) an empty final answer."""
+    got, client = _stream(server, "a b c", until=4, empty_final=True)
+    client.stop_stream()
+    client.close()
+    assert [e for _, e in got] == [None] * 4
+    results = [r for r, _ in got]
+    assert [r.as_numpy("text_output").tolist() for r in results[:3]] == [[b"a"], [b"b"], [b"c"]]
+    assert [_final(r) for r in results] == [False, False, False, True]
+    assert [r.get_response().id for r in results] == ["w1"] * 4
+    assert len(results[3].get_response().outputs) == 0
+
+
+def test_a_crash_mid_stream_is_an_error_after_the_pieces(server: ServerProcess) -> None:
+    got, client = _stream(server, "a b crash c", until=3)
+    client.stop_stream()
+    client.close()
+    assert [r.as_numpy("text_output").tolist() for r, _ in got[:2]] == [[b"a"], [b"b"]]
+    result, error = got[2]
+    assert result is None
+    assert "exited with status 9" in str(error), error
+    got, client = _stream(server, "again", until=1)  # the worker was replaced
+    client.stop_stream()
+    client.close()
+    assert got[0][0].as_numpy("text_output").tolist() == [b"again"]
+
+
+def test_cancelling_or_a_deadline_mid_stream_stops_the_models_generator(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The client's cancel (stop_stream(cancel_requests=True)), or the stream's deadline,
+    reaches the worker: the generator's ``finally`` runs, within a piece."""
+    for way in ("cancel", "deadline"):
+        log = tmp_path / f"{way}.log"
+        text = f"log:{log} one" + " slow" * 200
+        start = {"stream_timeout": 3.0} if way == "deadline" else {}
+        got, client = _stream(server, text, until=1, **start)
+        assert got[0][0].as_numpy("text_output").tolist() == [b"one"]
+        try:
+            if way == "cancel":
+                client.stop_stream(cancel_requests=True)
+            wait_for(_finished(log), 60, f"the model's finally ({way})")
+        finally:
+            client.stop_stream()
+            client.close()
+        assert _read(log).count("yielded") < 100, way
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _finished(log: Path) -> Any:
+    """Whether the model's generator has run its ``finally`` (its log says so)."""
+    return lambda: "finally" in _read(log)
+
+
+def test_model_infer_refuses_a_streaming_model_saying_what_to_call(server: ServerProcess) -> None:
+    grpcclient = need_module("tritonclient.grpc")
+    client = _client(server)
+    try:
+        error = _error(lambda: client.infer("words", [_text(grpcclient, "a b")]))
+    finally:
+        client.close()
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "streams its answer" in error.message()
+    assert "ModelStreamInfer" in error.message()

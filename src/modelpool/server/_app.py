@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import re
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
 
-from modelpool import __version__, _compression
-from modelpool._exceptions import BodyTooLarge, CodecError
-from modelpool._infer import BAD_OUTPUTS, GENERATE
-from modelpool._pool import StartedPredict
+from modelpool import __version__
 from modelpool.config import Config
 
-from . import _auth, _errors, _history, _logging, _login, _status
+from . import _auth, _history, _inference, _logging, _login, _status
 from ._errors import HTTPError
 from ._fastpath import FastPaths
+from ._inference import JSON, SHUTTING_DOWN
 from ._metrics import Metrics
 from ._served import ServedModel
 from ._shared import PUBLISH_INTERVAL, FrontShare
@@ -38,15 +34,9 @@ __all__ = ["SHUTTING_DOWN", "Server"]
 
 log = logging.getLogger("modelpool.server")
 
-JSON = "application/json"
-#: the two forms of Triton's generate extension
-GENERATE_ONE, GENERATE_STREAM = "generate", "generate_stream"
-SHUTTING_DOWN = "the server is shutting down; send the request to another instance"
 #: a path made of plain URL segments (as sent, no percent-encoding; nothing aiohttp's route
 #: syntax reads as a pattern)
 _SEGMENTS = re.compile(r"(/[A-Za-z0-9_.~-]+)+")
-#: bodies at least this big are decompressed, decoded and compressed in a thread
-OFF_LOOP_SIZE = 256 * 1024
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -86,8 +76,9 @@ class Server:
         # (a version that is not a plain URL segment is left to the {version} pattern)
         self.auth = _auth.Auth(config) if config.auth and config.auth.enabled else None
         self.logins = _login.Logins(self.auth) if self.auth is not None else None
+        self.inference = _inference.Inference(self)
         self.fast_handlers = {
-            path: self._tracked(self._infer_route(served), "model", served.name)
+            path: self._tracked(self.inference.route(served), "model", served.name)
             for served in self.models.values()
             for path in (
                 f"/v2/models/{served.name}/infer",
@@ -127,9 +118,9 @@ class Server:
                     ("GET", prefix, self.model_metadata),
                     ("GET", prefix + "/ready", self.model_ready),
                     ("GET", prefix + "/config", self.model_config),
-                    ("POST", prefix + "/infer", self.infer),
-                    ("POST", prefix + "/generate", self.generate),
-                    ("POST", prefix + "/generate_stream", self.generate_stream),
+                    ("POST", prefix + "/infer", self.inference.infer),
+                    ("POST", prefix + "/generate", self.inference.generate),
+                    ("POST", prefix + "/generate_stream", self.inference.generate_stream),
                 )
             ],
             *[(m, p, h, None) for m, p, h in (self.logins.routes() if self.logins else [])],
@@ -190,7 +181,7 @@ class Server:
                 headers["Retry-After"] = str(exc.retry_after)
             return _json({"error": str(exc)}, exc.status, headers)
         if isinstance(exc, web.HTTPRequestEntityTooLarge):  # a chunked body past the limit
-            return _json({"error": self._too_large(None)}, 413)
+            return _json({"error": self.too_large(None)}, 413)
         if isinstance(exc, web.HTTPException):
             if exc.status < 400:
                 raise exc
@@ -223,26 +214,26 @@ class Server:
             return None
         if expect.lower() != "100-continue":
             return _json({"error": f"unsupported Expect: {expect!r}; use 100-continue"}, 417)
-        if self._over_limit(request):
-            message = self._too_large(request.content_length)
+        if self.over_limit(request):
+            message = self.too_large(request.content_length)
             return _json({"error": message}, 413, {"Connection": "close"})
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
         return None
 
-    def _over_limit(self, request: web.Request) -> bool:
+    def over_limit(self, request: web.Request) -> bool:
         """Content-Length says the body is over the limit (decided before reading it)."""
         length = request.content_length
         return length is not None and length > self.settings.max_body_size
 
-    def _too_large(self, length: int | None) -> str:
+    def too_large(self, length: int | None) -> str:
         size = "request body" if length is None else f"request body of {length} bytes"
         return (
             f"{size} is over the limit of {self.settings.max_body_size} bytes; send fewer rows "
             "per request, or raise server.max_body_size"
         )
 
-    def _model(self, request: web.Request) -> ServedModel:
+    def model_of(self, request: web.Request) -> ServedModel:
         return self.model_named(request.match_info["model"], request.match_info.get("version"))
 
     def model_named(self, name: str, version: str | None) -> ServedModel:
@@ -284,7 +275,7 @@ class Server:
         return ""
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        name = self._model(request).name
+        name = self.model_of(request).name
         why = self.not_ready(name)
         if why:
             return _json({"name": name, "ready": False, "error": why}, 503, self._retry_after())
@@ -299,10 +290,10 @@ class Server:
         return _json(self.metadata())
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return _json(self._model(request).metadata())
+        return _json(self.model_of(request).metadata())
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return _json(self._model(request).triton_config())
+        return _json(self.model_of(request).triton_config())
 
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every model with its version and state."""
@@ -322,88 +313,6 @@ class Server:
 
     # ------------------------------------------------------------------ inference
 
-    async def infer(self, request: web.Request) -> web.StreamResponse:
-        return await self._infer(request, self._model(request))
-
-    async def generate(self, request: web.Request) -> web.StreamResponse:
-        """Triton's generate extension (``_generate``): flat JSON in, flat JSON out."""
-        return await self._infer(request, self._model(request), GENERATE_ONE)
-
-    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
-        """The same, answered as Server-Sent Events (one per answer: a model that does not
-        stream answers once)."""
-        return await self._infer(request, self._model(request), GENERATE_STREAM)
-
-    def _infer_route(self, served: ServedModel) -> _logging.Handler:
-        """The handler of one model's own infer path (no lookup, no extra coroutine)."""
-        return lambda request: self._infer(request, served)
-
-    async def _infer(
-        self, request: web.Request, served: ServedModel, generate: str | None = None
-    ) -> web.StreamResponse:
-        """The body's bytes go to a worker, which decodes, predicts and encodes (``_infer``;
-        with batching, several requests' bytes at once): no tensor work in this process."""
-        started_at = time.perf_counter()
-        request[_logging.MODEL] = served.name
-        code = 500
-        self.in_flight += 1
-        try:
-            if not self.accepting:
-                raise HTTPError(503, SHUTTING_DOWN, retry_after=0)
-            if self._over_limit(request):
-                raise HTTPError(413, self._too_large(request.content_length))
-            body = await request.read()
-            encoding = request.headers.get("Content-Encoding")
-            if encoding and encoding.lower() != "identity":
-                body = await self._decompress(body, encoding)
-            try:
-                header_length = (
-                    _header_length(request.headers.get("Inference-Header-Content-Length"))
-                    if generate is None
-                    else GENERATE
-                )
-            except CodecError as exc:
-                raise HTTPError(400, str(exc)) from None
-            rid = _logging.adopt_body_id(request, None)
-            started: StartedPredict | None = None
-            try:
-                started = served.pool.start_infer(
-                    body,
-                    header_length,
-                    version=served.version,
-                    request_id=rid,
-                    adopt_id=not _logging.id_given(request),
-                )
-                status, data, json_length, body_id, rows = await started.wait()
-            except Exception as exc:
-                pid = started.worker_pid if started is not None else None
-                retry = self.settings.retry_after
-                raise _errors.predict_failed(served.name, exc, rid, pid, retry) from None
-            served.last_ok = time.monotonic()  # a worker answered
-            request[_auth.ROWS] = rows
-            rid = _logging.adopt_body_id(request, body_id)
-            if status == BAD_OUTPUTS:
-                raise _errors.bad_outputs(served.name, data, rid, started.worker_pid)
-            if status != 200:
-                raise HTTPError(status, data)
-            if generate == GENERATE_STREAM:
-                code = 200
-                return await _events(request, [data], rid)
-            if len(data) < self.settings.compress_min_size:
-                response = self._response(data, json_length)
-            else:
-                response = await self._compressed(request, data, json_length)
-            code = response.status
-            return response
-        except (HTTPError, web.HTTPException) as exc:
-            code = exc.status
-            raise
-        except asyncio.CancelledError:
-            code = 499  # the client went away (nginx's convention)
-            raise
-        finally:
-            self.finished(served, code, started_at)
-
     def finished(self, served: ServedModel, code: int, started_at: float) -> None:
         """An inference request (HTTP or gRPC) has ended with ``code`` (HTTP's words; 499:
         the client went away): it leaves the in-flight count and enters the metrics."""
@@ -412,50 +321,6 @@ class Server:
         self.metrics.observe(served.name, code, elapsed)
         if code == 200:
             served.recent.append(elapsed)
-
-    async def _decompress(self, body: bytes, encoding: str) -> bytes:
-        try:
-            limit = self.settings.max_decompressed_size
-            # (off the loop by what it may grow to, not by its size)
-            data: bytes = await self._off_loop(
-                limit, _compression.decompress, body, encoding, limit
-            )
-        except BodyTooLarge as exc:
-            raise HTTPError(413, str(exc)) from None
-        except CodecError as exc:
-            raise HTTPError(400, str(exc)) from None
-        return data
-
-    @staticmethod
-    def _response(payload: Any, json_length: int | None) -> web.Response:
-        if json_length is None:
-            return web.Response(body=payload, headers={"Content-Type": JSON})
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(json_length),
-        }
-        return web.Response(body=payload, headers=headers)
-
-    async def _compressed(
-        self, request: web.Request, payload: Any, json_length: int | None
-    ) -> web.Response:
-        """The answer, compressed when the client accepts it."""
-        accepted = request.headers.get("Accept-Encoding", "").lower()
-        for coding in ("gzip", "deflate"):
-            if coding in accepted:
-                fn = _gzip if coding == "gzip" else zlib.compress
-                compressed: bytes = await self._off_loop(len(payload), fn, payload)
-                response = self._response(compressed, json_length)
-                response.headers["Content-Encoding"] = coding
-                return response
-        return self._response(payload, json_length)
-
-    @staticmethod
-    async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in a thread for big payloads (keeps the event loop answering)."""
-        if size < OFF_LOOP_SIZE:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # ------------------------------------------------------------------ operations
 
@@ -533,39 +398,3 @@ class Server:
 
     async def status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=_status.PAGE, content_type="text/html", charset="utf-8")
-
-
-async def _events(request: web.Request, answers: list[Any], rid: str) -> web.StreamResponse:
-    """``answers`` as Server-Sent Events, each ``data: <JSON>`` (a chunked answer, flushed
-    event by event)."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # (nginx: pass each event on at once)
-            _logging.HEADER: rid,
-        }
-    )
-    await response.prepare(request)
-    for answer in answers:
-        await response.write(b"data: " + bytes(answer) + b"\n\n")
-    await response.write_eof()
-    return response
-
-
-def _header_length(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        length = int(value)
-    except ValueError:
-        length = -1
-    if length < 0:
-        raise CodecError(
-            f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"
-        )
-    return length
-
-
-def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=5)

@@ -21,10 +21,11 @@ not ``UNAVAILABLE`` (HTTP 503), because gRPC clients retry ``UNAVAILABLE`` on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from modelpool._exceptions import CodecError, WorkerCrashedError
@@ -34,9 +35,10 @@ from modelpool._infer import BAD_OUTPUTS, GRPC
 from modelpool._logs import REQUEST_ID, usable_request_id
 
 from . import _errors, _logging
-from ._app import SHUTTING_DOWN, Server
+from ._app import Server
 from ._auth import Identity
 from ._errors import HTTPError
+from ._inference import SHUTTING_DOWN, streams
 
 # grpc-core logs to stderr itself, past ``logging``: only its errors (set before it loads)
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -189,7 +191,9 @@ class GrpcSite:
         """The call's access log line, as HTTP requests have (``server.access_log``)."""
         if not _logging.sampled(self.server.settings.access_log, status):
             return
-        size = len(answer) if isinstance(answer, bytes) else 0
+        size = (
+            answer if isinstance(answer, int) else len(answer) if isinstance(answer, bytes) else 0
+        )
         code = call.code or (grpc.StatusCode.OK if status == 200 else _code(status))
         peer = call.context.peer() or ""
         remote = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
@@ -278,6 +282,18 @@ class GrpcSite:
     # ------------------------------------------------------------------ inference
 
     async def model_infer(self, body: bytes, call: _Call) -> bytes:
+        async with contextlib.aclosing(self._answers(body, call, streamed=False)) as answers:
+            async for answer in answers:
+                return answer
+        raise AssertionError("unreachable: a request is answered or fails")
+
+    async def _answers(
+        self, body: bytes, call: _Call, *, streamed: bool
+    ) -> AsyncGenerator[bytes, None]:
+        """The answers to one request: ``ModelInfer``'s one ``ModelInferResponse``; in a
+        stream (``streamed``), ``ModelStreamInferResponse``s: one for a model that answers
+        once, one per piece for a model that streams (``_inference.streams``), each as it
+        comes. Raises ``HTTPError`` (after the pieces sent, for a failure mid-stream)."""
         server = self.server
         started_at = time.perf_counter()
         try:
@@ -295,58 +311,91 @@ class GrpcSite:
             if adopt and body_id and usable_request_id(body_id):
                 call.rid = body_id
                 REQUEST_ID.set(body_id)
-            started = None
-            try:
-                started = served.pool.start_infer(
-                    body,
-                    GRPC,
-                    version=served.version,
-                    request_id=call.rid,
-                    adopt_id=False,
-                    timeout=call.context.time_remaining(),
-                )
-                status, data, _, _, rows = await started.wait()
-            except Exception as exc:
-                pid = started.worker_pid if started is not None else None
-                error = _errors.predict_failed(
-                    served.name, exc, call.rid, pid, server.settings.retry_after
-                )
-                if isinstance(exc, WorkerCrashedError):
-                    error = _Crashed(error)
-                raise error from None
-            served.last_ok = time.monotonic()  # a worker answered
-            call.rows = rows
-            if status == BAD_OUTPUTS:
-                raise _errors.bad_outputs(served.name, data, call.rid, started.worker_pid)
-            if status != 200:
-                raise HTTPError(status, data)
+            timeout = call.context.time_remaining()
+            pool = served.pool
+            if streamed and streams(served):
+                stream = pool.start_stream_infer(
+                    body, GRPC, version=served.version, request_id=call.rid, adopt_id=False,
+                    timeout=timeout,
+                )  # fmt: skip
+                with stream:  # (leaving early, the client gone included, stops the model)
+                    while True:
+                        try:
+                            piece = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except Exception as exc:
+                            raise self._failed(served, exc, call, stream.worker_pid) from None
+                        served.last_ok = time.monotonic()
+                        call.rows = call.rows or piece[4]
+                        self._check(served, piece, call, stream.worker_pid)
+                        yield bytes(piece[1])
+            else:
+                started = None
+                try:
+                    started = pool.start_infer(
+                        body, GRPC, version=served.version, request_id=call.rid, adopt_id=False,
+                        timeout=timeout,
+                    )  # fmt: skip
+                    answer = await started.wait()
+                except Exception as exc:
+                    pid = started.worker_pid if started is not None else None
+                    raise self._failed(served, exc, call, pid) from None
+                served.last_ok = time.monotonic()  # a worker answered
+                call.rows = answer[4]
+                self._check(served, answer, call, started.worker_pid)
+                code = 200  # (before the yield: ModelInfer closes this at its answer)
+                yield stream_answer(bytes(answer[1])) if streamed else bytes(answer[1])
             code = 200
-            return bytes(data)
         except HTTPError as exc:
             code = exc.status
             raise
-        except asyncio.CancelledError:
-            code = 499
+        except (asyncio.CancelledError, GeneratorExit):
+            if code != 200:  # (a ModelInfer answered is closed here: not the client gone)
+                code = 499
             raise
         finally:
             server.finished(served, code, started_at)
+
+    def _failed(self, served: Any, exc: Exception, call: _Call, pid: int | None) -> HTTPError:
+        retry = self.server.settings.retry_after
+        error = _errors.predict_failed(served.name, exc, call.rid, pid, retry)
+        return _Crashed(error) if isinstance(exc, WorkerCrashedError) else error
+
+    @staticmethod
+    def _check(served: Any, answer: Any, call: _Call, pid: int | None) -> None:
+        """A worker's ``Answer`` that is not a 200 as the error it stands for."""
+        if answer[0] == BAD_OUTPUTS:
+            raise _errors.bad_outputs(served.name, answer[1], call.rid, pid)
+        if answer[0] != 200:
+            raise HTTPError(answer[0], answer[1])
 
     # ------------------------------------------------------------------ streams
 
     async def model_stream_infer(self, requests: Any, context: Any) -> AsyncIterator[bytes]:
         """``ModelStreamInfer``: the requests of a stream run concurrently (at most
         ``STREAM_IN_FLIGHT`` at a time: past that the stream is not read, and HTTP/2's flow
-        control holds the client back); each is answered once, as it finishes, with its
-        outputs or its error (the stream goes on). The client closing its side ends the stream
-        once every request is answered; cancelling it (or its deadline) drops the requests
-        still queued."""
+        control holds the client back). A request to a model that answers once is answered
+        once, marked ``triton_final_response``; a request to a model that streams (as Triton's
+        decoupled models) is answered once per piece, as each comes, marked not final, then,
+        when the request's parameter ``triton_enable_empty_final_response`` is true, by an
+        empty final answer. A request that fails (before or between its pieces) is answered
+        by an error message; the stream goes on. At most ``STREAM_IN_FLIGHT`` answers wait
+        for the client: past that the pieces wait in the workers (a slow reader pauses the
+        models). The client closing its side ends the stream once every request is
+        answered; cancelling it (or its deadline) drops the requests still queued and stops
+        the models' generators."""
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        room = asyncio.Semaphore(STREAM_IN_FLIGHT)  # answers that may wait for the client
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
 
         async def one(body: bytes) -> None:
             try:
-                answers.put_nowait(await self._stream_one(body, context))
+                async with contextlib.aclosing(self._stream_one(body, context)) as messages:
+                    async for message in messages:
+                        await room.acquire()
+                        answers.put_nowait(message)
             finally:
                 slots.release()
 
@@ -365,6 +414,7 @@ class GrpcSite:
         reader = asyncio.ensure_future(read())
         try:
             while (answer := await answers.get()) is not None:
+                room.release()
                 yield answer
             await reader  # (its errors, if any, end the call)
         finally:
@@ -372,28 +422,30 @@ class GrpcSite:
             for task in list(running):
                 task.cancel()
 
-    async def _stream_one(self, body: bytes, context: Any) -> bytes:
-        """One request of a stream: its answer, or its error, as a stream message."""
+    async def _stream_one(self, body: bytes, context: Any) -> AsyncGenerator[bytes, None]:
+        """One request of a stream: its answers, or its error, as stream messages."""
         started = time.perf_counter()
         call = _Call(context)
         call.rid = _logging.new_id()
         token = REQUEST_ID.set(call.rid)
         status = 500
-        data = None
+        size = 0
         try:
-            data = await self.model_infer(body, call)
+            async with contextlib.aclosing(self._answers(body, call, streamed=True)) as answers:
+                async for answer in answers:
+                    size += len(answer)
+                    yield answer
             status = 200
-            return stream_answer(data)
         except HTTPError as exc:
             status = exc.status
             try:
                 name, _, body_id = scan_header(body)
             except CodecError:
                 name, body_id = "", ""
-            return stream_error(str(exc), name, body_id or call.rid)
+            yield stream_error(str(exc), name, body_id or call.rid)
         finally:
             self._count(call, status)
-            self._access(call, f"/{SERVICE}/ModelStreamInfer", status, data, started)
+            self._access(call, f"/{SERVICE}/ModelStreamInfer", status, size, started)
             REQUEST_ID.reset(token)
 
 
