@@ -231,5 +231,14 @@ def _add_doctor() -> None:
 
 _add_doctor()
 
+
+def _add_models() -> None:
+    from ._models_cli import models
+
+    main.add_command(models)
+
+
+_add_models()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

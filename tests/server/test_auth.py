@@ -136,6 +136,14 @@ def test_keys_guard_inference_and_every_protected_route(authed: Authed) -> None:
     status, headers, _ = authed.call("GET", "/")
     assert (status, headers["Location"]) == (303, "/auth/login?next=/")
 
+    # loading and unloading models: an admin's
+    for action in ("load", "unload"):
+        path = f"/v2/repository/models/iris/{action}"
+        assert authed.call("POST", path)[0] == 401
+        status, _, answer = authed.call("POST", path, key=keys["ann"])
+        assert status == 403, answer
+    assert authed.call("POST", "/v2/repository/models/iris/load", key=keys["admin"])[0] == 200
+
 
 def test_a_revoked_key_stops_working_within_a_second(authed: Authed) -> None:
     key = authed.keys["ann"]

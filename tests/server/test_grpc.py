@@ -661,3 +661,58 @@ def test_model_infer_refuses_a_streaming_model_saying_what_to_call(server: Serve
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "streams its answer" in error.message()
     assert "ModelStreamInfer" in error.message()
+
+
+def test_the_asyncio_client_streams_a_models_pieces(server: ServerProcess) -> None:
+    """tritonclient's asyncio ``stream_infer`` with a model that streams: its pieces in order,
+    each marked not final."""
+    aio = need_module("tritonclient.grpc.aio")
+    grpcclient = need_module("tritonclient.grpc")
+
+    async def main() -> list[tuple[list[bytes], bool]]:
+        client = aio.InferenceServerClient(server.grpc_target)
+
+        async def requests() -> Any:
+            yield {
+                "model_name": "words",
+                "inputs": [_text(grpcclient, "x y z")],
+                "request_id": "s1",
+            }  # (this client cannot ask for the empty final answer: it refuses the parameter)
+
+        got: list[tuple[list[bytes], bool]] = []
+        try:
+            async for result, error in client.stream_infer(requests()):
+                assert error is None, error
+                output = result.as_numpy("text_output")
+                got.append((output.tolist(), _final(result)))
+                if len(got) == 3:
+                    break
+        finally:
+            await client.close()
+        return got
+
+    assert asyncio.run(main()) == [([b"x"], False), ([b"y"], False), ([b"z"], False)]
+
+
+def test_models_load_and_unload_with_tritonclients_grpc_calls(server: ServerProcess) -> None:
+    """``load_model`` (with a config: the model's settings as a JSON string) and
+    ``unload_model``: the same repository as HTTP's (test_repository.py)."""
+    grpcclient = need_module("tritonclient.grpc")
+    client = _client(server)
+    try:
+        config = json.dumps({"model": "_server_models:Identity", "workers": 1})
+        client.load_model("loaded", config=config)
+        assert client.is_model_ready("loaded")
+        x = grpcclient.InferInput("INPUT0", [2], "FP32")
+        x.set_data_from_numpy(np.array([1.0, 2.0], np.float32))
+        assert client.infer("loaded", [x]).as_numpy("OUTPUT0").tolist() == [1.0, 2.0]
+        client.unload_model("loaded")
+        index = {e["name"]: e for e in client.get_model_repository_index(as_json=True)["models"]}
+        assert index["loaded"]["state"] == "UNAVAILABLE"
+        error = _error(lambda: client.infer("loaded", [x]))
+        assert error.status() == "StatusCode.NOT_FOUND"
+        assert "POST /v2/repository/models/loaded/load" in error.message()
+        error = _error(lambda: client.load_model("broken", config='{"workers": 0}'))
+        assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        client.close()

@@ -20,9 +20,9 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from modelpool import __version__
-from modelpool.config import Config
+from modelpool.config import Config, ModelSettings
 
-from . import _auth, _history, _inference, _logging, _login, _status
+from . import _auth, _history, _inference, _logging, _login, _repository, _status
 from ._errors import HTTPError
 from ._fastpath import FastPaths
 from ._inference import JSON, SHUTTING_DOWN
@@ -58,8 +58,7 @@ class Server:
         self.share = share  # one of several front processes (``_shared``), or None
         self.settings = config.server
         self.models = models or {
-            name: ServedModel(name, settings, logs=config.server)
-            for name, settings in config.models.items()
+            name: self.make_served(name, settings) for name, settings in config.models.items()
         }
         # a front started in the place of one that died continues its slot's counters
         self.metrics = share.previous_metrics() if share is not None else Metrics()
@@ -78,14 +77,15 @@ class Server:
         self.logins = _login.Logins(self.auth) if self.auth is not None else None
         self.inference = _inference.Inference(self)
         self.fast_handlers = {
-            path: self._tracked(self.inference.route(served), "model", served.name)
+            path: self._tracked(self.inference.route(served.name, version), "model", served.name)
             for served in self.models.values()
-            for path in (
-                f"/v2/models/{served.name}/infer",
-                f"/v2/models/{served.name}/versions/{served.version}/infer",
+            for path, version in (
+                (f"/v2/models/{served.name}/infer", None),
+                (f"/v2/models/{served.name}/versions/{served.version}/infer", served.version),
             )
             if _SEGMENTS.fullmatch(path)
         }
+        self.repository = _repository.Repository(self, self.settings.fronts)
 
     # ------------------------------------------------------------------ application
 
@@ -111,6 +111,8 @@ class Server:
             ("GET", "/v2/health/live", self.live, None),  # (probes: never behind auth)
             ("GET", "/v2/health/ready", self.ready, None),
             ("POST", "/v2/repository/index", self.repository_index, "read"),
+            ("POST", "/v2/repository/models/{name}/load", self.repository.load, "admin"),
+            ("POST", "/v2/repository/models/{name}/unload", self.repository.unload, "admin"),
             *[
                 (method, path, handler, "model")
                 for prefix in (model, version)
@@ -233,6 +235,10 @@ class Server:
             "per request, or raise server.max_body_size"
         )
 
+    def make_served(self, name: str, settings: ModelSettings) -> ServedModel:
+        """A model to serve (its pool not started), as the configuration's are made."""
+        return ServedModel(name, settings, logs=self.config.server)
+
     def model_of(self, request: web.Request) -> ServedModel:
         return self.model_named(request.match_info["model"], request.match_info.get("version"))
 
@@ -241,7 +247,8 @@ class Server:
         served = self.models.get(name)
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise HTTPError(404, f"unknown model {name!r}; this server has: {known}")
+            why = self.repository.not_loaded(name)
+            raise HTTPError(404, why or f"unknown model {name!r}; this server has: {known}")
         if version is not None and version != served.version:
             raise HTTPError(
                 404, f"model {name!r} has no version {version!r}; it has {served.version!r}"
@@ -303,7 +310,7 @@ class Server:
             state = "READY" if ok else "UNAVAILABLE"
             entry = {"name": served.name, "version": served.version, "state": state}
             index.append(entry | ({"reason": why} if why else {}))
-        return index
+        return index + self.repository.entries()
 
     async def repository_index(self, request: web.Request) -> web.Response:
         return _json(self.index())
@@ -330,7 +337,7 @@ class Server:
         interval = self.settings.ready_probe_interval
         while True:
             now = time.monotonic()
-            for name, m in self.models.items():
+            for name, m in list(self.models.items()):
                 running = self._probes.get(name)
                 if (running is None or running.done()) and now - m.last_ok >= interval:
                     # one task per model: a model whose workers are all busy must not hold

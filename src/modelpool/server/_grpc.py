@@ -39,6 +39,7 @@ from ._app import Server
 from ._auth import Identity
 from ._errors import HTTPError
 from ._inference import SHUTTING_DOWN, streams
+from ._repository import read_config
 
 # grpc-core logs to stderr itself, past ``logging``: only its errors (set before it loads)
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -136,6 +137,18 @@ class GrpcSite:
                 self.repository_index,
                 m.RepositoryIndexRequest,
                 m.RepositoryIndexResponse,
+            ),
+            (
+                "RepositoryModelLoad",
+                self.repository_load,
+                m.RepositoryModelLoadRequest,
+                m.RepositoryModelLoadResponse,
+            ),
+            (
+                "RepositoryModelUnload",
+                self.repository_unload,
+                m.RepositoryModelUnloadRequest,
+                m.RepositoryModelUnloadResponse,
             ),
             # bytes in, bytes out: a worker decodes and encodes (``_infer``)
             ("ModelInfer", self.model_infer, None, None),
@@ -278,6 +291,26 @@ class GrpcSite:
         if request.ready:
             entries = [e for e in entries if e["state"] == "READY"]
         return m.RepositoryIndexResponse(models=entries)
+
+    async def repository_load(self, request: Any, call: _Call) -> Any:
+        """Triton's ``RepositoryModelLoad`` (``_repository``): the parameter ``config`` (a
+        string of JSON) is the model's settings."""
+        await self._admin(call)
+        config = request.parameters.get("config")
+        given = read_config(config.string_param if config is not None else None, request.model_name)
+        await self.server.repository.load_model(request.model_name, given)
+        return messages().RepositoryModelLoadResponse()
+
+    async def repository_unload(self, request: Any, call: _Call) -> Any:
+        await self._admin(call)
+        await self.server.repository.unload_model(request.model_name)
+        return messages().RepositoryModelUnloadResponse()
+
+    async def _admin(self, call: _Call) -> None:
+        """Only an admin's key may change the models (when authentication is on)."""
+        await self._allow(call, None)
+        if self.server.auth is not None and not (call.identity and call.identity.admin):
+            raise HTTPError(403, "only an admin may do this")
 
     # ------------------------------------------------------------------ inference
 

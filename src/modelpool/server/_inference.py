@@ -63,6 +63,7 @@ class Front(Protocol):
     accepting: bool
 
     def model_of(self, request: web.Request) -> ServedModel: ...
+    def model_named(self, name: str, version: str | None) -> ServedModel: ...
     def over_limit(self, request: web.Request) -> bool: ...
     def too_large(self, length: int | None) -> str: ...
     def finished(self, served: ServedModel, code: int, started_at: float) -> None: ...
@@ -86,9 +87,10 @@ class Inference:
         """The same, answered as Server-Sent Events (module docstring)."""
         return await self.run(request, self.server.model_of(request), GENERATE_STREAM)
 
-    def route(self, served: ServedModel) -> _logging.Handler:
-        """The handler of one model's own infer path (no lookup, no extra coroutine)."""
-        return lambda request: self.run(request, served)
+    def route(self, name: str, version: str | None) -> _logging.Handler:
+        """The handler of one model's own infer path (a dict lookup for the model now
+        served under that name: a reload replaces it; no extra coroutine)."""
+        return lambda request: self.run(request, self.server.model_named(name, version))
 
     async def run(
         self, request: web.Request, served: ServedModel, generate: str | None = None

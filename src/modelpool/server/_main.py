@@ -327,11 +327,12 @@ class _Runner:
     def _stop_pools(self, wait: bool) -> None:
         if self.server is None:
             return
-        for served in self.server.models.values():
-            served.pool.shutdown(wait=False)
+        served = [*self.server.models.values(), *self.server.repository.loading.values()]
+        for m in served:
+            m.pool.shutdown(wait=False)
         if wait:
-            for served in self.server.models.values():
-                served.pool.shutdown(wait=True)
+            for m in served:
+                m.pool.shutdown(wait=True)
 
 
 def _url(runner: web.AppRunner, host: str) -> str:

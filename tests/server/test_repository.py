@@ -1,0 +1,201 @@
+"""The model repository while the server runs (``server._repository``): load, unload and
+reload over Triton's repository API (with tritonclient's own calls), without a failed request,
+and from the ``modelpool models`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from _serving import ServerProcess, infer_body, request
+
+from _deps import need_module
+from _waiting import wait_for
+from modelpool import demo
+
+IRIS = infer_body("INPUT0", "FP32", [1, 4], [5.1, 3.5, 1.4, 0.2])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    config = {
+        "models": {
+            "iris": {"model": demo.MODEL},
+            "ident": {"model": "_server_models:Identity", "workers": 2},
+            "sleepy": {"model": "_server_models:Sleepy"},
+        }
+    }
+    with ServerProcess(config=config, tmp=tmp_path_factory.mktemp("repository")) as served:
+        yield served
+
+
+def _post(server: ServerProcess, path: str, doc: Any = None) -> tuple[int, Any]:
+    body = json.dumps(doc).encode() if doc is not None else b""
+    status, _, answer = request(server, "POST", path, body)
+    return status, json.loads(answer) if answer else None
+
+
+def _index(server: ServerProcess) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in _post(server, "/v2/repository/index")[1]}
+
+
+def _ident(server: ServerProcess, x: float) -> tuple[int, bytes]:
+    body = infer_body("INPUT0", "FP32", [1], [x])
+    status, _, answer = request(server, "POST", "/v2/models/ident/infer", body)
+    return status, answer
+
+
+def test_unload_then_load_a_configured_model(server: ServerProcess) -> None:
+    assert _post(server, "/v2/repository/models/iris/unload") == (200, {})
+    status, _, body = request(server, "POST", "/v2/models/iris/infer", IRIS)
+    assert status == 404
+    error = json.loads(body)["error"]
+    assert "model 'iris' is not loaded" in error
+    assert "POST /v2/repository/models/iris/load" in error
+    entry = _index(server)["iris"]
+    assert entry["state"] == "UNAVAILABLE"
+    assert "unload" in entry["reason"]
+    assert _post(server, "/v2/repository/models/iris/unload")[0] == 404  # (not loaded)
+    assert _post(server, "/v2/repository/models/iris/load") == (200, {})
+    assert request(server, "POST", "/v2/models/iris/infer", IRIS)[0] == 200
+    assert _index(server)["iris"]["state"] == "READY"
+
+
+def test_tritonclients_repository_calls_load_a_new_model(server: ServerProcess) -> None:
+    """tritonclient's ``load_model`` with a config (its JSON string), ``unload_model`` and
+    ``get_model_repository_index``."""
+    httpclient = need_module("tritonclient.http")
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        config = json.dumps({"model": "_server_models:Identity", "workers": 1})
+        client.load_model("fresh", config=config)
+        assert client.is_model_ready("fresh")
+        x = httpclient.InferInput("INPUT0", [2], "FP32")
+        x.set_data_from_numpy(np.array([1.5, 2.5], np.float32))
+        assert client.infer("fresh", [x]).as_numpy("OUTPUT0").tolist() == [1.5, 2.5]
+        index = {e["name"]: e for e in client.get_model_repository_index()}
+        assert index["fresh"]["state"] == "READY"
+        client.unload_model("fresh")
+        assert not client.is_model_ready("fresh")
+        index = {e["name"]: e for e in client.get_model_repository_index()}
+        assert index["fresh"]["state"] == "UNAVAILABLE"
+    finally:
+        client.close()
+
+
+def test_a_load_that_fails_says_why_and_keeps_the_old_model(server: ServerProcess) -> None:
+    failing = {"model": "_models:FailSlot", "options": {"bad_index": 0}, "workers": 1}
+    status, answer = _post(
+        server, "/v2/repository/models/ident/load", {"parameters": {"config": failing}}
+    )
+    assert status == 400
+    assert "could not be loaded (the model already loaded keeps serving)" in answer["error"]
+    assert "slot 0 cannot load" in answer["error"]
+    assert _ident(server, 3.0)[0] == 200
+    assert _index(server)["ident"]["state"] == "READY"
+    status, answer = _post(
+        server, "/v2/repository/models/other/load", {"parameters": {"config": {"workers": 0}}}
+    )
+    assert status == 400
+    assert "model" in answer["error"]  # (the settings' own message: no model, workers >= 1)
+    assert _post(server, "/v2/repository/models/nothing/load")[0] == 404
+
+
+def test_a_reload_under_load_fails_no_request(server: ServerProcess) -> None:
+    """Requests keep flowing while the model is reloaded twice: every one is answered 200,
+    and the new workers serve afterwards."""
+    results: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            status, body = _ident(server, float(i))
+            results.append(status)
+            if status == 200:
+                assert json.loads(body)["outputs"][0]["data"] == [float(i)]
+            i += 1
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(results) >= 20, 60, "requests flowing")
+        for _ in range(2):
+            assert _post(server, "/v2/repository/models/ident/load") == (200, {})
+        count = len(results)
+        wait_for(lambda: len(results) >= count + 20, 60, "requests to the reloaded model")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+
+
+def test_unload_lets_a_request_in_flight_finish(server: ServerProcess) -> None:
+    answered: list[int] = []
+    body = infer_body("SECONDS", "FP64", [1], [1.0])
+    slow = threading.Thread(
+        target=lambda: answered.append(request(server, "POST", "/v2/models/sleepy/infer", body)[0])
+    )
+    slow.start()
+    wait_for(
+        lambda: any(
+            m["name"] == "sleepy" and m["in_flight"]
+            for m in json.loads(request(server, "GET", "/status.json")[2])["models"]
+        ),
+        60,
+        "the request in flight",
+    )
+    assert _post(server, "/v2/repository/models/sleepy/unload") == (200, {})
+    slow.join(60)
+    assert answered == [200]
+    assert request(server, "POST", "/v2/models/sleepy/infer", body)[0] == 404
+    assert _post(server, "/v2/repository/models/sleepy/load") == (200, {})
+
+
+def test_one_change_at_a_time(server: ServerProcess) -> None:
+    """A load while another runs is refused with 409, saying what runs."""
+    slow = {"model": "_models:SlowSetup", "options": {"seconds": 2.0}, "workers": 1}
+    outcome: list[tuple[int, Any]] = []
+    loader = threading.Thread(
+        target=lambda: outcome.append(
+            _post(server, "/v2/repository/models/slow/load", {"parameters": {"config": slow}})
+        )
+    )
+    loader.start()
+    wait_for(lambda: _index(server).get("slow", {}).get("state") == "LOADING", 60, "LOADING")
+    status, answer = _post(server, "/v2/repository/models/iris/unload")
+    assert status == 409
+    assert "busy loading 'slow'" in answer["error"]
+    loader.join(60)
+    assert outcome == [(200, {})]
+    assert _post(server, "/v2/repository/models/slow/unload") == (200, {})
+
+
+def test_the_models_command(server: ServerProcess) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "modelpool.cli", "models", *args, "--url", server.url],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    done = cli("list")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split() == ["MODEL", "VERSION", "STATE", "REASON"]
+    assert any(line.split()[:3] == ["iris", "1", "READY"] for line in done.stdout.splitlines())
+    done = cli("load", "cli_model", "--model", "_server_models:Identity")
+    assert (done.returncode, done.stdout.strip()) == (0, "model 'cli_model' loaded"), done.stderr
+    assert _index(server)["cli_model"]["state"] == "READY"
+    done = cli("unload", "cli_model")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(cli("list", "--json").stdout)[-1]["state"] == "UNAVAILABLE"
+    done = cli("unload", "cli_model")
+    assert done.returncode == 1
+    assert "HTTP 404: model 'cli_model' is not loaded" in done.stderr
