@@ -156,11 +156,15 @@ def serve(target: str | None, **flags: object) -> None:
     from .server import serve as run_server
 
     sys.path.insert(0, os.getcwd())  # models next to the command, as `python -m` would
+    given = dict(flags)
     try:
         config = _serve_config(target, flags)
     except ConfigError as exc:
         raise _UsageError(str(exc)) from None
-    sys.exit(run_server(config))
+    reread = None
+    if target is not None and os.path.isfile(target):  # SIGHUP reads it again
+        reread = lambda: _serve_config(target, dict(given))  # noqa: E731
+    sys.exit(run_server(config, reread=reread))
 
 
 def _serve_config(target: str | None, flags: dict[str, object]) -> Config:

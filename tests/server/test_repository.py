@@ -5,14 +5,17 @@ and from the ``modelpool models`` command."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from _serving import ServerProcess, infer_body, request
 
 from _deps import need_module
@@ -199,3 +202,74 @@ def test_the_models_command(server: ServerProcess) -> None:
     done = cli("unload", "cli_model")
     assert done.returncode == 1
     assert "HTTP 404: model 'cli_model' is not loaded" in done.stderr
+
+
+# ----------------------------------------------------------------------------- SIGHUP
+
+
+def _pids(server: ServerProcess, name: str) -> list[int]:
+    status = json.loads(request(server, "GET", "/status.json")[2])
+    (model,) = [m for m in status["models"] if m["name"] == name]
+    return sorted(w["pid"] for w in model["workers"])
+
+
+def test_sighup_reloads_the_changed_models_under_load(tmp_path: Path) -> None:
+    """The file is read again: a changed model is reloaded beside the old one (no request
+    fails meanwhile), a new one loaded, a removed one unloaded, an unchanged one untouched;
+    a file that does not parse changes nothing and the log says why."""
+    models: dict[str, Any] = {
+        "ident": {"model": "_server_models:Identity", "workers": 1},
+        "iris": {"model": demo.MODEL, "workers": 1},
+        "gone": {"model": "_server_models:Identity", "workers": 1},
+    }
+    path = tmp_path / "modelpool.yaml"
+    with ServerProcess(config={"models": models}, tmp=tmp_path) as server:
+        iris = _pids(server, "iris")
+        results: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                results.append(_ident(server, 1.0)[0])
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        try:
+            wait_for(lambda: len(results) >= 10, 60, "requests flowing")
+            models["ident"]["workers"] = 2
+            del models["gone"]
+            models["fresh"] = {"model": "_server_models:Identity", "workers": 1}
+            path.write_text(yaml.safe_dump({"server": {"port": 0}, "models": models}))
+            server.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "configuration reloaded" in server.output, 120, "the reload")
+            count = len(results)
+            wait_for(lambda: len(results) >= count + 10, 60, "requests after the reload")
+        finally:
+            stop.set()
+            thread.join(60)
+        assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+        assert "fresh loaded; ident loaded; gone unloaded (1 unchanged)" in server.output
+        index = _index(server)
+        assert [index[n]["state"] for n in ("ident", "iris", "fresh")] == ["READY"] * 3
+        assert index["gone"]["state"] == "UNAVAILABLE"
+        assert len(_pids(server, "ident")) == 2
+        assert _pids(server, "iris") == iris  # not touched
+
+        path.write_text("models: [")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "was not reloaded" in server.output, 60, "the refusal")
+        assert _index(server)["fresh"]["state"] == "READY"
+        assert server.stop() == 0
+
+
+def test_sighup_without_a_file_says_so() -> None:
+    with ServerProcess("_server_models:Identity", "--workers", "1") as server:
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "nothing to read again" in server.output, 60, "the message")
+        assert _ident_named(server, "Identity") == 200
+        assert server.stop() == 0
+
+
+def _ident_named(server: ServerProcess, name: str) -> int:
+    body = infer_body("INPUT0", "FP32", [1], [1.0])
+    return request(server, "POST", f"/v2/models/{name}/infer", body)[0]

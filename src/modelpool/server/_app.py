@@ -308,6 +308,7 @@ class Server:
         for served in self.whole()[0].values():
             ok, why = served.readiness(self.window)
             state = "READY" if ok else "UNAVAILABLE"
+            why = why or self.repository.failed.get(served.name, "")  # (a failed reload)
             entry = {"name": served.name, "version": served.version, "state": state}
             index.append(entry | ({"reason": why} if why else {}))
         return index + self.repository.entries()

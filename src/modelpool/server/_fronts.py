@@ -81,6 +81,12 @@ class Manager:
         self.directory = ""
         self.announced = False
 
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.out.write(
+            "SIGHUP: reloading models is not supported with server.fronts > 1 yet (each front "
+            "holds its share of the workers); restart the server to change them\n"
+        )
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals += 1
         for front in self.fronts:
@@ -111,6 +117,7 @@ class Manager:
                 f.write(orjson.dumps(config.model_dump(mode="json")))
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_hup)
             self.out.write(f"starting {self.count} front processes sharing port {port}\n")
             for front in self.fronts:
                 self._start(front, restarted=False)

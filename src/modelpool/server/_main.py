@@ -41,6 +41,7 @@ from modelpool.config import Config, ConfigError
 
 from . import _auth, _logging
 from ._app import Server
+from ._errors import HTTPError
 from ._fastpath import FastSite
 from ._served import ServedModel
 from ._shared import FrontShare
@@ -107,8 +108,12 @@ class _Runner:
         out: Output,
         share: FrontShare | None = None,
         bind_late: bool = False,
+        reread: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self.reread = reread  # the configuration read again (SIGHUP), when it is a file
+        self.reloading: asyncio.Task[None] | None = None
+        self.reload_again = False
         self.out = out
         self.share = share  # one of several fronts (``_fronts``)
         self.bind_late = bind_late  # listen only once the models are loaded
@@ -137,6 +142,48 @@ class _Runner:
             finally:
                 os._exit(EXIT_INTERRUPTED)
 
+    def _on_hup(self) -> None:
+        """SIGHUP: read the configuration file again and serve its models (one reload at a
+        time: one that comes meanwhile runs after it)."""
+        if self.server is None or self.stop.is_set():
+            return
+        if self.reloading is not None and not self.reloading.done():
+            self.reload_again = True
+            log.info("SIGHUP: a reload is running; reloading again after it")
+            return
+        self.reloading = asyncio.ensure_future(self._reload())
+
+    async def _reload(self) -> None:
+        assert self.server is not None
+        while True:
+            self.reload_again = False
+            if self.reread is None:
+                log.warning(
+                    "SIGHUP: the models were given on the command line, not in a file: there "
+                    "is nothing to read again (serve a modelpool.yaml to reload it)"
+                )
+                return
+            try:
+                new = await asyncio.to_thread(self.reread)
+            except ConfigError as exc:
+                log.error("SIGHUP: the configuration was not reloaded: %s", exc)
+            else:
+                changed = _server_changes(self.server.config, new)
+                if changed:
+                    log.warning(
+                        "SIGHUP: server settings changed (%s): they take effect at the next "
+                        "restart; models are reloaded now",
+                        ", ".join(changed),
+                    )
+                try:
+                    summary = await self.server.repository.reconcile(new)
+                except HTTPError as exc:
+                    log.error("SIGHUP: the configuration was not reloaded: %s", exc)
+                else:
+                    log.info("SIGHUP: configuration reloaded: %s", summary)
+            if not self.reload_again or self.stop.is_set():
+                return
+
     def _terminate(self) -> None:
         if self.server is not None:
             for served in self.server.models.values():
@@ -146,6 +193,7 @@ class _Runner:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         s = self.config.server
         try:
             self.server = Server(self.config, share=self.share)
@@ -335,6 +383,12 @@ class _Runner:
                 m.pool.shutdown(wait=True)
 
 
+def _server_changes(old: Config, new: Config) -> list[str]:
+    """The ``server:`` settings a re-read configuration changes."""
+    before, after = old.server.model_dump(), new.server.model_dump()
+    return [f"server.{key}" for key in after if before.get(key) != after[key]]
+
+
 def _url(runner: web.AppRunner, host: str) -> str:
     port = 0
     for address in runner.addresses:
@@ -395,6 +449,7 @@ def serve(
     *,
     share: FrontShare | None = None,
     bind_late: bool = False,
+    reread: Callable[[], Config] | None = None,
 ) -> int:
     """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``). With
     ``server.fronts`` > 1 this process starts and watches the fronts (``_fronts``); a front
@@ -420,7 +475,7 @@ def serve(
                 return EXIT_FAILURE
 
         return Manager(config, output).run()
-    runner = _Runner(config, output, share, bind_late)
+    runner = _Runner(config, output, share, bind_late, reread)
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:
             return loop_runner.run(runner.run())

@@ -55,6 +55,8 @@ class Repository:
         self.unloaded: dict[str, tuple[ModelSettings, str]] = {}  # name -> (settings, why)
         self.loading: dict[str, ServedModel] = {}  # pools starting (stopped at shutdown)
         self.busy: str | None = None  # what runs now ("loading 'x'"), or None
+        self.failed: dict[str, str] = {}  # name -> why its last load failed (still served)
+        self._lock = asyncio.Lock()  # one change at a time
 
     # ------------------------------------------------------------------ the index
 
@@ -101,44 +103,77 @@ class Repository:
         self._changeable(name)
         settings = self._settings(name, given)
         async with self._turn(f"loading {name!r}"):
-            served = self.server.make_served(name, settings)
-            self.loading[name] = served
-            started = time.monotonic()
-            try:
-                await asyncio.to_thread(served.pool.start)
-            except Exception as exc:
-                del self.loading[name]
-                await asyncio.to_thread(served.pool.shutdown, wait=True)
-                keeps = (
-                    " (the model already loaded keeps serving)"
-                    if name in self.server.models
-                    else ""
-                )
-                log.error("model %r could not be loaded%s: %s", name, keeps, exc)
-                if name not in self.server.models:
-                    self.unloaded[name] = (settings, f"its last load failed: {exc}")
-                raise HTTPError(400, f"model {name!r} could not be loaded{keeps}: {exc}") from None
-            served.last_ok = time.monotonic()
-            served.attach(asyncio.get_running_loop())
-            old = self.server.models.get(name)
-            self.server.models[name] = served  # requests go to the new pool from now on
-            self.unloaded.pop(name, None)
-            del self.loading[name]
-            log.info("model %r loaded in %.1f s", name, time.monotonic() - started)
-            if old is not None:
-                await self._retire(old)
+            await self._load(name, settings)
 
     async def unload_model(self, name: str) -> None:
         """Take ``name`` out; its requests in flight finish. Raises ``HTTPError``."""
         self._changeable(name)
         async with self._turn(f"unloading {name!r}"):
-            served = self.server.models.get(name)
-            if served is None:
-                raise HTTPError(404, self.not_loaded(name) or f"unknown model {name!r}")
-            del self.server.models[name]  # later requests: 404, saying it was unloaded
-            self.unloaded[name] = (served.settings, UNLOADED)
-            await self._retire(served)
-            log.info("model %r unloaded", name)
+            await self._unload(name)
+
+    async def reconcile(self, new: Config) -> str:
+        """Serve the models of a re-read configuration (``SIGHUP``): a model that is new or
+        whose settings changed is loaded (beside the old one), one no longer there is
+        unloaded, the others are not touched. Waits for a change that runs. A summary."""
+        self._changeable("")
+        old = self.server.config
+        async with self._lock:
+            self.busy = "reloading the configuration"
+            try:
+                done = []
+                for name, settings in new.models.items():
+                    if old.models.get(name) == settings:
+                        continue
+                    try:
+                        await self._load(name, settings)
+                        done.append(f"{name} loaded")
+                    except HTTPError as exc:
+                        done.append(f"{name} NOT loaded ({exc})")
+                for name in old.models:
+                    if name not in new.models and name in self.server.models:
+                        await self._unload(name)
+                        done.append(f"{name} unloaded")
+                self.server.config = new
+            finally:
+                self.busy = None
+        kept = sum(1 for n, m in new.models.items() if old.models.get(n) == m)
+        return f"{'; '.join(done) or 'no model changed'} ({kept} unchanged)"
+
+    async def _load(self, name: str, settings: ModelSettings) -> None:
+        served = self.server.make_served(name, settings)
+        self.loading[name] = served
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(served.pool.start)
+        except Exception as exc:
+            del self.loading[name]
+            await asyncio.to_thread(served.pool.shutdown, wait=True)
+            kept = name in self.server.models
+            keeps = " (the model already loaded keeps serving)" if kept else ""
+            log.error("model %r could not be loaded%s: %s", name, keeps, exc)
+            self.failed[name] = f"its last load failed: {exc}"
+            if not kept:
+                self.unloaded[name] = (settings, self.failed[name])
+            raise HTTPError(400, f"model {name!r} could not be loaded{keeps}: {exc}") from None
+        served.last_ok = time.monotonic()
+        served.attach(asyncio.get_running_loop())
+        old = self.server.models.get(name)
+        self.server.models[name] = served  # requests go to the new pool from now on
+        self.unloaded.pop(name, None)
+        self.failed.pop(name, None)
+        del self.loading[name]
+        log.info("model %r loaded in %.1f s", name, time.monotonic() - started)
+        if old is not None:
+            await self._retire(old)
+
+    async def _unload(self, name: str) -> None:
+        served = self.server.models.get(name)
+        if served is None:
+            raise HTTPError(404, self.not_loaded(name) or f"unknown model {name!r}")
+        del self.server.models[name]  # later requests: 404, saying it was unloaded
+        self.unloaded[name] = (served.settings, UNLOADED)
+        await self._retire(served)
+        log.info("model %r unloaded", name)
 
     async def _retire(self, served: ServedModel) -> None:
         """Let ``served``'s requests finish (``drain_timeout``), then stop its workers."""
@@ -157,7 +192,7 @@ class Repository:
             )
 
     def _turn(self, what: str) -> _Turn:
-        if self.busy is not None:
+        if self._lock.locked():
             raise HTTPError(
                 409, f"the repository is busy {self.busy}; retry when that has finished"
             )
@@ -193,10 +228,12 @@ class _Turn:
         self.repository, self.what = repository, what
 
     async def __aenter__(self) -> None:
+        await self.repository._lock.acquire()
         self.repository.busy = self.what
 
     async def __aexit__(self, *exc: object) -> None:
         self.repository.busy = None
+        self.repository._lock.release()
 
 
 async def _config_of(request: web.Request, name: str) -> dict[str, Any] | None:
