@@ -273,3 +273,32 @@ def test_sighup_without_a_file_says_so() -> None:
 def _ident_named(server: ServerProcess, name: str) -> int:
     body = infer_body("INPUT0", "FP32", [1], [1.0])
     return request(server, "POST", f"/v2/models/{name}/infer", body)[0]
+
+
+def test_a_load_past_setup_timeout_is_abandoned_cleanly(server: ServerProcess) -> None:
+    """A model whose setup outlasts its ``setup_timeout``: the load fails saying so, its
+    workers are gone, and the index says why."""
+    slow = {
+        "model": "_models:SlowSetup",
+        "options": {"seconds": 120},
+        "setup_timeout": 0.5,
+        "workers": 1,
+    }
+    before = _children(server)
+    status, answer = _post(
+        server, "/v2/repository/models/stuck/load", {"parameters": {"config": slow}}
+    )
+    assert status == 400
+    assert "model 'stuck' could not be loaded" in answer["error"]
+    assert "setup_timeout" in answer["error"] or "0.5 s" in answer["error"], answer
+    entry = _index(server)["stuck"]
+    assert entry["state"] == "UNAVAILABLE"
+    assert "its last load failed" in entry["reason"]
+    status_doc = json.loads(request(server, "GET", "/status.json")[2])
+    assert "stuck" not in [m["name"] for m in status_doc["models"]]
+    wait_for(lambda: _children(server) == before, 30, "no process left of the failed load")
+
+
+def _children(server: ServerProcess) -> set[int]:
+    psutil = need_module("psutil")
+    return {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}

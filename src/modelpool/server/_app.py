@@ -248,7 +248,7 @@ class Server:
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
             why = self.repository.not_loaded(name)
-            raise HTTPError(404, why or f"unknown model {name!r}; this server has: {known}")
+            raise why or HTTPError(404, f"unknown model {name!r}; this server has: {known}")
         if version is not None and version != served.version:
             raise HTTPError(
                 404, f"model {name!r} has no version {version!r}; it has {served.version!r}"

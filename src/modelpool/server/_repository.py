@@ -74,14 +74,20 @@ class Repository:
         ]
         return out
 
-    def not_loaded(self, name: str) -> str | None:
-        """Why ``name`` is not served, when it is a model this server knows."""
+    def not_loaded(self, name: str) -> HTTPError | None:
+        """Why ``name`` is not served, when it is a model this server knows: 503 while it
+        loads (retry), 404 when it is unloaded."""
         if name in self.loading:
-            return f"model {name!r} is loading; retry when the repository index says READY"
+            return HTTPError(
+                503,
+                f"model {name!r} is loading; retry when the repository index says READY",
+                retry_after=1,
+            )
         if name in self.unloaded:
-            return (
+            return HTTPError(
+                404,
                 f"model {name!r} is not loaded ({self.unloaded[name][1].format(name=name)}); "
-                f"load it with POST /v2/repository/models/{name}/load"
+                f"load it with POST /v2/repository/models/{name}/load",
             )
         return None
 
@@ -169,7 +175,7 @@ class Repository:
     async def _unload(self, name: str) -> None:
         served = self.server.models.get(name)
         if served is None:
-            raise HTTPError(404, self.not_loaded(name) or f"unknown model {name!r}")
+            raise self.not_loaded(name) or HTTPError(404, f"unknown model {name!r}")
         del self.server.models[name]  # later requests: 404, saying it was unloaded
         self.unloaded[name] = (served.settings, UNLOADED)
         await self._retire(served)
