@@ -138,6 +138,12 @@ SERVER_FLAGS = (
     help="HTTP front processes sharing the port, each with its share of the workers (default 1).",
 )
 @click.option(
+    "--reload",
+    is_flag=True,
+    help="For development: reload the configuration file and the models' source files when "
+    "they change (a model whose new code fails keeps its old code serving).",
+)
+@click.option(
     "--auth/--no-auth",
     "auth",
     default=None,
@@ -156,15 +162,20 @@ def serve(target: str | None, **flags: object) -> None:
     from .server import serve as run_server
 
     sys.path.insert(0, os.getcwd())  # models next to the command, as `python -m` would
+    reload = bool(flags.pop("reload", False))
     given = dict(flags)
     try:
         config = _serve_config(target, flags)
     except ConfigError as exc:
         raise _UsageError(str(exc)) from None
     reread = None
+    watch: str | bool = reload
     if target is not None and os.path.isfile(target):  # SIGHUP reads it again
         reread = lambda: _serve_config(target, dict(given))  # noqa: E731
-    sys.exit(run_server(config, reread=reread))
+        watch = target if reload else False
+    if reload and config.server.fronts > 1:
+        raise _UsageError("--reload needs one front process: drop --fronts / server.fronts")
+    sys.exit(run_server(config, reread=reread, watch=watch))
 
 
 def _serve_config(target: str | None, flags: dict[str, object]) -> Config:

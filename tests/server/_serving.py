@@ -24,7 +24,13 @@ _GRPC = re.compile(r"grpc +(\S+) \(GRPCInferenceService\)")
 class ServerProcess:
     """``modelpool serve`` in a subprocess; its stderr collected in ``output``."""
 
-    def __init__(self, *args: str, config: dict[str, Any] | None = None, tmp: Path | None = None):
+    def __init__(
+        self,
+        *args: str,
+        config: dict[str, Any] | None = None,
+        tmp: Path | None = None,
+        pythonpath: tuple[str, ...] = (),
+    ):
         command = [sys.executable, "-m", "modelpool.cli", "serve", *args]
         if config is not None:
             assert tmp is not None
@@ -34,7 +40,8 @@ class ServerProcess:
             command.insert(4, str(path))
         elif "--port" not in args:
             command += ["--port", "0"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS / "server")])}
+        path = [*pythonpath, str(TESTS), str(TESTS / "server")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -302,3 +302,50 @@ def test_a_load_past_setup_timeout_is_abandoned_cleanly(server: ServerProcess) -
 def _children(server: ServerProcess) -> set[int]:
     psutil = need_module("psutil")
     return {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+
+
+# ----------------------------------------------------------------------------- --reload
+
+_VERSION = """
+import numpy as np
+import modelpool
+
+
+class Version(modelpool.Model):
+    def predict(self, inputs):
+        return {{"V": np.array([{v}.0])}}  # {pad}
+"""
+
+
+def _version(server: ServerProcess) -> float:
+    status, _, body = request(server, "POST", "/v2/models/v/infer", IRIS)
+    assert status == 200, body
+    return float(json.loads(body)["outputs"][0]["data"][0])
+
+
+def test_reload_flag_reloads_changed_model_code_and_configuration(tmp_path: Path) -> None:
+    """``serve --reload``: an edited model file is served by new workers with the new code; a
+    file that does not import leaves the old code serving, and says why; an edited
+    configuration is reloaded."""
+    source = tmp_path / "reloadable_model.py"
+    source.write_text(_VERSION.format(v=1, pad=""))
+    models = {"v": {"model": "reloadable_model:Version", "workers": 1}}
+    config = {"models": models}
+    with ServerProcess(
+        "--reload", config=config, tmp=tmp_path, pythonpath=(str(tmp_path),)
+    ) as server:
+        assert _version(server) == 1.0
+        wait_for(lambda: "--reload: watching 2 file(s)" in server.output, 60, "the watcher")
+        source.write_text(_VERSION.format(v=2, pad="edited"))
+        wait_for(lambda: _version(server) == 2.0, 60, "the new code served")
+        source.write_text("this is not python\n")
+        wait_for(lambda: "does not import" in server.output, 60, "the import error")
+        assert _version(server) == 2.0
+        source.write_text(_VERSION.format(v=3, pad="fixed"))
+        wait_for(lambda: _version(server) == 3.0, 60, "the fixed code served")
+        models["v"]["workers"] = 2
+        (tmp_path / "modelpool.yaml").write_text(
+            yaml.safe_dump({"server": {"port": 0}, "models": models})
+        )
+        wait_for(lambda: len(_pids(server, "v")) == 2, 60, "the reloaded configuration")
+        assert server.stop() == 0

@@ -109,9 +109,11 @@ class _Runner:
         share: FrontShare | None = None,
         bind_late: bool = False,
         reread: Callable[[], Config] | None = None,
+        watch: str | bool = False,
     ) -> None:
         self.config = config
         self.reread = reread  # the configuration read again (SIGHUP), when it is a file
+        self.watch = watch  # --reload: the configuration file's path, or True (no file)
         self.reloading: asyncio.Task[None] | None = None
         self.reload_again = False
         self.out = out
@@ -152,6 +154,20 @@ class _Runner:
             log.info("SIGHUP: a reload is running; reloading again after it")
             return
         self.reloading = asyncio.ensure_future(self._reload())
+
+    def _watcher(self) -> asyncio.Task[None] | None:
+        """``--reload``: the task watching the files (``_watch``)."""
+        if not self.watch or self.server is None:
+            return None
+        from ._watch import Watcher
+
+        path = self.watch if isinstance(self.watch, str) else None
+        return asyncio.ensure_future(Watcher(self.server, path, self._reload_now).run())
+
+    async def _reload_now(self) -> None:
+        self._on_hup()
+        if self.reloading is not None:
+            await asyncio.shield(self.reloading)
 
     async def _reload(self) -> None:
         assert self.server is not None
@@ -246,7 +262,10 @@ class _Runner:
                 gc.freeze()
                 self.server.publish()
                 self._banner(url)
+                watcher = self._watcher()
                 await self.stop.wait()
+                if watcher is not None:
+                    watcher.cancel()
             code = EXIT_OK if ok else EXIT_FAILURE
         finally:
             await self._drain(site, runner)
@@ -450,6 +469,7 @@ def serve(
     share: FrontShare | None = None,
     bind_late: bool = False,
     reread: Callable[[], Config] | None = None,
+    watch: str | bool = False,
 ) -> int:
     """Run the server until SIGTERM / Ctrl+C; the process exit code (``EXIT_*``). With
     ``server.fronts`` > 1 this process starts and watches the fronts (``_fronts``); a front
@@ -475,7 +495,7 @@ def serve(
                 return EXIT_FAILURE
 
         return Manager(config, output).run()
-    runner = _Runner(config, output, share, bind_late, reread)
+    runner = _Runner(config, output, share, bind_late, reread, watch)
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:
             return loop_runner.run(runner.run())
