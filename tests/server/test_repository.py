@@ -101,7 +101,12 @@ def test_a_load_that_fails_says_why_and_keeps_the_old_model(server: ServerProces
     assert "could not be loaded (the model already loaded keeps serving)" in answer["error"]
     assert "slot 0 cannot load" in answer["error"]
     assert _ident(server, 3.0)[0] == 200
-    assert _index(server)["ident"]["state"] == "READY"
+    entry = _index(server)["ident"]
+    assert entry["state"] == "READY"
+    assert "its last load failed" in entry["reason"]
+    status_doc = json.loads(request(server, "GET", "/status.json")[2])
+    (model,) = [m for m in status_doc["models"] if m["name"] == "ident"]
+    assert "slot 0 cannot load" in model["last_load_error"]
     status, answer = _post(
         server, "/v2/repository/models/other/load", {"parameters": {"config": {"workers": 0}}}
     )

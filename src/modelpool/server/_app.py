@@ -396,7 +396,7 @@ class Server:
 
     async def status_json(self, request: web.Request) -> web.Response:
         models, _ = self.whole()
-        snapshot = _status.snapshot(models, self.window, self.accepting)
+        snapshot = _status.snapshot(models, self.window, self.accepting, self.repository.failed)
         if self.auth is not None:
             snapshot["auth"] = await self.auth.status(request)
         return _json(snapshot, headers={"Cache-Control": "no-store"})

@@ -30,11 +30,16 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def snapshot(
-    served_models: Mapping[str, ServedModel | MergedModel], window: float, accepting: bool
+    served_models: Mapping[str, ServedModel | MergedModel],
+    window: float,
+    accepting: bool,
+    load_errors: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, in one JSON object: the server's models (with several front
     processes, merged over them: each worker names its ``front``), its readiness ``window``
-    (seconds) and whether it is ``accepting`` requests."""
+    (seconds), whether it is ``accepting`` requests, and why a model's last (re)load failed
+    while its old pool serves on (``load_errors``)."""
+    load_errors = load_errors or {}
     models = []
     for name, served in served_models.items():
         stats = served.pool.stats()
@@ -57,6 +62,7 @@ def snapshot(
                     "p99": _ms(_percentile(recent, 0.99)),
                 },
                 "exit_reasons": stats["exit_reasons"],
+                "last_load_error": load_errors.get(name),
             }
         )
     return {
@@ -126,8 +132,9 @@ function render(data) {
     if (!names.has(s.dataset.model)) s.remove();
   }
   for (const m of data.models) {
-    const state = m.ready ? '<span class="ready">ready</span>'
-                          : '<span class="down">not ready</span> ' + esc(m.why_not_ready);
+    const state = (m.ready ? '<span class="ready">ready</span>'
+                           : '<span class="down">not ready</span> ' + esc(m.why_not_ready)) +
+      (m.last_load_error ? ' <span class="down">' + esc(m.last_load_error) + "</span>" : "");
     const section = modelSection(m.name);
     section.querySelector(".head").innerHTML =
       "<h2>" + esc(m.name) + " <small>(" + esc(m.model) + ", version " + esc(m.version) +
