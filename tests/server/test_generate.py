@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _serving import ServerProcess, request
+from _serving import ServerProcess, model_status, request
 
 import modelpool
 from _deps import need_program
@@ -29,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "words": {"model": "_server_models:Words"},
             "words_timed": {"model": "_server_models:Words", "timeout": 2},
             "demo_words": {"model": "modelpool.demo:Words", "options": {"pause": 0.01}},
+            "words_queue": {"model": "_server_models:Words", "workers": 1, "max_queue": 1},
         }
     }
     with ServerProcess(config=config, tmp=tmp_path_factory.mktemp("generate")) as served:
@@ -260,3 +262,32 @@ def test_the_demo_model_that_streams(server: ServerProcess) -> None:
     with modelpool.Client(server.url) as client:
         pieces = list(client.stream("demo_words", {"text_input": "one two three"}))
     assert pieces == [{"text_output": w} for w in ("one", "two", "three")]
+
+
+def test_a_stream_over_max_queue_is_a_503_json_error(server: ServerProcess) -> None:
+    """The queue's limit holds for streams: one runs, one waits, the next is refused with the
+    usual 503 (not an event stream)."""
+    curl = _curl(server, "words_queue", "one" + " slow" * 200)
+    waiting: list[int] = []
+    try:
+        assert curl.stdout is not None
+        curl.stdout.readline()  # the first piece: the worker is busy with this stream
+        second = threading.Thread(
+            target=lambda: waiting.append(
+                _post(server, "/v2/models/words_queue/generate_stream", {"text_input": "x"})[0]
+            )
+        )
+        second.start()
+        wait_for(lambda: model_status(server, "words_queue")["queued"] == 1, 60, "one queued")
+        status, headers, body = _post(
+            server, "/v2/models/words_queue/generate_stream", {"text_input": "y"}
+        )
+        assert status == 503
+        assert headers["Content-Type"].startswith("application/json")
+        assert "Retry-After" in headers
+        assert "queue" in json.loads(body)["error"]
+    finally:
+        curl.kill()
+        curl.communicate()
+    second.join(60)
+    assert waiting == [200]

@@ -347,10 +347,13 @@ class GrpcSite:
             timeout = call.context.time_remaining()
             pool = served.pool
             if streamed and streams(served):
-                stream = pool.start_stream_infer(
-                    body, GRPC, version=served.version, request_id=call.rid, adopt_id=False,
-                    timeout=timeout,
-                )  # fmt: skip
+                try:
+                    stream = pool.start_stream_infer(
+                        body, GRPC, version=served.version, request_id=call.rid, adopt_id=False,
+                        timeout=timeout,
+                    )  # fmt: skip
+                except Exception as exc:  # (a full queue, a pool shut down: as for ModelInfer)
+                    raise self._failed(served, exc, call, None) from None
                 with stream:  # (leaving early, the client gone included, stops the model)
                     while True:
                         try:

@@ -169,13 +169,16 @@ class Inference:
         """A streamed ``generate_stream``: an error before the first piece is an ordinary
         JSON error answer; after it, a last error event (module docstring). The status the
         metrics count goes in ``request[_CODE]``."""
-        stream = served.pool.start_stream_infer(
-            body,
-            GENERATE,
-            version=served.version,
-            request_id=rid,
-            adopt_id=not _logging.id_given(request),
-        )
+        try:
+            stream = served.pool.start_stream_infer(
+                body,
+                GENERATE,
+                version=served.version,
+                request_id=rid,
+                adopt_id=not _logging.id_given(request),
+            )
+        except Exception as exc:  # (a full queue, a pool shut down: as for /infer)
+            raise self._failed(served, exc, rid, None) from None
         with stream:  # (leaving early, the client gone included, closes the generator)
             first = await self._piece(served, stream, rid)
             if first is None:  # (the worker always answers something)
