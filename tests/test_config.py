@@ -148,3 +148,59 @@ def test_logging_settings_errors(tmp_path: Path, text: str, fragments: list[str]
         load_config(path)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_versions_each_get_the_models_settings_with_their_changes() -> None:
+    models = {
+        "m": {
+            "model": "pkg.mod:Model",
+            "workers": 2,
+            "options": {"size": 1},
+            "versions": {"9": {}, "10": {"workers": 1, "options": {"size": 2}}, "beta": {}},
+        }
+    }
+    entry = Config.from_mapping({"models": models}).models["m"]
+    versions = entry.expand()
+    assert {v: (s.version, s.workers, s.options) for v, s in versions.items()} == {
+        "9": ("9", 2, {"size": 1}),
+        "10": ("10", 1, {"size": 2}),
+        "beta": ("beta", 2, {"size": 1}),
+    }
+    assert entry.served_version == "10"  # the highest number (names come after none)
+    assert entry.default().options == {"size": 2}
+    assert "versions" not in versions["9"].pool_kwargs()
+    single = Config.from_mapping({"models": {"m": {"model": "a:B", "version": "3"}}}).models["m"]
+    assert list(single.expand()) == ["3"]
+    assert single.served_version == "3"
+    # each front serves every version with its share of that version's workers
+    front = Config.from_mapping({"models": models}).for_front(1, 2).models["m"].expand()
+    assert (front["9"].workers, front["10"].workers) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"version": "2", "versions": {"1": {}}}, "give either version: (one version) or"),
+        ({"versions": {"1": {}}, "default_version": "2"}, "default_version '2' is not one of"),
+        ({"versions": {}}, "versions: is empty"),
+        ({"versions": {"": {}}}, "version '' must be a name or a number"),
+        ({"versions": {"1": {"version": "3"}}}, "versions.1.version cannot be set per version"),
+        ({"versions": {"1": {"workers": 0}}}, "versions.1: workers:"),
+        ({"versions": {"1": {"colour": "red"}}}, "versions.1: colour: "),
+        ({"versions": {"1": 5}}, "versions.1 must be a mapping"),
+    ],
+)
+def test_version_errors_say_what_to_write(entry: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_mapping({"models": {"m": {"model": "a:B", **entry}}}, "f.yaml")
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("f.yaml: ")
+
+
+def test_versions_written_as_yaml_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "models:\n  m:\n    model: a:B\n    versions: {1: {}, 2: {}}\n    default_version: 1\n"
+    )
+    entry = load_config(path).models["m"]
+    assert (list(entry.expand()), entry.served_version) == (["1", "2"], "1")

@@ -98,12 +98,23 @@ def list_models(url: str, api_key: str | None, as_json: bool) -> None:
     "server's file. Without it, the server loads the model as it is configured.",
 )
 @click.option("--model", "model_ref", help="Shorthand for a config of just model: CLASS.")
+@click.option(
+    "--default-version",
+    help="The version unversioned requests go to. Alone, of a loaded model: switch them to "
+    "that (loaded) version, restarting nothing.",
+)
 @_URL
 @_KEY
 def load(
-    name: str, config_file: str | None, model_ref: str | None, url: str, api_key: str | None
+    name: str,
+    config_file: str | None,
+    model_ref: str | None,
+    default_version: str | None,
+    url: str,
+    api_key: str | None,
 ) -> None:
-    """Load model NAME (reload it, when it is loaded), and wait until it serves."""
+    """Load model NAME (reload it, when it is loaded), and wait until it serves. With a
+    config, only its new or changed versions start; without, every version restarts."""
     settings: dict[str, Any] = {}
     if config_file is not None:
         with open(config_file) as f:
@@ -113,16 +124,25 @@ def load(
         settings.update(loaded)
     if model_ref is not None:
         settings["model"] = model_ref
-    body = {"parameters": {"config": settings}} if settings else {}
+    parameters: dict[str, Any] = {"config": settings} if settings else {}
+    if default_version is not None:
+        parameters["default_version"] = default_version
+    body = {"parameters": parameters} if parameters else {}
     _call(url, api_key, f"/v2/repository/models/{quote(name, safe='')}/load", body)
-    click.echo(f"model {name!r} loaded")
+    if default_version is not None and not settings:
+        click.echo(f"model {name!r}: unversioned requests go to version {default_version!r}")
+    else:
+        click.echo(f"model {name!r} loaded")
 
 
 @models.command()
 @click.argument("name")
+@click.option("--version", help="Unload this version alone (not the default one).")
 @_URL
 @_KEY
-def unload(name: str, url: str, api_key: str | None) -> None:
+def unload(name: str, version: str | None, url: str, api_key: str | None) -> None:
     """Unload model NAME: its requests in flight finish, later ones get 404."""
-    _call(url, api_key, f"/v2/repository/models/{quote(name, safe='')}/unload", {})
-    click.echo(f"model {name!r} unloaded")
+    body = {"parameters": {"version": version}} if version is not None else {}
+    _call(url, api_key, f"/v2/repository/models/{quote(name, safe='')}/unload", body)
+    what = f"version {version!r} of model {name!r}" if version else f"model {name!r}"
+    click.echo(f"{what} unloaded")

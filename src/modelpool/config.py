@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "version_order",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -185,6 +186,11 @@ class _ModelEntry(BaseModel):
     version: str = "1"
     #: the server calls the model ready only while at least this many workers are alive
     min_ready_workers: int = Field(1, ge=1)
+    #: several versions served at once: version -> the entry's settings with these changes
+    #: (top-level keys replaced); ``version`` is not given then
+    versions: dict[str, dict[str, Any]] | None = None
+    #: the version unversioned requests go to (default: the highest of ``versions``)
+    default_version: str | None = None
 
     if TYPE_CHECKING:  # the Pool's settings, added from the declaration below
 
@@ -198,6 +204,86 @@ class _ModelEntry(BaseModel):
             raise ValueError(f"{value!r} is not an import string; write 'package.module:ClassName'")
         return value
 
+    @pydantic.field_validator("version", "default_version", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        # (YAML reads ``version: 2`` as a number)
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @pydantic.field_validator("versions", mode="before")
+    @classmethod
+    def _version_names(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(
+                "versions: must be a mapping of version -> the settings that differ, as "
+                "{'1': {}, '2': {'options': {...}}}"
+            )
+        # (YAML reads ``1:`` as a number)
+        value = {str(k) if isinstance(k, int) else k: v for k, v in value.items()}
+        if not value:
+            raise ValueError("versions: is empty; name at least one version, or leave it out")
+        for version, changes in value.items():
+            if not isinstance(version, str) or not version:
+                raise ValueError(f"version {version!r} must be a name or a number")
+            if not isinstance(changes, dict):
+                raise ValueError(
+                    f"versions.{version} must be a mapping of the settings that differ from "
+                    f"the model's (or {{}}), got {type(changes).__name__}"
+                )
+            bad = sorted({"version", "versions", "default_version"} & changes.keys())
+            if bad:
+                raise ValueError(f"versions.{version}.{bad[0]} cannot be set per version")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _default_version(self) -> _ModelEntry:
+        if self.versions is not None and "version" in self.model_fields_set:
+            raise ValueError(
+                "give either version: (one version) or versions: (several), not both; the "
+                "version unversioned requests use is default_version:"
+            )
+        known = list(self.versions) if self.versions is not None else [self.version]
+        if self.default_version is not None and self.default_version not in known:
+            raise ValueError(
+                f"default_version {self.default_version!r} is not one of the versions "
+                f"({', '.join(known)})"
+            )
+        for version, changes in (self.versions or {}).items():
+            try:
+                self._version(version, changes)
+            except pydantic.ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"versions.{version}: {where}: {message}") from None
+        return self
+
+    @property
+    def served_version(self) -> str:
+        """The version unversioned requests go to."""
+        if self.default_version is not None:
+            return self.default_version
+        if self.versions is None:
+            return self.version
+        return max(self.versions, key=version_order)
+
+    def expand(self) -> dict[str, ModelSettings]:
+        """Each version's own settings (``versions:`` applied), by version."""
+        if self.versions is None and self.default_version is None:
+            return {self.version: self}
+        changes = self.versions or {self.version: {}}
+        return {v: self._version(v, c) for v, c in changes.items()}
+
+    def _version(self, version: str, changes: dict[str, Any]) -> ModelSettings:
+        base = self.model_dump(exclude={"versions", "default_version"}, exclude_unset=True)
+        return type(self).model_validate({**base, **changes, "version": version})
+
+    def default(self) -> ModelSettings:
+        """The settings of the version unversioned requests go to."""
+        return self.expand()[self.served_version]
+
     @pydantic.model_validator(mode="after")
     def _scaling(self) -> _ModelEntry:
         floor, _ = scaling(self.workers, self.min_workers, self.max_workers)
@@ -210,7 +296,14 @@ class _ModelEntry(BaseModel):
 
     def pool_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``modelpool.Pool(self.model, **kwargs)``."""
-        return self.model_dump(exclude={"model", "version", "min_ready_workers"})
+        exclude = {"model", "version", "min_ready_workers", "versions", "default_version"}
+        return self.model_dump(exclude=exclude)
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    """Versions in order: names, then numbers by value (``10`` after ``9``): the highest is
+    the greatest number."""
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 def _field(setting: Setting) -> Any:
@@ -292,9 +385,12 @@ class Config(_Strict):
         models = {}
         for name, m in self.models.items():
             entry = m.model_dump()
-            for key in ("workers", "min_workers", "max_workers"):
-                if entry.get(key) is not None:
-                    entry[key] = share(entry[key], index, count)
+            if m.versions is not None:
+                del entry["version"]  # (given by versions:)
+            for part in [entry, *(entry.get("versions") or {}).values()]:
+                for key in ("workers", "min_workers", "max_workers"):
+                    if part.get(key) is not None:
+                        part[key] = share(part[key], index, count)
             entry["min_ready_workers"] = 1
             models[name] = entry
         return Config.from_mapping({**self._rest(), "models": models})

@@ -8,8 +8,10 @@ give: 503 for a request whose worker was killed, 504 past its deadline, 503 over
 wrong (an answer that is not its own). Lost and wrong must be 0, and the server's processes
 and descriptors must be back where they started.
 
-The faults, at random, about three a second: the model reloaded (a new pool beside the old),
-reloaded with settings whose setup fails (the old pool serves on), unloaded and loaded again,
+The faults, at random, about three a second: the model (two versions) reloaded (new pools
+beside the old), reloaded with settings whose setup fails (the old pools serve on), its default
+version switched, one version replaced with new settings (a rolling change), unloaded and
+loaded again,
 a worker SIGKILLed or SIGSEGVed, a predict that hangs past its deadline, a client that
 disconnects mid-body, a client that sends its body slowly, a burst over ``max_queue``. At the
 end, SIGTERM under load: every accepted request is answered, the exit status is 0 and no
@@ -42,7 +44,12 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(CHAOS_SECONDS + 300)]
 
 CONFIG = {
     "models": {
-        "ident": {"model": "_server_models:Identity", "workers": 2, "retries": 0},
+        "ident": {
+            "model": "_server_models:Identity",
+            "workers": 1,
+            "retries": 0,
+            "versions": {"1": {}, "2": {}},  # the clients' requests go to the default one
+        },
         "sleepy": {"model": "_server_models:Sleepy", "workers": 1, "timeout": 0.5},
         "queue": {"model": "_server_models:Sleepy", "workers": 1, "max_queue": 2},
     }
@@ -147,6 +154,17 @@ def _fault(server: ServerProcess, kind: str, rng: random.Random, faults: Tally) 
         status, answer = _post(server, "/v2/repository/models/ident/load", body)
         assert status == 400, answer
         assert "keeps serving" in answer, answer
+    elif kind == "switch":  # the default version moves (no worker restarts)
+        body = json.dumps({"parameters": {"default_version": rng.choice("12")}}).encode()
+        status, answer = _post(server, "/v2/repository/models/ident/load", body)
+        assert status == 200, answer
+    elif kind == "roll":  # one version replaced (beside the old), the default maybe moved
+        versions = {"1": {}, "2": {"timeout": rng.choice([30, 31])}}
+        config = {"model": "_server_models:Identity", "workers": 1, "retries": 0}
+        config |= {"versions": versions, "default_version": rng.choice("12")}
+        body = json.dumps({"parameters": {"config": config}}).encode()
+        status, answer = _post(server, "/v2/repository/models/ident/load", body)
+        assert status == 200, answer
     elif kind == "unload":
         assert _post(server, "/v2/repository/models/ident/unload")[0] == 200
         assert _post(server, "/v2/repository/models/ident/load")[0] == 200
@@ -238,7 +256,8 @@ def _settled(server: ServerProcess, before: dict[str, int]) -> dict[str, int]:
 def test_a_server_under_load_and_faults_loses_nothing(tmp_path: Path) -> None:
     tally, faults = Tally(), Tally()
     rng = random.Random(int(os.environ.get("MODELPOOL_CHAOS_SEED", "1")))
-    kinds = ["reload", "bad_reload", "unload", "sigkill", "sigsegv", "hang", "disconnect"]
+    kinds = ["reload", "bad_reload", "switch", "roll", "unload", "sigkill", "sigsegv", "hang"]
+    kinds += ["disconnect"]
     kinds += ["slow", "burst"]
     with ServerProcess(config=CONFIG, tmp=tmp_path) as server:
         before = _resources(server)

@@ -148,3 +148,14 @@ class Words(modelpool.Model):
                 yield {"text_output": np.array([word], dtype=object)}
         finally:
             note("finally")
+
+
+class Tagged(modelpool.Model):
+    """Answers its ``tag`` option (and pid) for every row: which version served a request."""
+
+    def __init__(self, tag: float = 0.0) -> None:
+        self.tag = tag
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        rows = next(iter(inputs.values())).shape[0]
+        return {"TAG": np.full(rows, self.tag), "PID": np.full(rows, os.getpid(), np.int64)}

@@ -119,6 +119,13 @@ def request(
         conn.close()
 
 
+def post_json(server: ServerProcess, path: str, doc: Any = None) -> tuple[int, Any]:
+    """POST ``doc`` as JSON (nothing when None): (status, the answer's JSON or None)."""
+    body = json.dumps(doc).encode() if doc is not None else b""
+    status, _, answer = request(server, "POST", path, body)
+    return status, json.loads(answer) if answer else None
+
+
 def infer_body(name: str, datatype: str, shape: list[int], data: list[Any]) -> bytes:
     """The JSON body of an inference request with one tensor."""
     tensor = {"name": name, "datatype": datatype, "shape": shape, "data": data}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from _serving import ServerProcess, infer_body, request
+from _serving import ServerProcess, infer_body, post_json, request
 
 from _deps import need_module
 from _waiting import wait_for
@@ -38,14 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield served
 
 
-def _post(server: ServerProcess, path: str, doc: Any = None) -> tuple[int, Any]:
-    body = json.dumps(doc).encode() if doc is not None else b""
-    status, _, answer = request(server, "POST", path, body)
-    return status, json.loads(answer) if answer else None
-
-
 def _index(server: ServerProcess) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in _post(server, "/v2/repository/index")[1]}
+    return {e["name"]: e for e in post_json(server, "/v2/repository/index")[1]}
 
 
 def _ident(server: ServerProcess, x: float) -> tuple[int, bytes]:
@@ -55,7 +49,7 @@ def _ident(server: ServerProcess, x: float) -> tuple[int, bytes]:
 
 
 def test_unload_then_load_a_configured_model(server: ServerProcess) -> None:
-    assert _post(server, "/v2/repository/models/iris/unload") == (200, {})
+    assert post_json(server, "/v2/repository/models/iris/unload") == (200, {})
     status, _, body = request(server, "POST", "/v2/models/iris/infer", IRIS)
     assert status == 404
     error = json.loads(body)["error"]
@@ -64,8 +58,8 @@ def test_unload_then_load_a_configured_model(server: ServerProcess) -> None:
     entry = _index(server)["iris"]
     assert entry["state"] == "UNAVAILABLE"
     assert "unload" in entry["reason"]
-    assert _post(server, "/v2/repository/models/iris/unload")[0] == 404  # (not loaded)
-    assert _post(server, "/v2/repository/models/iris/load") == (200, {})
+    assert post_json(server, "/v2/repository/models/iris/unload")[0] == 404  # (not loaded)
+    assert post_json(server, "/v2/repository/models/iris/load") == (200, {})
     assert request(server, "POST", "/v2/models/iris/infer", IRIS)[0] == 200
     assert _index(server)["iris"]["state"] == "READY"
 
@@ -94,7 +88,7 @@ def test_tritonclients_repository_calls_load_a_new_model(server: ServerProcess) 
 
 def test_a_load_that_fails_says_why_and_keeps_the_old_model(server: ServerProcess) -> None:
     failing = {"model": "_models:FailSlot", "options": {"bad_index": 0}, "workers": 1}
-    status, answer = _post(
+    status, answer = post_json(
         server, "/v2/repository/models/ident/load", {"parameters": {"config": failing}}
     )
     assert status == 400
@@ -107,12 +101,12 @@ def test_a_load_that_fails_says_why_and_keeps_the_old_model(server: ServerProces
     status_doc = json.loads(request(server, "GET", "/status.json")[2])
     (model,) = [m for m in status_doc["models"] if m["name"] == "ident"]
     assert "slot 0 cannot load" in model["last_load_error"]
-    status, answer = _post(
+    status, answer = post_json(
         server, "/v2/repository/models/other/load", {"parameters": {"config": {"workers": 0}}}
     )
     assert status == 400
     assert "model" in answer["error"]  # (the settings' own message: no model, workers >= 1)
-    assert _post(server, "/v2/repository/models/nothing/load")[0] == 404
+    assert post_json(server, "/v2/repository/models/nothing/load")[0] == 404
 
 
 def test_a_reload_under_load_fails_no_request(server: ServerProcess) -> None:
@@ -136,7 +130,7 @@ def test_a_reload_under_load_fails_no_request(server: ServerProcess) -> None:
     try:
         wait_for(lambda: len(results) >= 20, 60, "requests flowing")
         for _ in range(2):
-            assert _post(server, "/v2/repository/models/ident/load") == (200, {})
+            assert post_json(server, "/v2/repository/models/ident/load") == (200, {})
         count = len(results)
         wait_for(lambda: len(results) >= count + 20, 60, "requests to the reloaded model")
     finally:
@@ -161,11 +155,11 @@ def test_unload_lets_a_request_in_flight_finish(server: ServerProcess) -> None:
         60,
         "the request in flight",
     )
-    assert _post(server, "/v2/repository/models/sleepy/unload") == (200, {})
+    assert post_json(server, "/v2/repository/models/sleepy/unload") == (200, {})
     slow.join(60)
     assert answered == [200]
     assert request(server, "POST", "/v2/models/sleepy/infer", body)[0] == 404
-    assert _post(server, "/v2/repository/models/sleepy/load") == (200, {})
+    assert post_json(server, "/v2/repository/models/sleepy/load") == (200, {})
 
 
 def test_one_change_at_a_time(server: ServerProcess) -> None:
@@ -174,17 +168,17 @@ def test_one_change_at_a_time(server: ServerProcess) -> None:
     outcome: list[tuple[int, Any]] = []
     loader = threading.Thread(
         target=lambda: outcome.append(
-            _post(server, "/v2/repository/models/slow/load", {"parameters": {"config": slow}})
+            post_json(server, "/v2/repository/models/slow/load", {"parameters": {"config": slow}})
         )
     )
     loader.start()
     wait_for(lambda: _index(server).get("slow", {}).get("state") == "LOADING", 60, "LOADING")
-    status, answer = _post(server, "/v2/repository/models/iris/unload")
+    status, answer = post_json(server, "/v2/repository/models/iris/unload")
     assert status == 409
     assert "busy loading 'slow'" in answer["error"]
     loader.join(60)
     assert outcome == [(200, {})]
-    assert _post(server, "/v2/repository/models/slow/unload") == (200, {})
+    assert post_json(server, "/v2/repository/models/slow/unload") == (200, {})
 
 
 def test_the_models_command(server: ServerProcess) -> None:
@@ -290,7 +284,7 @@ def test_a_load_past_setup_timeout_is_abandoned_cleanly(server: ServerProcess) -
         "workers": 1,
     }
     before = _children(server)
-    status, answer = _post(
+    status, answer = post_json(
         server, "/v2/repository/models/stuck/load", {"parameters": {"config": slow}}
     )
     assert status == 400

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from modelpool import __version__
-from modelpool.config import Config, ModelSettings
+from modelpool.config import Config, ModelSettings, version_order
 
 from . import _auth, _history, _inference, _logging, _login, _repository, _status
 from ._errors import HTTPError
@@ -57,9 +57,16 @@ class Server:
         self.config = config
         self.share = share  # one of several front processes (``_shared``), or None
         self.settings = config.server
-        self.models = models or {
-            name: self.make_served(name, settings) for name, settings in config.models.items()
-        }
+        #: every model's served versions (version -> ``ServedModel``), the default included
+        self.versions: dict[str, dict[str, ServedModel]] = {}
+        #: every model's default version: where requests without a version go
+        self.models: dict[str, ServedModel] = {}
+        for name, entry in config.models.items():
+            if models is not None and name in models:
+                self.serve(name, {models[name].version: models[name]}, models[name].version)
+            else:
+                made = {v: self.make_served(name, s) for v, s in entry.expand().items()}
+                self.serve(name, made, entry.served_version)
         # a front started in the place of one that died continues its slot's counters
         self.metrics = share.previous_metrics() if share is not None else Metrics()
         self.history = _history.History()  # the status page's charts
@@ -78,7 +85,7 @@ class Server:
         self.inference = _inference.Inference(self)
         self.fast_handlers = {
             path: self._tracked(self.inference.route(served.name, version), "model", served.name)
-            for served in self.models.values()
+            for served in self.served()
             for path, version in (
                 (f"/v2/models/{served.name}/infer", None),
                 (f"/v2/models/{served.name}/versions/{served.version}/infer", served.version),
@@ -158,7 +165,7 @@ class Server:
 
     async def _on_startup(self, app: web.Application) -> None:
         self._probe_task = asyncio.create_task(self._probe_loop())
-        for served in self.models.values():  # requests made here are answered here, no threads
+        for served in self.served():  # requests made here are answered here, no threads
             served.attach(asyncio.get_running_loop())
         if self.share is not None:
             self._publish_task = asyncio.create_task(self._publish_loop())
@@ -168,7 +175,7 @@ class Server:
             self._probe_task.cancel()
         for task in self._probes.values():
             task.cancel()
-        for served in self.models.values():
+        for served in self.served():
             served.detach()
         if self._publish_task is not None:
             self._publish_task.cancel()
@@ -239,20 +246,51 @@ class Server:
         """A model to serve (its pool not started), as the configuration's are made."""
         return ServedModel(name, settings, logs=self.config.server)
 
+    def serve(self, name: str, versions: dict[str, ServedModel], default: str) -> None:
+        """Serve ``versions`` of model ``name`` from now on, unversioned requests going to
+        ``default`` (one step: a request sees the old set or the new, never a mix)."""
+        self.versions[name] = versions
+        self.models[name] = versions[default]
+
+    def drop(self, name: str) -> None:
+        """Stop serving model ``name`` (every version)."""
+        self.versions.pop(name, None)
+        self.models.pop(name, None)
+
+    def served(self) -> list[ServedModel]:
+        """Every version of every model served."""
+        return [m for versions in self.versions.values() for m in versions.values()]
+
+    def labelled(self) -> dict[str, ServedModel]:
+        """Every version served, by a name for people: the model's, with the version when
+        it has several."""
+        return {
+            name if len(versions) == 1 else f"{name} (version {v})": m
+            for name, versions in self.versions.items()
+            for v, m in versions.items()
+        }
+
+    def version_list(self, name: str) -> list[str]:
+        """The versions of ``name`` served, in order (``10`` after ``9``)."""
+        return sorted(self.versions.get(name, ()), key=version_order)
+
     def model_of(self, request: web.Request) -> ServedModel:
         return self.model_named(request.match_info["model"], request.match_info.get("version"))
 
     def model_named(self, name: str, version: str | None) -> ServedModel:
-        """The model ``name`` (at ``version``, when given); ``HTTPError`` 404 otherwise."""
+        """The model ``name`` (at ``version``, when given, else its default version);
+        ``HTTPError`` 404 otherwise."""
         served = self.models.get(name)
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
             why = self.repository.not_loaded(name)
             raise why or HTTPError(404, f"unknown model {name!r}; this server has: {known}")
         if version is not None and version != served.version:
-            raise HTTPError(
-                404, f"model {name!r} has no version {version!r}; it has {served.version!r}"
-            )
+            other = self.versions[name].get(version)
+            if other is None:
+                have = ", ".join(repr(v) for v in self.version_list(name))
+                raise HTTPError(404, f"model {name!r} has no version {version!r}; it has {have}")
+            return other
         return served
 
     # ------------------------------------------------------------------ health and metadata
@@ -281,9 +319,21 @@ class Server:
                 return str(why)
         return ""
 
+    def version_not_ready(self, served: ServedModel) -> str:
+        """``not_ready`` of one version of a model."""
+        if served is self.models.get(served.name):
+            return self.not_ready(served.name)
+        # a version beside the default: this front's own
+        return served.readiness(self.window)[1] if self.accepting else SHUTTING_DOWN
+
+    def metadata_of(self, served: ServedModel) -> dict[str, Any]:
+        """A model's metadata, with every version served."""
+        return served.metadata() | {"versions": self.version_list(served.name)}
+
     async def model_ready(self, request: web.Request) -> web.Response:
-        name = self.model_of(request).name
-        why = self.not_ready(name)
+        served = self.model_of(request)
+        name = served.name
+        why = self.version_not_ready(served)
         if why:
             return _json({"name": name, "ready": False, "error": why}, 503, self._retry_after())
         return _json({"name": name, "ready": True})
@@ -297,7 +347,7 @@ class Server:
         return _json(self.metadata())
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return _json(self.model_of(request).metadata())
+        return _json(self.metadata_of(self.model_of(request)))
 
     async def model_config(self, request: web.Request) -> web.Response:
         return _json(self.model_of(request).triton_config())
@@ -305,7 +355,12 @@ class Server:
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every model with its version and state."""
         index = []
-        for served in self.whole()[0].values():
+        models = self.whole()[0]
+        for served in [
+            models[n] if v == m.version else self.versions[n][v]
+            for n, m in models.items()
+            for v in self.version_list(n) or [m.version]
+        ]:
             ok, why = served.readiness(self.window)
             state = "READY" if ok else "UNAVAILABLE"
             why = why or self.repository.failed.get(served.name, "")  # (a failed reload)
@@ -338,12 +393,13 @@ class Server:
         interval = self.settings.ready_probe_interval
         while True:
             now = time.monotonic()
-            for name, m in list(self.models.items()):
-                running = self._probes.get(name)
+            for m in self.served():
+                key = f"{m.name}/{m.version}"
+                running = self._probes.get(key)
                 if (running is None or running.done()) and now - m.last_ok >= interval:
                     # one task per model: a model whose workers are all busy must not hold
                     # back the probes of the others
-                    self._probes[name] = asyncio.create_task(self._probe_one(m))
+                    self._probes[key] = asyncio.create_task(self._probe_one(m))
             await asyncio.sleep(min(interval, 1.0))
 
     async def _probe_one(self, served: ServedModel) -> None:
@@ -397,6 +453,8 @@ class Server:
     async def status_json(self, request: web.Request) -> web.Response:
         models, _ = self.whole()
         snapshot = _status.snapshot(models, self.window, self.accepting, self.repository.failed)
+        for model in snapshot["models"]:  # (the other versions: the repository index has them)
+            model["versions"] = self.version_list(model["name"]) or [model["version"]]
         if self.auth is not None:
             snapshot["auth"] = await self.auth.status(request)
         return _json(snapshot, headers={"Cache-Control": "no-store"})

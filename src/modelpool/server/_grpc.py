@@ -264,7 +264,7 @@ class GrpcSite:
     async def model_ready(self, request: Any, call: _Call) -> Any:
         served = self.server.model_named(request.name, request.version or None)
         await self._allow(call, served.name)
-        return messages().ModelReadyResponse(ready=not self.server.not_ready(served.name))
+        return messages().ModelReadyResponse(ready=not self.server.version_not_ready(served))
 
     async def server_metadata(self, request: Any, call: _Call) -> Any:
         await self._allow(call, None)
@@ -273,7 +273,7 @@ class GrpcSite:
     async def model_metadata(self, request: Any, call: _Call) -> Any:
         served = self.server.model_named(request.name, request.version or None)
         await self._allow(call, served.name)
-        return messages().ModelMetadataResponse(**served.metadata())
+        return messages().ModelMetadataResponse(**self.server.metadata_of(served))
 
     async def model_config(self, request: Any, call: _Call) -> Any:
         from google.protobuf import json_format
@@ -296,14 +296,16 @@ class GrpcSite:
         """Triton's ``RepositoryModelLoad`` (``_repository``): the parameter ``config`` (a
         string of JSON) is the model's settings."""
         await self._admin(call)
-        config = request.parameters.get("config")
-        given = read_config(config.string_param if config is not None else None, request.model_name)
-        await self.server.repository.load_model(request.model_name, given)
+        given = read_config(_string(request, "config"), request.model_name)
+        default = _string(request, "default_version")
+        await self.server.repository.load_model(request.model_name, given, default)
         return messages().RepositoryModelLoadResponse()
 
     async def repository_unload(self, request: Any, call: _Call) -> Any:
+        """``RepositoryModelUnload``; the parameter ``version`` unloads that version alone."""
         await self._admin(call)
-        await self.server.repository.unload_model(request.model_name)
+        version = _string(request, "version")
+        await self.server.repository.unload_model(request.model_name, version)
         return messages().RepositoryModelUnloadResponse()
 
     async def _admin(self, call: _Call) -> None:
@@ -505,3 +507,12 @@ class _Crashed(HTTPError):
 
     def __init__(self, error: HTTPError) -> None:
         super().__init__(error.status, str(error), retry_after=error.retry_after)
+
+
+def _string(request: Any, key: str) -> str | None:
+    """A repository request's string parameter ``key`` (an integer one as text), or None."""
+    parameter = request.parameters.get(key)
+    if parameter is None:
+        return None
+    kind = parameter.WhichOneof("parameter_choice")
+    return str(getattr(parameter, kind)) if kind in ("string_param", "int64_param") else None

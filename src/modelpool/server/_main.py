@@ -202,7 +202,7 @@ class _Runner:
 
     def _terminate(self) -> None:
         if self.server is not None:
-            for served in self.server.models.values():
+            for served in self.server.served():
                 served.pool.terminate()
 
     async def run(self) -> int:
@@ -303,7 +303,7 @@ class _Runner:
     async def _load(self) -> bool:
         assert self.server is not None
         progress = _Progress(self.out)
-        models = self.server.models
+        models = self.server.labelled()
         loads = {
             name: asyncio.ensure_future(asyncio.to_thread(m.pool.start))
             for name, m in models.items()
@@ -394,7 +394,7 @@ class _Runner:
     def _stop_pools(self, wait: bool) -> None:
         if self.server is None:
             return
-        served = [*self.server.models.values(), *self.server.repository.loading.values()]
+        served = [*self.server.served(), *self.server.repository.starting()]
         for m in served:
             m.pool.shutdown(wait=False)
         if wait:

@@ -42,8 +42,15 @@ class Host(Protocol):
 
     config: Config
     models: dict[str, ServedModel]
+    versions: dict[str, dict[str, ServedModel]]
 
     def make_served(self, name: str, settings: ModelSettings) -> ServedModel: ...
+
+    def serve(self, name: str, versions: dict[str, ServedModel], default: str) -> None: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def version_list(self, name: str) -> list[str]: ...
 
 
 class Repository:
@@ -52,8 +59,10 @@ class Repository:
     def __init__(self, server: Host, fronts: int) -> None:
         self.server = server
         self.fronts = fronts
+        #: each served model's settings (every version; a later plain load reuses them)
+        self.settings: dict[str, ModelSettings] = dict(server.config.models)
         self.unloaded: dict[str, tuple[ModelSettings, str]] = {}  # name -> (settings, why)
-        self.loading: dict[str, ServedModel] = {}  # pools starting (stopped at shutdown)
+        self.loading: dict[str, list[ServedModel]] = {}  # pools starting (stopped at shutdown)
         self.busy: str | None = None  # what runs now ("loading 'x'"), or None
         self.failed: dict[str, str] = {}  # name -> why its last load failed (still served)
         self._lock = asyncio.Lock()  # one change at a time
@@ -63,16 +72,21 @@ class Repository:
     def entries(self) -> list[dict[str, Any]]:
         """The index entries of the models that are not served now."""
         out = [
-            {"name": n, "version": s.version, "state": "UNAVAILABLE", "reason": why}
+            {"name": n, "version": s.served_version, "state": "UNAVAILABLE", "reason": why}
             for n, (s, why) in self.unloaded.items()
             if n not in self.server.models
         ]
         out += [
             {"name": n, "version": m.version, "state": "LOADING"}
-            for n, m in self.loading.items()
-            if n not in self.server.models
+            for n, starting in self.loading.items()
+            for m in starting
+            if m.version not in self.server.versions.get(n, {})
         ]
         return out
+
+    def starting(self) -> list[ServedModel]:
+        """The pools being started now."""
+        return [m for starting in self.loading.values() for m in starting]
 
     def not_loaded(self, name: str) -> HTTPError | None:
         """Why ``name`` is not served, when it is a model this server knows: 503 while it
@@ -96,31 +110,51 @@ class Repository:
     async def load(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self._changeable(name)
-        await self.load_model(name, await _config_of(request, name))
+        parameters = await _parameters_of(request)
+        given = read_config(parameters.get("config"), name)
+        await self.load_model(name, given, _text(parameters, "default_version"))
         return web.json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        await self.unload_model(request.match_info["name"])
+        parameters = await _parameters_of(request)
+        await self.unload_model(request.match_info["name"], _text(parameters, "version"))
         return web.json_response({})
 
-    async def load_model(self, name: str, given: dict[str, Any] | None) -> None:
+    async def load_model(
+        self, name: str, given: dict[str, Any] | None, default_version: str | None = None
+    ) -> None:
         """Load (or reload) ``name``, with the settings ``given``, else those it has; raises
-        ``HTTPError`` saying why it did not."""
+        ``HTTPError`` saying why it did not. ``given`` (or a change of ``default_version``
+        alone) starts only the versions that are new or changed; a plain load restarts every
+        version. ``default_version`` alone, of a loaded model, moves its unversioned
+        requests to that version (no worker restarts)."""
         self._changeable(name)
+        if given is None and default_version is not None and name in self.server.models:
+            async with self._turn(f"switching {name!r} to version {default_version!r}"):
+                self._switch(name, default_version)
+            return
         settings = self._settings(name, given)
+        if default_version is not None:
+            settings = _with_default(settings, default_version)
         async with self._turn(f"loading {name!r}"):
-            await self._load(name, settings)
+            await self._load(name, settings, force=given is None)
 
-    async def unload_model(self, name: str) -> None:
-        """Take ``name`` out; its requests in flight finish. Raises ``HTTPError``."""
+    async def unload_model(self, name: str, version: str | None = None) -> None:
+        """Take ``name`` (or only its ``version``) out; its requests in flight finish.
+        Raises ``HTTPError``."""
         self._changeable(name)
-        async with self._turn(f"unloading {name!r}"):
-            await self._unload(name)
+        what = f"{name!r}" if version is None else f"version {version!r} of {name!r}"
+        async with self._turn(f"unloading {what}"):
+            if version is None or self.server.version_list(name) == [version]:
+                await self._unload(name)
+            else:
+                await self._unload_version(name, version)
 
     async def reconcile(self, new: Config) -> str:
         """Serve the models of a re-read configuration (``SIGHUP``): a model that is new or
-        whose settings changed is loaded (beside the old one), one no longer there is
-        unloaded, the others are not touched. Waits for a change that runs. A summary."""
+        whose settings changed is loaded (beside the old one; only its new or changed
+        versions start), one no longer there is unloaded, the others are not touched. Waits
+        for a change that runs. A summary."""
         self._changeable("")
         old = self.server.config
         async with self._lock:
@@ -145,41 +179,109 @@ class Repository:
         kept = sum(1 for n, m in new.models.items() if old.models.get(n) == m)
         return f"{'; '.join(done) or 'no model changed'} ({kept} unchanged)"
 
-    async def _load(self, name: str, settings: ModelSettings) -> None:
-        served = self.server.make_served(name, settings)
-        self.loading[name] = served
+    async def _load(self, name: str, settings: ModelSettings, force: bool = False) -> None:
+        """Serve ``name`` as ``settings`` say: its new (or changed, or with ``force`` all)
+        versions are started beside what serves; requests move once they are all ready;
+        the pools replaced or no longer wanted then drain and stop. A failure changes
+        nothing (what started is stopped) and raises ``HTTPError``."""
+        wanted = settings.expand()
+        current = self.server.versions.get(name, {})
+        starting = {
+            v: self.server.make_served(name, s)
+            for v, s in wanted.items()
+            if force or v not in current or current[v].settings != s
+        }
+        self.loading[name] = list(starting.values())
         started = time.monotonic()
         try:
-            await asyncio.to_thread(served.pool.start)
-        except Exception as exc:
+            results = await asyncio.gather(
+                *(asyncio.to_thread(m.pool.start) for m in starting.values()),
+                return_exceptions=True,
+            )
+        finally:
             del self.loading[name]
-            await asyncio.to_thread(served.pool.shutdown, wait=True)
+        errors = [
+            (v, r) for v, r in zip(starting, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if errors:
+            await asyncio.gather(
+                *(asyncio.to_thread(m.pool.shutdown, wait=True) for m in starting.values())
+            )
             kept = name in self.server.models
             keeps = " (the model already loaded keeps serving)" if kept else ""
-            log.error("model %r could not be loaded%s: %s", name, keeps, exc)
+            version, exc = errors[0]
+            which = (
+                f"version {version!r} of model {name!r}" if len(wanted) > 1 else f"model {name!r}"
+            )
+            log.error("%s could not be loaded%s: %s", which, keeps, exc)
             self.failed[name] = f"its last load failed: {exc}"
             if not kept:
                 self.unloaded[name] = (settings, self.failed[name])
-            raise HTTPError(400, f"model {name!r} could not be loaded{keeps}: {exc}") from None
-        served.last_ok = time.monotonic()
-        served.attach(asyncio.get_running_loop())
-        old = self.server.models.get(name)
-        self.server.models[name] = served  # requests go to the new pool from now on
+            raise HTTPError(400, f"{which} could not be loaded{keeps}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        for m in starting.values():
+            m.last_ok = time.monotonic()
+            m.attach(loop)
+        versions = {v: starting.get(v) or current[v] for v in wanted}
+        self.server.serve(name, versions, settings.served_version)  # requests move now
+        self.settings[name] = settings
         self.unloaded.pop(name, None)
         self.failed.pop(name, None)
-        del self.loading[name]
-        log.info("model %r loaded in %.1f s", name, time.monotonic() - started)
-        if old is not None:
-            await self._retire(old)
+        if starting:
+            started_versions = ", ".join(starting)
+            log.info(
+                "model %r loaded in %.1f s (version %s); unversioned requests go to version %r",
+                name,
+                time.monotonic() - started,
+                started_versions,
+                settings.served_version,
+            )
+        retired = [m for v, m in current.items() if versions.get(v) is not m]
+        await asyncio.gather(*(self._retire(m) for m in retired))
+
+    def _switch(self, name: str, version: str) -> None:
+        versions = self.server.versions[name]
+        if version not in versions:
+            have = ", ".join(repr(v) for v in self.server.version_list(name))
+            raise HTTPError(
+                404,
+                f"model {name!r} has no version {version!r} loaded (it has {have}); load it "
+                "first, with the model's settings in parameters.config (versions: ...)",
+            )
+        self.server.serve(name, versions, version)
+        self.settings[name] = _with_default(self.settings[name], version)
+        log.info("model %r: unversioned requests go to version %r now", name, version)
 
     async def _unload(self, name: str) -> None:
-        served = self.server.models.get(name)
-        if served is None:
+        versions = self.server.versions.get(name)
+        if versions is None:
             raise self.not_loaded(name) or HTTPError(404, f"unknown model {name!r}")
-        del self.server.models[name]  # later requests: 404, saying it was unloaded
-        self.unloaded[name] = (served.settings, UNLOADED)
-        await self._retire(served)
+        self.server.drop(name)  # later requests: 404, saying it was unloaded
+        settings = self.settings.pop(name, None) or next(iter(versions.values())).settings
+        self.unloaded[name] = (settings, UNLOADED)
+        await asyncio.gather(*(self._retire(m) for m in versions.values()))
         log.info("model %r unloaded", name)
+
+    async def _unload_version(self, name: str, version: str) -> None:
+        versions = dict(self.server.versions.get(name) or {})
+        if not versions:
+            raise self.not_loaded(name) or HTTPError(404, f"unknown model {name!r}")
+        if version not in versions:
+            have = ", ".join(repr(v) for v in self.server.version_list(name))
+            raise HTTPError(404, f"model {name!r} has no version {version!r}; it has {have}")
+        default = self.server.models[name].version
+        if version == default:
+            raise HTTPError(
+                409,
+                f"version {version!r} is where {name!r}'s unversioned requests go; switch them "
+                "to another version first (load with parameters.default_version), or unload the "
+                "whole model",
+            )
+        served = versions.pop(version)
+        self.server.serve(name, versions, default)
+        self.settings[name] = _without_version(self.settings[name], version, default)
+        await self._retire(served)
+        log.info("version %r of model %r unloaded", version, name)
 
     async def _retire(self, served: ServedModel) -> None:
         """Let ``served``'s requests finish (``drain_timeout``), then stop its workers."""
@@ -208,8 +310,8 @@ class Repository:
         """The settings to load ``name`` with: ``given`` (a request's config), else the ones
         it was configured (or last loaded) with."""
         if given is None:
-            if name in self.server.models:
-                return self.server.models[name].settings
+            if name in self.settings:
+                return self.settings[name]
             if name in self.unloaded:
                 return self.unloaded[name][0]
             if name in self.server.config.models:
@@ -227,6 +329,23 @@ class Repository:
         return config.models[name]
 
 
+def _with_default(settings: ModelSettings, version: str) -> ModelSettings:
+    """``settings`` with unversioned requests going to ``version`` (400 if it has none)."""
+    data = settings.model_dump(exclude_unset=True) | {"default_version": version}
+    try:
+        return type(settings).model_validate(data)
+    except ValueError as exc:  # (pydantic's ValidationError is one)
+        raise HTTPError(
+            400, f"default_version {version!r}: not a version of this model ({exc})"
+        ) from None
+
+
+def _without_version(settings: ModelSettings, version: str, default: str) -> ModelSettings:
+    data = settings.model_dump(exclude_unset=True)
+    data["versions"] = {v: c for v, c in (settings.versions or {}).items() if v != version}
+    return type(settings).model_validate(data | {"default_version": default})
+
+
 class _Turn:
     """The repository's one change at a time."""
 
@@ -242,19 +361,30 @@ class _Turn:
         self.repository._lock.release()
 
 
-async def _config_of(request: web.Request, name: str) -> dict[str, Any] | None:
-    """The model settings a load request carries (``parameters.config``), or None."""
+async def _parameters_of(request: web.Request) -> dict[str, Any]:
+    """The ``parameters`` object of a load or unload request's body ({} when none)."""
     body = await request.read()
     if not body.strip():
-        return None
+        return {}
     try:
         doc = json.loads(body)
     except ValueError as exc:
-        raise HTTPError(400, f"the load request is not JSON: {exc}") from None
+        raise HTTPError(400, f"the request is not JSON: {exc}") from None
     parameters = doc.get("parameters") if isinstance(doc, dict) else None
     if parameters is None:
-        return None
-    return read_config(parameters.get("config") if isinstance(parameters, dict) else None, name)
+        return {}
+    if not isinstance(parameters, dict):
+        raise HTTPError(400, "parameters must be a JSON object")
+    return parameters
+
+
+def _text(parameters: dict[str, Any], key: str) -> str | None:
+    value = parameters.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a version written as a number
+    raise HTTPError(400, f"parameters.{key} must be a version name (a string)")
 
 
 def read_config(config: Any, name: str) -> dict[str, Any] | None:

@@ -138,6 +138,7 @@ function render(data) {
     const section = modelSection(m.name);
     section.querySelector(".head").innerHTML =
       "<h2>" + esc(m.name) + " <small>(" + esc(m.model) + ", version " + esc(m.version) +
+      ((m.versions || []).length > 1 ? " of " + esc(m.versions.join(", ")) : "") +
       ")</small> " + state + "</h2>" +
       '<div>queue depth <b class="queued">' + m.queued + "</b> &middot; in flight <b>" +
       m.in_flight + '</b> &middot; recent latency p50 <b class="p50">' +

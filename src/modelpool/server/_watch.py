@@ -51,10 +51,11 @@ class Watcher:
         files: dict[str, list[str]] = {}
         if self.config_path is not None:
             files[os.path.abspath(self.config_path)] = []
-        for name, served in self.server.models.items():
+        for served in self.server.served():
             source = _source(served.pool.model_class)
-            if source is not None:
-                files.setdefault(source, []).append(name)
+            names = files.setdefault(source, []) if source is not None else []
+            if source is not None and served.name not in names:
+                names.append(served.name)
         return files
 
     async def run(self) -> None:
