@@ -22,7 +22,7 @@ def test_the_pool_signature_follows_the_declaration() -> None:
 
 def test_the_config_fields_are_the_declaration_plus_the_entry_s_own() -> None:
     fields = ModelSettings.model_fields
-    own = {"model", "version", "min_ready_workers"}
+    own = {"model", "version", "versions", "default_version", "min_ready_workers"}
     assert set(fields) == {s.name for s in SETTINGS} | own
     entry = ModelSettings(model="a.b:C")
     for setting in SETTINGS:

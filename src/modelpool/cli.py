@@ -173,8 +173,6 @@ def serve(target: str | None, **flags: object) -> None:
     if target is not None and os.path.isfile(target):  # SIGHUP reads it again
         reread = lambda: _serve_config(target, dict(given))  # noqa: E731
         watch = target if reload else False
-    if reload and config.server.fronts > 1:
-        raise _UsageError("--reload needs one front process: drop --fronts / server.fronts")
     sys.exit(run_server(config, reread=reread, watch=watch))
 
 

@@ -162,7 +162,41 @@ class _Runner:
         from ._watch import Watcher
 
         path = self.watch if isinstance(self.watch, str) else None
-        return asyncio.ensure_future(Watcher(self.server, path, self._reload_now).run())
+        reload_config = self._reload_now if self.share is None else self._hup_manager
+        return asyncio.ensure_future(Watcher(self.server, path, reload_config).run())
+
+    async def _hup_manager(self) -> None:
+        """(A front's ``--reload``) the manager re-reads the file for every front."""
+        os.kill(os.getppid(), signal.SIGHUP)
+
+    def _front_changes(self) -> None:
+        """(A front) changes of the models reach this front from the others (``_cluster``)."""
+        share, server = self.share, self.server
+        if share is None or server is None:
+            return
+        from ._cluster import Cluster, FrontChanges
+        from ._watch import reimport
+
+        server.repository.cluster = Cluster(
+            share.directory, share, lambda: os.kill(os.getppid(), signal.SIGUSR1)
+        )
+
+        def done(generation: int, outcome: dict[str, str], whole: Config) -> None:
+            share.generation, share.outcome = generation, outcome
+            share.min_ready = {n: m.min_ready_workers for n, m in whole.models.items()}
+            server.publish()
+
+        changes = FrontChanges(
+            share.directory,
+            share.index,
+            share.count,
+            server.repository,
+            reimport,
+            done,
+            share.generation,
+        )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, changes.poke)
+        changes.poke()  # (a change made while this front loaded)
 
     async def _reload_now(self) -> None:
         self._on_hup()
@@ -261,6 +295,7 @@ class _Runner:
                 # collector's full passes, which would otherwise pause every request
                 gc.freeze()
                 self.server.publish()
+                self._front_changes()
                 self._banner(url)
                 watcher = self._watcher()
                 await self.stop.wait()
@@ -494,7 +529,7 @@ def serve(
                 output.write(f"Error: authentication is on, but {exc}\n")
                 return EXIT_FAILURE
 
-        return Manager(config, output).run()
+        return Manager(config, output, reread, watch).run()
     runner = _Runner(config, output, share, bind_late, reread, watch)
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:

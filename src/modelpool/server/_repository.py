@@ -9,9 +9,14 @@ serving, and the answer says why. ``.../unload`` takes a model out: later reques
 saying so, and its pool drains and stops. ``POST /v2/repository/index`` lists every model the
 server knows, loaded or not, with its state (READY, LOADING, UNAVAILABLE with the reason).
 
+A model may serve several versions (``versions:``), each its own pool; unversioned requests
+go to its default version. A load with a config starts only the versions that are new or
+changed (the others keep their workers), ``parameters.default_version`` alone switches the
+default with no restart, and an unload with ``parameters.version`` takes one version out.
+
 One load or unload runs at a time (another is refused with 409, saying what is running).
-Admin-only when authentication is on. With ``server.fronts`` > 1 the fronts each hold their
-share of every model's workers, and changing them is not supported yet (409, saying so).
+Admin-only when authentication is on. With ``server.fronts`` > 1 a change goes to every front
+(``cluster``, ``_cluster``), and each front applies its share here (``apply``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -29,6 +34,9 @@ from modelpool.config import Config, ModelSettings
 
 from ._errors import HTTPError
 from ._served import ServedModel
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
 
 __all__ = ["Repository", "read_config"]
 
@@ -66,6 +74,8 @@ class Repository:
         self.busy: str | None = None  # what runs now ("loading 'x'"), or None
         self.failed: dict[str, str] = {}  # name -> why its last load failed (still served)
         self._lock = asyncio.Lock()  # one change at a time
+        #: with several fronts: changes go to every front through it (``_cluster``)
+        self.cluster: Cluster | None = None
 
     # ------------------------------------------------------------------ the index
 
@@ -121,14 +131,25 @@ class Repository:
         return web.json_response({})
 
     async def load_model(
-        self, name: str, given: dict[str, Any] | None, default_version: str | None = None
+        self,
+        name: str,
+        given: dict[str, Any] | None,
+        default_version: str | None = None,
+        reimport: tuple[str, ...] = (),
     ) -> None:
         """Load (or reload) ``name``, with the settings ``given``, else those it has; raises
         ``HTTPError`` saying why it did not. ``given`` (or a change of ``default_version``
         alone) starts only the versions that are new or changed; a plain load restarts every
         version. ``default_version`` alone, of a loaded model, moves its unversioned
-        requests to that version (no worker restarts)."""
+        requests to that version (no worker restarts). (``reimport``: source files that
+        other fronts import again first.)"""
         self._changeable(name)
+        if self.cluster is not None:
+            cluster = self.cluster
+            await asyncio.to_thread(
+                cluster.load_model, name, given, default_version, _with_default, reimport
+            )
+            return
         if given is None and default_version is not None and name in self.server.models:
             async with self._turn(f"switching {name!r} to version {default_version!r}"):
                 self._switch(name, default_version)
@@ -143,6 +164,9 @@ class Repository:
         """Take ``name`` (or only its ``version``) out; its requests in flight finish.
         Raises ``HTTPError``."""
         self._changeable(name)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.unload_model, name, version, _without)
+            return
         what = f"{name!r}" if version is None else f"version {version!r} of {name!r}"
         async with self._turn(f"unloading {what}"):
             if version is None or self.server.version_list(name) == [version]:
@@ -178,6 +202,31 @@ class Repository:
                 self.busy = None
         kept = sum(1 for n, m in new.models.items() if old.models.get(n) == m)
         return f"{'; '.join(done) or 'no model changed'} ({kept} unchanged)"
+
+    async def apply(self, config: Config, force: set[str]) -> dict[str, str]:
+        """Serve ``config``'s models (this front's share of a change to every front,
+        ``_cluster``): a model that is new, changed or in ``force`` is loaded, one not there
+        is unloaded, the others are not touched. Each changed model -> why it failed ("")."""
+        outcome: dict[str, str] = {}
+        async with self._lock:
+            self.busy = "applying a change of the fronts' models"
+            try:
+                for name, settings in config.models.items():
+                    same = self.settings.get(name) == settings and name in self.server.models
+                    if same and name not in force:
+                        continue
+                    try:
+                        await self._load(name, settings, force=name in force)
+                        outcome[name] = ""
+                    except HTTPError as exc:
+                        outcome[name] = str(exc)
+                for name in [n for n in self.server.models if n not in config.models]:
+                    await self._unload(name)
+                    outcome[name] = ""
+                self.server.config = config
+            finally:
+                self.busy = None
+        return outcome
 
     async def _load(self, name: str, settings: ModelSettings, force: bool = False) -> None:
         """Serve ``name`` as ``settings`` say: its new (or changed, or with ``force`` all)
@@ -279,7 +328,7 @@ class Repository:
             )
         served = versions.pop(version)
         self.server.serve(name, versions, default)
-        self.settings[name] = _without_version(self.settings[name], version, default)
+        self.settings[name] = _without(self.settings[name], version)
         await self._retire(served)
         log.info("version %r of model %r unloaded", version, name)
 
@@ -291,7 +340,7 @@ class Repository:
     # ------------------------------------------------------------------ helpers
 
     def _changeable(self, name: str) -> None:
-        if self.fronts > 1:
+        if self.fronts > 1 and self.cluster is None:
             raise HTTPError(
                 409,
                 f"this server runs {self.fronts} front processes, each with its share of the "
@@ -340,7 +389,17 @@ def _with_default(settings: ModelSettings, version: str) -> ModelSettings:
         ) from None
 
 
-def _without_version(settings: ModelSettings, version: str, default: str) -> ModelSettings:
+def _without(settings: ModelSettings, version: str) -> ModelSettings:
+    """``settings`` without ``version`` (not its default one; 409 if it is)."""
+    default = settings.served_version
+    if version == default:
+        raise HTTPError(
+            409,
+            f"version {version!r} is where unversioned requests go; switch them to another "
+            "version first (load with parameters.default_version), or unload the whole model",
+        )
+    if version not in (settings.versions or {}):
+        raise HTTPError(404, f"the model has no version {version!r}")
     data = settings.model_dump(exclude_unset=True)
     data["versions"] = {v: c for v, c in (settings.versions or {}).items() if v != version}
     return type(settings).model_validate(data | {"default_version": default})

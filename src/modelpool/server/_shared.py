@@ -67,6 +67,10 @@ class FrontShare:
         self.index = index
         self.count = count
         self.min_ready = dict(min_ready)  # the configured min_ready_workers, for the server
+        #: the generation of the fronts' models this front serves, and how its last change
+        #: went: model -> why it failed ("" when it did not) (``_cluster``)
+        self.generation = 0
+        self.outcome: dict[str, str] = {}
 
     def path(self, index: int) -> str:
         return os.path.join(self.directory, f"front-{index}.json")
@@ -94,6 +98,8 @@ class FrontShare:
             "accepting": accepting,
             "listening": listening,
             "metrics": metrics.to_json(),
+            "generation": self.generation,
+            "outcome": self.outcome,
             "models": {},
         }
         for name, served in models.items():
@@ -148,6 +154,14 @@ class FrontShare:
     def _serving(snapshot: dict[str, Any]) -> bool:
         fresh = time.time() - float(snapshot.get("time", 0)) < STALE_AFTER
         return fresh and bool(snapshot.get("listening")) and _alive(int(snapshot.get("pid", 0)))
+
+    def applied(self, index: int) -> tuple[int, dict[str, str]] | None:
+        """(the generation of the models front ``index`` serves, how its last change went),
+        or None when it does not serve (loading, or gone)."""
+        snapshot = self._read(index)
+        if snapshot is None or not self._serving(snapshot):
+            return None
+        return int(snapshot.get("generation", 0)), dict(snapshot.get("outcome") or {})
 
     def listening(self, index: int) -> bool:
         """Whether front ``index`` is up and takes connections."""

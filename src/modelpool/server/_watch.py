@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from ._app import Server
 from ._errors import HTTPError
 
-__all__ = ["INTERVAL", "Watcher"]
+__all__ = ["INTERVAL", "Watcher", "reimport"]
 
 log = logging.getLogger("modelpool.server")
 
@@ -82,11 +82,11 @@ class Watcher:
                 continue
             models = files[path]
             log.info("--reload: %s changed: reloading %s", path, ", ".join(models))
-            if not _reimport(path):
+            if not reimport(path):
                 continue
             for name in models:
                 try:
-                    await self.server.repository.load_model(name, None)
+                    await self.server.repository.load_model(name, None, reimport=(path,))
                 except HTTPError as exc:
                     log.error("--reload: model %r was not reloaded: %s", name, exc)
 
@@ -109,7 +109,7 @@ def _stamp(path: str) -> Stamp | None:
     return (st.st_mtime_ns, st.st_size)
 
 
-def _reimport(path: str) -> bool:
+def reimport(path: str) -> bool:
     """Import again the modules loaded from ``path`` (their new code for this process's
     view of the model); False, having logged why, when that fails."""
     for module in list(sys.modules.values()):
