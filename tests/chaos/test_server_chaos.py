@@ -227,14 +227,16 @@ def _address(server: ServerProcess) -> tuple[str, int]:
 
 
 def _resources(server: ServerProcess) -> dict[str, int]:
-    front = psutil.Process(server.proc.pid)
-    children = front.children(recursive=True)
+    top = psutil.Process(server.proc.pid)
+    children = top.children(recursive=True)
+    # the front, or with server.fronts > 1 the manager and its fronts
+    fronts = [top] + [p for p in top.children() if "server._fronts" in " ".join(p.cmdline())]
     shm = len(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else 0
     return {
         "processes": len(children),
-        "front fds": front.num_fds(),
+        "front fds": sum(p.num_fds() for p in fronts),
         "/dev/shm files": shm,
-        "front RSS MiB": front.memory_info().rss >> 20,
+        "front RSS MiB": sum(p.memory_info().rss for p in fronts) >> 20,
     }
 
 
@@ -253,13 +255,19 @@ def _settled(server: ServerProcess, before: dict[str, int]) -> dict[str, int]:
     return now
 
 
-def test_a_server_under_load_and_faults_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_a_server_under_load_and_faults_loses_nothing(tmp_path: Path, fronts: int) -> None:
+    """With ``server.fronts: 2`` every change goes to both fronts, and a worker killed is one
+    of either front's."""
     tally, faults = Tally(), Tally()
     rng = random.Random(int(os.environ.get("MODELPOOL_CHAOS_SEED", "1")))
     kinds = ["reload", "bad_reload", "switch", "roll", "unload", "sigkill", "sigsegv", "hang"]
     kinds += ["disconnect"]
     kinds += ["slow", "burst"]
-    with ServerProcess(config=CONFIG, tmp=tmp_path) as server:
+    config = CONFIG | {"server": {"fronts": fronts}}
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        if fronts > 1:
+            wait_for(lambda: f"all {fronts} fronts serving" in server.output, 120, "the fronts")
         before = _resources(server)
         stop = threading.Event()
         clients = [
@@ -303,6 +311,7 @@ def test_a_server_under_load_and_faults_loses_nothing(tmp_path: Path) -> None:
 
     report = {
         "seconds": CHAOS_SECONDS,
+        "fronts": fronts,
         "requests": dict(tally.counts),
         "faults": dict(faults.counts),
         "at SIGTERM": dict(stop_tally.counts),
