@@ -111,6 +111,8 @@ def test_a_front_killed_under_load_is_replaced_while_the_other_serves(tmp_path: 
             t.start()
         wait_for(lambda: len(statuses) >= 50, 60, "traffic on both fronts")
         before = _requests_total(server)
+        # (a front that dies before the manager has seen them all serve is a failed start)
+        wait_for(lambda: "all 2 fronts serving" in server.output, 60, "both fronts announced")
         victim.send_signal(signal.SIGKILL)
         wait_for(
             lambda: (

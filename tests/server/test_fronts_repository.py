@@ -142,6 +142,22 @@ def test_versions_switch_on_every_front(server: ServerProcess) -> None:
     assert _on_every_front(server, lambda: _tag(server, "2")) == {2.0}
 
 
+def test_the_status_page_shows_every_version_over_both_fronts(server: ServerProcess) -> None:
+    """Each version's workers on the status page are those of every front, whichever front
+    answers the page."""
+    for _ in range(10):
+        model = next(
+            m
+            for m in json.loads(request(server, "GET", "/status.json")[2])["models"]
+            if m["name"] == "tagged"
+        )
+        (other,) = model["other_versions"]
+        assert (model["version"], other["version"]) == ("1", "2")
+        assert {w["front"] for w in model["workers"]} == {0, 1}
+        assert {w["front"] for w in other["workers"]} == {0, 1}
+        assert not {w["pid"] for w in model["workers"]} & {w["pid"] for w in other["workers"]}
+
+
 def test_a_load_that_fails_leaves_every_front_as_it_was(server: ServerProcess) -> None:
     before = _worker_pids(server, "ident")
     bad = {"model": "_models:FailSlot", "options": {"bad_index": 0}, "workers": 2}

@@ -119,6 +119,69 @@ def test_status_page_shows_workers_and_updates_live(browser: Any, tmp_path: Path
         assert p50.endswith(" ms")
 
 
+#: each worker row of each model section: its version cell (None without one) and pid
+_ROWS = """
+const out = {};
+for (const section of document.querySelectorAll("section.model")) {
+  out[section.dataset.model] = Array.from(section.querySelectorAll("tr.worker"), r => [
+    r.querySelector("td.version") ? r.querySelector("td.version").textContent : null,
+    r.querySelector("td.pid").textContent]);
+  out[section.dataset.model + " figures"] = Array.from(
+    section.querySelectorAll(".figures"), e => e.textContent);
+}
+return out;
+"""
+
+
+def test_status_page_shows_every_version_of_a_model(browser: Any, tmp_path: Path) -> None:
+    """A model with two versions: one section, a line for each version and a version column
+    in its worker table; a model with one version has neither."""
+    versions = {"1": {"options": {"tag": 1.0}}, "2": {"options": {"tag": 2.0}, "workers": 2}}
+    config = {
+        "models": {
+            "tagged": {"model": "_server_models:Tagged", "versions": versions},
+            "sleepy": {"model": "_server_models:Sleepy"},
+        }
+    }
+    with ServerProcess(config=config, tmp=tmp_path) as server:
+        browser.get(server.url + "/")
+        seen: dict[str, Any] = {}
+
+        def rendered() -> bool:
+            seen.clear()
+            seen.update(browser.execute_script(_ROWS))
+            return len(seen.get("tagged", [])) == 3
+
+        wait_for(rendered, 15, "the page to list the workers of both versions")
+        assert sorted(v for v, _ in seen["tagged"]) == ["1", "2", "2"]
+        status = json.loads(_get(server, "/status.json"))
+        (tagged,) = (m for m in status["models"] if m["name"] == "tagged")
+        assert tagged["version"] == "2"  # the default: the highest
+        by_version = {"2": {w["pid"] for w in tagged["workers"]}}
+        by_version |= {
+            o["version"]: {w["pid"] for w in o["workers"]} for o in tagged["other_versions"]
+        }
+        for version, pid in seen["tagged"]:
+            assert int(pid) in by_version[version]
+        default_line, other_line = seen["tagged figures"]
+        assert default_line.startswith("default version 2: queue depth")
+        assert other_line.startswith("version 1 (_server_models:Tagged): ready")
+        assert [v for v, _ in seen["sleepy"]] == [None]
+        (sleepy_line,) = seen["sleepy figures"]
+        assert sleepy_line.startswith("queue depth")
+
+
+def _get(server: ServerProcess, path: str) -> bytes:
+    conn = http.client.HTTPConnection(server.host_port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        return response.read()
+    finally:
+        conn.close()
+
+
 #: per model section, read in one script (the charts are redrawn every second): the number of
 #: points of each line, the distinct heights each line takes, the stacked worker-state areas and
 #: the restart markers
@@ -202,14 +265,7 @@ def test_status_page_charts_traffic_latency_queue_workers_and_restarts(
                 caller.join(30)
 
         # the history the page draws: latency percentiles in order, rates that add up
-        conn = http.client.HTTPConnection(server.host_port, timeout=30)
-        try:
-            conn.request("GET", "/status/history.json")
-            response = conn.getresponse()
-            assert response.status == 200
-            history = json.loads(response.read())
-        finally:
-            conn.close()
+        history = json.loads(_get(server, "/status/history.json"))
         assert history["window_s"] == 600
         sleepy = next(m for m in history["models"] if m["name"] == "sleepy")
         assert sum(sleepy["requests_per_s"]) > 0

@@ -67,6 +67,45 @@ def test_every_version_answers_and_the_default_takes_unversioned_requests(
     assert (model["version"], model["versions"]) == ("1", ["1", "2"])
 
 
+def _status_model(server: ServerProcess) -> dict[str, Any]:
+    (model,) = json.loads(request(server, "GET", "/status.json")[2])["models"]
+    return model  # type: ignore[no-any-return]
+
+
+def test_the_status_page_shows_every_version_with_its_workers(server: ServerProcess) -> None:
+    """The versions beside the default one are on the status page too: their readiness,
+    queue, latency and workers, under their model's ``other_versions``."""
+    _tag(server, "2")
+    model = _status_model(server)
+    assert model["version"] == "1"
+    (other,) = model["other_versions"]
+    assert (other["version"], other["model"], other["ready"]) == (
+        "2",
+        "_server_models:Tagged",
+        True,
+    )
+    assert other["latency_ms"]["count"] >= 1
+    mine, its = {w["pid"] for w in model["workers"]}, {w["pid"] for w in other["workers"]}
+    assert mine
+    assert its
+    assert not mine & its
+    # the PIDs the versions answer with are their own workers'
+    status, _, answer = request(server, "POST", "/v2/models/tagged/versions/2/infer", BODY)
+    assert status == 200, answer
+    pid = {o["name"]: o["data"] for o in json.loads(answer)["outputs"]}["PID"][0]
+    assert pid in its
+    # a switch of the default swaps them
+    switch = {"parameters": {"default_version": "2"}}
+    assert post_json(server, "/v2/repository/models/tagged/load", switch) == (200, {})
+    model = _status_model(server)
+    assert (model["version"], [o["version"] for o in model["other_versions"]]) == ("2", ["1"])
+    assert {w["pid"] for w in model["workers"]} == its
+    # one version left: nothing beside it
+    one = {"parameters": {"version": "1"}}
+    assert post_json(server, "/v2/repository/models/tagged/unload", one) == (200, {})
+    assert _status_model(server)["other_versions"] == []
+
+
 def _under_load(server: ServerProcess, change: Any) -> tuple[list[float], list[Any]]:
     """Run ``change()`` while three clients send unversioned requests; (tags answered in
     order, failures)."""

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -270,6 +270,15 @@ class Server:
             for v, m in versions.items()
         }
 
+    def other_versions(self) -> dict[str, dict[str, ServedModel]]:
+        """Every model's versions but its default one (name -> version -> model), for the
+        models that have several."""
+        return {
+            name: {v: m for v, m in versions.items() if m is not self.models.get(name)}
+            for name, versions in self.versions.items()
+            if len(versions) > 1
+        }
+
     def version_list(self, name: str) -> list[str]:
         """The versions of ``name`` served, in order (``10`` after ``9``)."""
         return sorted(self.versions.get(name, ()), key=version_order)
@@ -432,7 +441,12 @@ class Server:
         """Write this front's snapshot for the others (``_shared``)."""
         if self.share is not None:
             self.share.publish(
-                self.models, self.metrics, self.window, self.accepting, self.listening
+                self.models,
+                self.metrics,
+                self.window,
+                self.accepting,
+                self.listening,
+                self.other_versions(),
             )
 
     async def _publish_loop(self) -> None:
@@ -452,8 +466,13 @@ class Server:
 
     async def status_json(self, request: web.Request) -> web.Response:
         models, _ = self.whole()
-        snapshot = _status.snapshot(models, self.window, self.accepting, self.repository.failed)
-        for model in snapshot["models"]:  # (the other versions: the repository index has them)
+        others: Mapping[str, Mapping[str, Any]] = self.other_versions()
+        if self.share is not None:
+            others = self.share.merged_versions(others, self.share.others()[0])
+        snapshot = _status.snapshot(
+            models, self.window, self.accepting, self.repository.failed, others
+        )
+        for model in snapshot["models"]:
             model["versions"] = self.version_list(model["name"]) or [model["version"]]
         if self.auth is not None:
             snapshot["auth"] = await self.auth.status(request)

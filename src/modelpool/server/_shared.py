@@ -89,8 +89,10 @@ class FrontShare:
         window: float,
         accepting: bool,
         listening: bool,
+        other_versions: Mapping[str, Mapping[str, ServedModel]] | None = None,
     ) -> None:
-        """Write this front's snapshot (``listening``: it takes connections)."""
+        """Write this front's snapshot (``listening``: it takes connections; ``models``: each
+        model's default version, ``other_versions``: name -> version -> the others)."""
         snapshot: dict[str, Any] = {
             "index": self.index,
             "pid": os.getpid(),
@@ -100,22 +102,12 @@ class FrontShare:
             "metrics": metrics.to_json(),
             "generation": self.generation,
             "outcome": self.outcome,
-            "models": {},
+            "models": {name: self._entry(served, window) for name, served in models.items()},
+            "versions": {
+                name: {v: self._entry(served, window) for v, served in versions.items()}
+                for name, versions in (other_versions or {}).items()
+            },
         }
-        for name, served in models.items():
-            stats = served.pool.stats()
-            ready, why = served.readiness(window, stats)
-            snapshot["models"][name] = {
-                "ready": ready,
-                "why": why,
-                "alive": served.alive(stats),
-                "queued": stats["queued"],
-                "in_flight": stats["in_flight"],
-                "exit_reasons": dict(stats["exit_reasons"]),
-                "batch_sizes": {str(k): v for k, v in stats.get("batch_sizes", {}).items()},
-                "workers": [worker_json(w, self.index) for w in stats["workers"]],
-                "recent": list(served.recent)[-RECENT_SHARED:],
-            }
         data = orjson.dumps(snapshot)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".front-", suffix=".tmp")
         try:
@@ -126,6 +118,21 @@ class FrontShare:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def _entry(self, served: ServedModel, window: float) -> dict[str, Any]:
+        stats = served.pool.stats()
+        ready, why = served.readiness(window, stats)
+        return {
+            "ready": ready,
+            "why": why,
+            "alive": served.alive(stats),
+            "queued": stats["queued"],
+            "in_flight": stats["in_flight"],
+            "exit_reasons": dict(stats["exit_reasons"]),
+            "batch_sizes": {str(k): v for k, v in stats.get("batch_sizes", {}).items()},
+            "workers": [worker_json(w, self.index) for w in stats["workers"]],
+            "recent": list(served.recent)[-RECENT_SHARED:],
+        }
 
     def _read(self, index: int) -> dict[str, Any] | None:
         try:
@@ -179,9 +186,32 @@ class FrontShare:
     def merged_models(
         self, models: Mapping[str, ServedModel], live: list[dict[str, Any]]
     ) -> dict[str, MergedModel]:
+        """Each model's default version, merged over this front and the ``live`` others."""
         return {
-            name: MergedModel(served, self.index, live, self.min_ready.get(name, 1))
+            name: MergedModel(
+                served,
+                self.index,
+                [(s["index"], s["models"].get(name)) for s in live],
+                self.min_ready.get(name, 1),
+            )
             for name, served in models.items()
+        }
+
+    def merged_versions(
+        self, versions: Mapping[str, Mapping[str, ServedModel]], live: list[dict[str, Any]]
+    ) -> dict[str, dict[str, MergedModel]]:
+        """The other versions (name -> version -> this front's), merged the same way."""
+        return {
+            name: {
+                v: MergedModel(
+                    served,
+                    self.index,
+                    [(s["index"], (s.get("versions") or {}).get(name, {}).get(v)) for s in live],
+                    self.min_ready.get(name, 1),
+                )
+                for v, served in by_version.items()
+            }
+            for name, by_version in versions.items()
         }
 
 
@@ -215,14 +245,19 @@ class MergedModel:
     endpoints, the status page and its history read, merged over the live fronts."""
 
     def __init__(
-        self, served: ServedModel, index: int, live: list[dict[str, Any]], min_ready: int
+        self,
+        served: ServedModel,
+        index: int,
+        others: list[tuple[int, dict[str, Any] | None]],
+        min_ready: int,
     ) -> None:
+        """``others``: (front index, what that front published of this model or None)."""
         self.name = served.name
         self.version = served.version
         self.settings = served.settings
         self.inputs, self.outputs = served.inputs, served.outputs
         self._served = served
-        self._others = [(s["index"], s["models"].get(served.name)) for s in live]
+        self._others = others
         self._min_ready = min_ready
         own = served.pool.stats()
         self._own_alive = served.alive(own)  # (read once: readiness asks for it again)

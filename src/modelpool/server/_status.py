@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from modelpool import __version__
+from modelpool.config import version_order as _order
 
 from . import _charts
 from ._shared import worker_json
@@ -34,41 +35,49 @@ def snapshot(
     window: float,
     accepting: bool,
     load_errors: Mapping[str, str] | None = None,
+    other_versions: Mapping[str, Mapping[str, ServedModel | MergedModel]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the page shows, in one JSON object: the server's models (with several front
-    processes, merged over them: each worker names its ``front``), its readiness ``window``
-    (seconds), whether it is ``accepting`` requests, and why a model's last (re)load failed
-    while its old pool serves on (``load_errors``)."""
+    """Everything the page shows, in one JSON object: the server's models (each model's
+    default version; with several front processes, merged over them: each worker names its
+    ``front``), its readiness ``window`` (seconds), whether it is ``accepting`` requests, why
+    a model's last (re)load failed while its old pool serves on (``load_errors``), and the
+    versions served beside each default one (``other_versions``: name -> version -> model),
+    under their model's ``other_versions``."""
     load_errors = load_errors or {}
+    other_versions = other_versions or {}
     models = []
     for name, served in served_models.items():
-        stats = served.pool.stats()
-        ready, why = served.readiness(window, stats)
-        recent = list(served.recent)[-500:]
-        workers = [worker_json(w, getattr(w, "front", 0)) for w in stats["workers"]]
-        models.append(
-            {
-                "name": name,
-                "version": served.version,
-                "model": served.settings.model,
-                "ready": ready,
-                "why_not_ready": why,
-                "queued": stats["queued"],
-                "in_flight": stats["in_flight"],
-                "workers": workers,
-                "latency_ms": {
-                    "count": len(recent),
-                    "p50": _ms(statistics.median(recent) if recent else None),
-                    "p99": _ms(_percentile(recent, 0.99)),
-                },
-                "exit_reasons": stats["exit_reasons"],
-                "last_load_error": load_errors.get(name),
-            }
-        )
+        model = {"name": name} | _model(served, window)
+        model["last_load_error"] = load_errors.get(name)
+        others = other_versions.get(name, {})
+        model["other_versions"] = [_model(others[v], window) for v in sorted(others, key=_order)]
+        models.append(model)
     return {
         "server": {"version": __version__, "uptime_s": time.time() - _STARTED},
         "accepting": accepting,
         "models": models,
+    }
+
+
+def _model(served: ServedModel | MergedModel, window: float) -> dict[str, Any]:
+    """One version of a model: its readiness, queue, latency and workers."""
+    stats = served.pool.stats()
+    ready, why = served.readiness(window, stats)
+    recent = list(served.recent)[-500:]
+    return {
+        "version": served.version,
+        "model": served.settings.model,
+        "ready": ready,
+        "why_not_ready": why,
+        "queued": stats["queued"],
+        "in_flight": stats["in_flight"],
+        "workers": [worker_json(w, getattr(w, "front", 0)) for w in stats["workers"]],
+        "latency_ms": {
+            "count": len(recent),
+            "p50": _ms(statistics.median(recent) if recent else None),
+            "p99": _ms(_percentile(recent, 0.99)),
+        },
+        "exit_reasons": stats["exit_reasons"],
     }
 
 
@@ -132,30 +141,45 @@ function render(data) {
     if (!names.has(s.dataset.model)) s.remove();
   }
   for (const m of data.models) {
-    const state = (m.ready ? '<span class="ready">ready</span>'
-                           : '<span class="down">not ready</span> ' + esc(m.why_not_ready)) +
-      (m.last_load_error ? ' <span class="down">' + esc(m.last_load_error) + "</span>" : "");
     const section = modelSection(m.name);
+    const others = m.other_versions || [];
     section.querySelector(".head").innerHTML =
       "<h2>" + esc(m.name) + " <small>(" + esc(m.model) + ", version " + esc(m.version) +
       ((m.versions || []).length > 1 ? " of " + esc(m.versions.join(", ")) : "") +
-      ")</small> " + state + "</h2>" +
-      '<div>queue depth <b class="queued">' + m.queued + "</b> &middot; in flight <b>" +
-      m.in_flight + '</b> &middot; recent latency p50 <b class="p50">' +
-      ms(m.latency_ms.p50) + "</b> p99 <b>" + ms(m.latency_ms.p99) + "</b> (" +
-      m.latency_ms.count + " requests)</div>";
+      ")</small> " + readiness(m) +
+      (m.last_load_error ? ' <span class="down">' + esc(m.last_load_error) + "</span>" : "") +
+      "</h2>" + figures(m, others.length ? "default version " + esc(m.version) + ": " : "") +
+      others.map(o => figures(o, "version " + esc(o.version) + " (" + esc(o.model) + "): " +
+                              readiness(o) + " &middot; ")).join("");
+    // with several versions, one table: a version column says whose worker each row is
+    const all = [m].concat(others);
+    const versionCell = v => others.length ? '<td class="version">' + esc(v.version) + "</td>" : "";
     section.querySelector(".workers").innerHTML =
-      "<table><thead><tr><th>worker</th><th>pid</th><th>state</th><th>served</th>" +
+      "<table><thead><tr>" + (others.length ? "<th>version</th>" : "") +
+      "<th>worker</th><th>pid</th><th>state</th><th>served</th>" +
       "<th>restarts</th><th>RSS</th><th>current request age</th><th>last exit</th>" +
       "</tr></thead><tbody>" +
-      m.workers.map(w =>
-        '<tr class="worker"><td class="n">' + w.index + '</td><td class="n pid">' +
+      all.map(v => v.workers.map(w =>
+        '<tr class="worker">' + versionCell(v) + '<td class="n">' + w.index +
+        '</td><td class="n pid">' +
         esc(w.pid) + '</td><td class="state ' + esc(w.state) + '">' + esc(w.state) +
         '</td><td class="n served">' + w.served + '</td><td class="n">' + w.restarts +
         '</td><td class="n">' + mib(w.rss) + '</td><td class="n">' + sec(w.busy_for) +
-        "</td><td>" + esc(w.last_exit) + "</td></tr>").join("") +
+        "</td><td>" + esc(w.last_exit) + "</td></tr>").join("")).join("") +
       "</tbody></table>";
   }
+}
+function readiness(m) {
+  return m.ready ? '<span class="ready">ready</span>'
+                 : '<span class="down">not ready</span> ' + esc(m.why_not_ready);
+}
+// One version's queue and latency ("label": which version, when the model has several).
+function figures(m, label) {
+  return '<div class="figures">' + label +
+    'queue depth <b class="queued">' + m.queued + "</b> &middot; in flight <b>" +
+    m.in_flight + '</b> &middot; recent latency p50 <b class="p50">' +
+    ms(m.latency_ms.p50) + "</b> p99 <b>" + ms(m.latency_ms.p99) + "</b> (" +
+    m.latency_ms.count + " requests)</div>";
 }
 function when(t) { return t ? new Date(t * 1000).toLocaleString() : "never"; }
 // With authentication on: who is signed in (a log-out form for a session) and the API keys
