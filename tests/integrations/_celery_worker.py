@@ -76,6 +76,8 @@ class CeleryWorker:
             "MODELPOOL_TEST_BROKER": broker,
             "MODELPOOL_TEST_CONFIG": str(config_path),
             "MODELPOOL_TEST_QUEUE": queue,
+            # a worker that does not stop is sent SIGABRT: its threads' stacks go to the log
+            "PYTHONFAULTHANDLER": "1",
             **(env or {}),
         }
         command = [
@@ -155,8 +157,12 @@ class CeleryWorker:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGABRT)  # (faulthandler: where it is stuck, logged)
+            try:
+                self.proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             for p in tree:
                 if p.is_running():
                     p.kill()
