@@ -465,10 +465,12 @@ class Server:
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def status_json(self, request: web.Request) -> web.Response:
-        models, _ = self.whole()
+        models: Mapping[str, Any] = self.models
         others: Mapping[str, Mapping[str, Any]] = self.other_versions()
-        if self.share is not None:
-            others = self.share.merged_versions(others, self.share.others()[0])
+        if self.share is not None:  # (the other fronts' snapshots read once, for both)
+            live, _ = self.share.others()
+            models = self.share.merged_models(self.models, live)
+            others = self.share.merged_versions(others, live)
         snapshot = _status.snapshot(
             models, self.window, self.accepting, self.repository.failed, others
         )
