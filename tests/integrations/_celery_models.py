@@ -66,12 +66,15 @@ class Poison(modelpool.Model):
 
 
 class SlowSetup(modelpool.Model):
-    """Takes ``seconds`` to load (longer than Celery's worker_proc_alive_timeout in the test)."""
+    """Takes ``seconds`` to load (longer than Celery's worker_proc_alive_timeout in the test);
+    marks the start of its load."""
 
-    def __init__(self, seconds: float = 1.0) -> None:
+    def __init__(self, seconds: float = 1.0, marks: str | None = None) -> None:
         self.seconds = seconds
+        self.marks = marks
 
     def setup(self) -> None:
+        _mark(self.marks, "setup")
         time.sleep(self.seconds)
 
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:

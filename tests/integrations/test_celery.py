@@ -12,6 +12,7 @@ what, and can kill it mid-task.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import shutil
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 import pytest
 from _celery_worker import CeleryWorker, new_queue
 
@@ -452,6 +454,33 @@ def test_warm_shutdown_finishes_the_running_task(redis_url: str, tmp_path: Path)
         app.close()
 
 
+def test_sigterm_while_the_models_load_stops_the_threads_worker_now(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Celery's SIGTERM handler only sets a flag, which it reads once the worker has started:
+    a model that loads for minutes would keep the worker from stopping that long. The load is
+    abandoned instead: its workers are stopped and reaped, and the worker exits at once."""
+    models = (
+        "models:\n  big:\n    model: _celery_models:SlowSetup\n"
+        f"    options: {{seconds: 600, marks: {tmp_path}}}\n"
+    )
+    worker = _lone_worker(redis_url, tmp_path, models)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not list(tmp_path.glob("setup-*")):
+            assert time.monotonic() < deadline, worker.log
+            time.sleep(0.05)
+        loading = [p.pid for p in worker.children()]
+        assert loading, "the model loads in a modelpool worker"
+        worker.terminate()
+        assert worker.wait_exit(timeout=30) == 0
+    finally:
+        worker.stop()  # (and every process it started is gone)
+    assert not any(psutil.pid_exists(pid) for pid in loading)
+    assert "told to stop while the models were loading" in worker.log
+    assert " ready." not in worker.log, "no task was taken"
+
+
 def test_prefork_refuses_to_fork_after_a_runtime_started_in_the_parent(
     redis_url: str, tmp_path: Path
 ) -> None:
@@ -622,6 +651,21 @@ def test_worker_step_refuses_what_it_cannot_run_safely(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="worker_pool_start_method='fork' only, not 'spawn'"):
         _step(app, "celery.concurrency.prefork")
     assert _step(app, "celery.concurrency.thread").kind == "threads"  # loads nothing yet
+
+
+def test_threads_step_freezes_what_lives_as_long_as_the_worker(tmp_path: Path) -> None:
+    """Once the pools run, the worker's objects are out of the collector's full passes and
+    of the interpreter's exit (with TensorFlow imported, seconds of collection at exit on a
+    loaded machine: docs/celery.md)."""
+    step = _step(_app(tmp_path), "celery.concurrency.thread")
+    gc.unfreeze()  # (in case something this process ran before froze)
+    try:
+        step.start(None)
+        assert gc.get_freeze_count() > 10_000  # (this process: pytest, numpy, celery, ...)
+        assert mp_celery._HOST is not None
+    finally:
+        mp_celery._on_worker_exit()
+        gc.unfreeze()
 
 
 def test_redelivery_needs_a_result_backend_that_counts(tmp_path: Path) -> None:

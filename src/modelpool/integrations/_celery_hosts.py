@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from modelpool import _hygiene, _worker
@@ -30,6 +31,9 @@ from modelpool._pool import Pool
 from modelpool.config import Config, ModelSettings
 
 __all__ = ["ChildPlan", "Host", "InProcessHost", "PoolHost", "child_plan", "inherited_hazards"]
+
+#: how often a loading ``PoolHost`` asks whether the worker was told to stop (seconds)
+_INTERRUPT_POLL = 0.1
 
 
 class Host(Protocol):
@@ -55,12 +59,22 @@ class PoolHost:
             for name, settings in config.models.items()
         }
 
-    def start(self) -> PoolHost:
+    def start(self, interrupted: Callable[[], bool] = lambda: False) -> PoolHost | None:
         """Start every pool (models load in parallel) and wait until all are ready; on a
-        failure, stop them all and raise it (``ModelSetupError``, ``UnsafeForkError``...)."""
+        failure, stop them all and raise it (``ModelSetupError``, ``UnsafeForkError``...).
+
+        ``interrupted`` is asked while the models load (the worker was told to stop: SIGTERM,
+        Ctrl+C): the loading workers are then stopped and reaped, and None is returned, so a
+        model that takes minutes to load does not keep the worker from stopping."""
         pools = self._pools
         with cf.ThreadPoolExecutor(len(pools), thread_name_prefix="modelpool-start") as ex:
             futures = {name: ex.submit(pool.start) for name, pool in pools.items()}
+            pending = set(futures.values())
+            while pending:
+                pending = cf.wait(pending, timeout=_INTERRUPT_POLL)[1]
+                if pending and interrupted():
+                    self.close()  # (the loading workers are killed; each start() raises)
+                    return None
             errors = {name: f.exception() for name, f in futures.items()}
         for name, error in errors.items():
             if error is None:
