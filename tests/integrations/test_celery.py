@@ -32,6 +32,7 @@ import pytest
 from _celery_worker import CeleryWorker, new_queue
 
 from _deps import deferred_module
+from _waiting import wait_for
 from modelpool import (
     ModelpoolError,
     ModelSetupError,
@@ -466,10 +467,7 @@ def test_sigterm_while_the_models_load_stops_the_threads_worker_now(
     )
     worker = _lone_worker(redis_url, tmp_path, models)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not list(tmp_path.glob("setup-*")):
-            assert time.monotonic() < deadline, worker.log
-            time.sleep(0.05)
+        wait_for(lambda: list(tmp_path.glob("setup-*")), TIMEOUT, "the model's setup() to begin")
         loading = [p.pid for p in worker.children()]
         assert loading, "the model loads in a modelpool worker"
         worker.terminate()
