@@ -427,6 +427,9 @@ class _WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 )
             hazards = _hygiene.fork_hazards()
             if hazards:
+                # the worker exits with this error: spare it the collection of everything at
+                # exit (seconds of CPU with TensorFlow loaded, more on a busy machine)
+                gc.freeze()
                 raise UnsafeForkError(
                     "modelpool refuses to start this Celery worker with --pool=prefork: it "
                     "would fork its pool children after "
