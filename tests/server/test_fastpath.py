@@ -102,6 +102,32 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     asyncio.run(main())
 
 
+def test_header_values_are_read_as_aiohttp_reads_them() -> None:
+    """Blanks around a value are not part of it; a tab inside and obs-text (bytes 0x80-0xff,
+    read as latin-1) are; an empty value is one."""
+    odd = b"X-Odd:\t a\tb \xe9\xa0z \t\r\nX-Empty:\r\n\r\n"
+    request = b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+
+    async def main() -> None:
+        async with _serving() as (port, calls, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(2):  # (the second time, the names are known)
+                writer.write(request + odd + b"abc")
+                status, headers, _body = await _read_answer(reader)
+                assert status == 200
+                assert headers["server"].startswith("modelpool/")  # read here, not by aiohttp
+            writer.close()
+        assert len(calls.requests) == 2
+        for seen in calls.requests:
+            headers = {name.lower(): value for name, value in seen["headers"].items()}
+            assert headers["x-odd"] == "a\tb \xe9\xa0z"
+            assert headers["x-empty"] == ""
+            assert headers["content-length"] == "3"
+            assert seen["body"] == b"abc"
+
+    asyncio.run(main())
+
+
 def test_a_body_arriving_in_pieces_and_a_large_one(monkeypatch: pytest.MonkeyPatch) -> None:
     received = [0]
     data_received = _fastpath._Connection.data_received
@@ -152,6 +178,14 @@ def test_a_body_arriving_in_pieces_and_a_large_one(monkeypatch: pytest.MonkeyPat
             "a compressed body",
         ),
         (_post(b"abc", extra="X-Odd : 1\r\n"), "a space before the colon"),
+        (_post(b"abc", extra="X-Odd: a\x01b\r\n"), "a control character in a value"),
+        (_post(b"abc", extra="X-Odd: a\x7fb\r\n"), "DEL in a value"),
+        (_post(b"abc", extra="X(Odd): 1\r\n"), "a separator in a name"),
+        (_post(b"abc", extra="X-Odd\r\n"), "a line without a colon"),
+        (
+            b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: \xb3\r\n\r\n",
+            "a superscript digit as the length",
+        ),
         (_post(b"abc", extra="Content-Length: 3\r\n"), "two Content-Lengths"),
         (_post(b"a" * 2000), "a body over the limit"),
         (b"POST " + PATH.encode() + b" HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", "no Host"),

@@ -161,16 +161,12 @@ class Keyring:
             bucket = self._buckets[record.id] = _Bucket(record.rate_limit, now)
         return bucket.take(now)
 
-    def usage(self, record: KeyRecord) -> Usage:
-        """The counts of ``record``'s use not yet written (increment them; the time of last
-        use is taken at the next flush, when ``requests`` moved)."""
+    def count(self, record: KeyRecord, error: bool, rows: int = 0) -> None:
+        """Count one request with ``record`` as it ends (``error``: answered 400 or above).
+        The time of last use is taken at the next flush, when ``requests`` moved."""
         usage = self._usage.get(record.id)
         if usage is None:
             usage = self._usage[record.id] = Usage()
-        return usage
-
-    def count(self, record: KeyRecord, *, error: bool, rows: int = 0) -> None:
-        usage = self.usage(record)
         usage.requests += 1
         usage.rows += rows
         usage.errors += error

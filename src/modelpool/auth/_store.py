@@ -96,7 +96,7 @@ class KeyRecord:
         return "active"
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """Counts to add to one key's usage."""
 

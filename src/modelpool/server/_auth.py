@@ -233,6 +233,8 @@ class Auth:
             raise refused(NO_CREDENTIALS)
 
     def _rule_model(self, request: web.Request, who: Identity | None, model: str | None) -> None:
+        if who is not None and (who.key is None or who.key.models is None):
+            return  # (every request to a model asks: the common case without a call)
         self.may_use(who, model or request.match_info.get("model", ""))
 
     def _rule_admin(self, request: web.Request, who: Identity | None, model: str | None) -> None:
@@ -356,9 +358,8 @@ class _Gate:
 
     def leave(self, request: web.Request, status: int) -> None:
         identity = request.get(IDENTITY)
-        if identity is not None and identity.key is not None:
-            rows = request.get(ROWS, 0)
-            self.auth.keyring.count(identity.key, error=status >= 400, rows=rows)
+        if identity is not None and (key := identity.key) is not None:
+            self.auth.keyring.count(key, status >= 400, request.get(ROWS, 0))
 
 
 def same(a: str, b: str) -> bool:

@@ -220,7 +220,7 @@ class GrpcSite:
         auth = self.server.auth
         who = call.identity
         if auth is not None and who is not None and who.key is not None:
-            auth.keyring.count(who.key, error=status >= 400, rows=call.rows)
+            auth.keyring.count(who.key, status >= 400, call.rows)
 
     @staticmethod
     async def _abort(context: Any, exc: HTTPError, code: Any) -> None:
