@@ -233,3 +233,43 @@ def test_a_request_queued_on_the_loop_takes_a_worker_whose_answer_waits_unread()
     with modelpool.Pool(Doubler, workers=1) as pool:
         pool.start()
         asyncio.run(main(pool))
+
+
+def test_with_batching_the_loop_forms_and_times_its_batches_without_the_supervisor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches of requests made on the attached loop are formed, timed and sent by the loop:
+    the supervisor thread is not woken on their way (it was twice per batch: once to time a
+    new batch, once to send a full one)."""
+
+    async def main(pool: modelpool.Pool) -> tuple[list[Any], Any]:
+        pool.attach_loop()
+        try:
+            full = await asyncio.gather(*(pool.apredict(_x(i)) for i in range(40)))
+            # a lone request: its batch never fills, so it goes when its delay is spent
+            lone = await asyncio.wait_for(pool.apredict(_x(100)), 30)
+            return full, lone
+        finally:
+            pool.detach_loop()
+
+    with modelpool.Pool(Doubler, workers=2, max_batch_size=4, max_batch_delay=0.05) as pool:
+        pool.start()
+        supervisor = pool._supervisor
+        seen = delivering_threads(pool, monkeypatch)
+        ticks = [0]
+        tick = supervisor._tick
+
+        def counted() -> float | None:
+            ticks[0] += 1
+            return tick()
+
+        monkeypatch.setattr(supervisor, "_tick", counted)
+        before = sum(supervisor.dispatch.batch_sizes.values())
+        full, lone = asyncio.run(main(pool))
+        assert [float(r["y"][0, 0]) for r in full] == [2.0 * i for i in range(40)]
+        assert lone["y"][0, 0] == 200.0
+        batches = sum(supervisor.dispatch.batch_sizes.values()) - before
+        assert batches >= 10  # 40 requests, at most 4 rows a batch, and the lone one
+        assert set(seen) == {threading.main_thread().name}
+        # (the detach at the end wakes it once; nothing else should)
+        assert ticks[0] <= 2, f"the supervisor ran {ticks[0]} times for {batches} batches"

@@ -105,7 +105,8 @@ class Dispatcher:
         every dispatch drops them all, so the queue's head is always one the supervisor saw.
         """
         if len(self.queue) == 1:  # the first live one in line (settled heads were dropped)
-            # the supervisor starts a batch timer for an idle worker, or grows the pool; with
+            # the supervisor (or the attached loop, for its own requests: ``Supervisor._admit``)
+            # starts a batch timer for an idle worker, or grows the pool; with
             # every worker busy (or starting) and no growing to do, the next answer (or READY,
             # or exit) brings it to the queue anyway: a wake-up now would be spent for nothing,
             # and at one per batch it cost the front a tenth of its time (issue 13's bench)
@@ -113,6 +114,11 @@ class Dispatcher:
         # Behind a live head the supervisor already knows of: its batch timer, or a worker's
         # answer, brings it back. Only a full batch is worth waking it early for.
         return self._batching and self.rows_queued >= self.settings.max_batch_size
+
+    def loop_batches(self) -> bool:
+        """Whether the attached loop may form and time batches itself (batching on, and no
+        autoscaling: growing the pool is the supervisor's). (Lock held.)"""
+        return self._batching and not self.settings.autoscaling and not self._closing()
 
     def full(self) -> bool:
         """The queue holds ``max_queue`` live requests."""
@@ -189,7 +195,7 @@ class Dispatcher:
     def next_for(self, worker: WorkerHandle) -> Request | None:
         """Give ``worker`` (just freed) the oldest queued request, if any."""
         if self._batching:
-            return None  # the supervisor forms batches
+            return None  # batches are formed by ``dispatch`` (the supervisor's, or the loop's)
         while (
             self.queue
             and worker.state == IDLE

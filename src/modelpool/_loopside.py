@@ -10,9 +10,11 @@ and most of the server's CPU).
 From then on, a request sent from that loop's thread is watched by the loop
 (``loop.add_reader`` on the worker's connection) instead of the supervisor's selector; when
 its answer arrives the loop settles it and hands the worker the next queued request (or forms
-the next batch) right there. The supervisor thread still owns everything else: process
-life cycle, deadlines, the batch timer, recovery. Requests sent from other threads keep the
-supervisor's path.
+the next batch) right there. With batching on (and no autoscaling), the loop also times and
+sends the batches of the requests it queues (``dispatch_due``, a loop timer for a batch that is
+not full yet): the supervisor thread is not woken on the way of a request. It still owns
+everything else: process life cycle, deadlines, recovery, growing the pool, and the batches of
+requests queued from other threads. Requests sent from other threads keep its path.
 
 Ownership. A worker's connection has one reader at a time (see ``_dispatch``). While the loop
 watches a worker (``loop_watched``) it holds the channel (``users``), so the supervisor never
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import math
 import select
 import threading
 from collections.abc import Callable
@@ -156,6 +159,9 @@ class LoopSide:
         # the watched workers' descriptors, for ``reap`` (touched on the loop's thread only)
         self._ready = select.poll()
         self._by_fd: dict[int, WorkerHandle] = {}
+        # the loop timer that forms the next batch, and when it is due (loop thread only)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None
 
     def here(self) -> bool:
         """Whether this thread is running the attached loop."""
@@ -222,6 +228,9 @@ class LoopSide:
     def detach(self) -> None:
         """Stop reading on the loop (on its thread): the supervisor's selector takes every
         worker the loop watched, with any answer still to come."""
+        if self._timer is not None:
+            self._timer.cancel()  # (the supervisor, woken below, times the batches again)
+            self._timer = self._timer_due = None
         with self._lock:
             self.detached = True
             for worker in list(self.watching):
@@ -245,6 +254,46 @@ class LoopSide:
                 done(worker)
 
         _aio.call_in_loop(self.loop, drain)
+
+    # ------------------------------------------------------------------ batches (loop thread)
+
+    def dispatch_due(self) -> None:
+        """Send the batches that are due to idle workers; when the next one is not (not full,
+        its delay not spent), look again when it is, with a loop timer."""
+        with self._lock:
+            if self.detached:
+                return  # the supervisor has the queue again
+            if not self._dispatch.loop_batches():  # shutting down: the supervisor drains
+                to_send, due, wake = [], None, True
+            else:
+                to_send = self._dispatch.dispatch(self._clock())
+                due, wake = self._dispatch.batch_due, False
+        for worker, req in to_send:
+            self._dispatch.send(worker, req)
+        if wake:
+            self._wake()
+        elif due is not None:
+            self._look_at(due)
+
+    def _look_at(self, due: float) -> None:
+        if self._timer_due is not None and self._timer_due <= due:
+            return  # an earlier look is set: it sets the next one
+        if self._timer is not None:
+            self._timer.cancel()
+        # whole milliseconds, rounded up: uvloop's timers count in them, and one rounded down
+        # would fire before ``due`` and set itself again until then
+        delay = math.ceil(max(0.0, due - self._clock()) * 1e3) / 1e3
+        self._timer_due = due
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_due = None
+        try:
+            self.dispatch_due()
+        except Exception as exc:  # a bug: the requests' deadlines and the supervisor remain
+            message = "modelpool: forming a batch on the event loop failed"
+            self.loop.call_exception_handler({"message": message, "exception": exc})
+            self._wake()
 
     # ------------------------------------------------------------------ answers (loop thread)
 
@@ -311,9 +360,12 @@ class LoopSide:
                     to_send = [(worker, follow)]  # the oldest queued request, to this worker
                 if not any(w is worker for w, _ in to_send):
                     self._unwatch(worker)
-                # the supervisor decides what a retiring worker, a shutdown or a batch that is
-                # not due yet needs; otherwise it has nothing to do with this answer
-                wake = worker.retiring or self._closing() or dispatch.batch_due is not None
+                # the supervisor decides what a retiring worker or a shutdown needs, and times
+                # a batch that is not due yet unless the loop may; otherwise it has nothing to
+                # do with this answer
+                due = dispatch.batch_due
+                on_loop = due is not None and dispatch.loop_batches()
+                wake = worker.retiring or self._closing() or (due is not None and not on_loop)
         if bad:
             self._out_of_step(worker, wrong, f"answer {rid} to request {req.id}")
             return
@@ -322,3 +374,6 @@ class LoopSide:
             dispatch.send(other, follow)
         if wake:
             self._wake()
+        if on_loop:
+            assert due is not None
+            self._look_at(due)

@@ -158,11 +158,14 @@ class Supervisor:
 
     def submit(self, req: Request) -> None:
         """Queue ``req`` or hand it to an idle worker now; its future gets the answer."""
-        worker = self._admit(req, direct=False)
+        side = self.loopside
+        if side is None or not isinstance(cast(Any, req.future), LoopFuture):
+            side = None  # (a LoopFuture: made on the attached loop's thread, which runs this)
+        worker = self._admit(req, direct=False, side=side)
         if worker is not None:
             self.dispatch.send(worker, req)
-        elif self.loopside is not None and isinstance(cast(Any, req.future), LoopFuture):
-            self.loopside.reap()  # a worker may have answered meanwhile: it takes this one
+        elif side is not None:
+            side.reap()  # a worker may have answered meanwhile: it takes this one
 
     def call(self, req: Request) -> Any:
         """Run ``req`` and return its answer, blocking. The fast path: when a worker is idle,
@@ -172,8 +175,14 @@ class Supervisor:
             return req.future.result()
         return self.dispatch.exchange(worker, req)
 
-    def _admit(self, req: Request, *, direct: bool) -> WorkerHandle | None:
-        """Take ``req`` in: assign it to an idle worker (returned) or queue it."""
+    def _admit(
+        self, req: Request, *, direct: bool, side: LoopSide | None = None
+    ) -> WorkerHandle | None:
+        """Take ``req`` in: assign it to an idle worker (returned) or queue it. With batching,
+        a request made on the attached loop (``side``) has the loop look at the queue when it
+        must be looked at (a batch to time or to send), instead of waking this thread: at two
+        wake-ups per batch, the wake-up and the hand-over of the GIL were a third of the
+        front's time per request (docs/benchmarks.md)."""
         with self._lock:
             if self._crash is not None:
                 raise fresh(self._crash)
@@ -190,11 +199,16 @@ class Supervisor:
                     f"(max_queue={self.settings.max_queue}). Retry later, add workers, or "
                     "raise max_queue."
                 )
-            worker, wake = self.dispatch.admit(req, direct=direct)
+            worker, look = self.dispatch.admit(req, direct=direct)
+            on_loop = look and side is not None and self.dispatch.loop_batches()
+            wake = look and not on_loop
             if req.deadline is not None and self.deadlines.add(req):
                 wake = True  # the earliest deadline now: the loop's timeout must shrink
         if wake:
             self._wake()
+        if on_loop:
+            assert side is not None
+            side.dispatch_due()
         return worker
 
     def attach_loop(self, loop: Any) -> None:
