@@ -852,6 +852,21 @@ def summarize(scenario: Scenario) -> dict[str, dict[str, float]]:
     return out
 
 
+def compare_also_src(scenario: Scenario) -> dict[str, dict[str, float]]:
+    """(``--also-src``) Each installed server's req/s over the same server from the other
+    source tree, one ratio per round: the A/B figure, printed and returned."""
+    print(f"\ninstalled over --also-src, req/s, median of per-round ratios ({scenario.title}):")
+    out = {}
+    for c in scenario.contenders:
+        alt = f"{c.label} (--also-src)"
+        if alt not in scenario.samples:
+            continue
+        x = spread(within_rounds(scenario.samples[c.label], scenario.samples[alt]))
+        out[c.label] = x
+        print(f"  {c.label}: {x['median']:.2f}x ({x['p25']:.2f}-{x['p75']:.2f})")
+    return out
+
+
 def report(scenario: Scenario, summary: dict[str, dict[str, float]]) -> None:
     width = max(len(c.label) for c in scenario.contenders)
     rounds = int(next(iter(summary.values()))["rounds"])
@@ -1003,6 +1018,8 @@ def main() -> int:
         results[s.title] = summarize(s)
         report(s, results[s.title])
     print(f"\n(load average at the end: {os.getloadavg()[0]:.1f})")
+    if also_src:
+        results["also_src"] = compare_also_src(plan[0])
     results["targets"] = targets(plan, results)
     if args.json:
         with open(args.json, "w") as f:
