@@ -23,14 +23,16 @@ Scenarios:
   and out with Triton's binary extension) against a bare aiohttp handler that reads the body
   and answers a fixed small JSON (or echoes the binary body): the server's overhead as a ratio;
 * a small NumPy MLP (64 -> 256 -> 10, 1 row per request), 32 connections, 2 workers, batching
-  off and on, against a bare aiohttp handler computing the MLP inline (issue 12's targets, in
+  off and on (batches of 16 rows: the connections over the workers; 2 ms delay), against a
+  bare aiohttp handler computing the MLP inline (issue 12's targets, in
   docs/benchmarks.md: batching off >= 0.6x its req/s with a p99 <= 1.5x its p99 and a front
   CPU per request <= 1.5x its CPU per request; batching on >= 1.0x with a p99 <= its p99).
   For context, in the same rounds: a hand-written aiohttp + ProcessPoolExecutor app (2
-  workers, model loaded by the initializer); modelpool on asyncio's own loop instead of the
-  default (uvloop when installed); ``--fronts 2`` (two front processes sharing the port, one
-  worker each); modelpool's HTTP app with the MLP run inline instead of in a pool (the HTTP
-  layer's cost alone), and the same in 2 processes sharing the port;
+  workers, model loaded by the initializer); batches of 32 rows (every connection's request);
+  modelpool on asyncio's own loop instead of the default (uvloop when installed); ``--fronts
+  2`` (two front processes sharing the port, one worker each); modelpool's HTTP app with the
+  MLP run inline instead of in a pool (the HTTP layer's cost alone), and the same in 2
+  processes sharing the port;
 * the same MLP over one connection: modelpool's p50 latency against the bare handler's
   (target: within 250 us).
 
@@ -83,7 +85,12 @@ WORKERS = 2
 SMALL_CONNECTIONS = 32
 BIG_CONNECTIONS = 8
 BIG_BYTES = 4 * 2**20
-BATCH_SIZE = 32
+#: rows per batch: the connections over the workers, so that while one worker runs a batch the
+#: front reads the next one (docs/guide.md, "Choosing the batch size and delay")
+BATCH_SIZE = SMALL_CONNECTIONS // WORKERS
+#: for context: a batch as wide as every connection, which the front fills while the workers
+#: wait, and the workers run while the front waits (the setting of the 2026-12 tables)
+WIDE_BATCH_SIZE = SMALL_CONNECTIONS
 BATCH_DELAY = 0.002
 TARGET_RATIO = 0.6
 TARGET_P99_MS = 20.0
@@ -93,6 +100,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BARE_MLP_LABEL = "bare aiohttp, MLP inline"
 OFF_LABEL = "modelpool, batching off"
 ON_LABEL = f"modelpool, batching {BATCH_SIZE} / {BATCH_DELAY * 1e3:g} ms"
+WIDE_LABEL = f"modelpool, batching {WIDE_BATCH_SIZE} / {BATCH_DELAY * 1e3:g} ms"
 PPE_LABEL = "aiohttp + ProcessPoolExecutor"
 INLINE_LABEL = "modelpool's HTTP app, MLP inline, no pool"
 PREFORK_LABEL = f"same, {WORKERS} processes sharing the port"
@@ -485,11 +493,37 @@ def modelpool_server(model: str | None, name: str | None, *extra: str) -> list[s
     return [*argv, "--workers", str(WORKERS), *extra]
 
 
+def batching_args(rows: int = BATCH_SIZE) -> list[str]:
+    """``modelpool serve``'s options for batches of ``rows`` rows and ``BATCH_DELAY``."""
+    return ["--max-batch-size", str(rows), "--max-batch-delay", str(BATCH_DELAY)]
+
+
+def short_bench_options(
+    description: str, full: tuple[int, int], quick: tuple[int, int]
+) -> tuple[int, int, bool] | None:
+    """A small benchmark's command line (``--quick``, ``--rounds``, ``--seconds``): its rounds,
+    seconds per run and whether it is quick; None (having said why) when wrk is missing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="one short round (CI)")
+    parser.add_argument("--rounds", type=int, help=f"rounds (default {full[0]}; 1 with --quick)")
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        help=f"seconds per run (default {full[1]}; {quick[1]} with --quick)",
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("error: this benchmark needs wrk (apt-get install wrk)", file=sys.stderr)
+        return None
+    rounds, seconds = quick if args.quick else full
+    return args.rounds or rounds, args.seconds or seconds, args.quick
+
+
 def make_servers(
     target_only: bool, also_src: str | None, peers: bool = False
 ) -> dict[str, ServerProcess]:
     me = [sys.executable, os.path.abspath(__file__)]
-    batching = ["--max-batch-size", str(BATCH_SIZE), "--max-batch-delay", str(BATCH_DELAY)]
+    batching = batching_args(BATCH_SIZE)
     servers = {
         "bare": ServerProcess("bare aiohttp", [*me, "--app", "bare"]),
         "ppe": ServerProcess("aiohttp + PPE", [*me, "--app", "ppe", "--workers", str(WORKERS)]),
@@ -510,6 +544,10 @@ def make_servers(
         ),
         "mlp-batch": ServerProcess(
             "modelpool serve (mlp, batching)", modelpool_server("common:MLP", "mlp", *batching)
+        ),
+        "mlp-wide": ServerProcess(
+            f"modelpool serve (mlp, batches of {WIDE_BATCH_SIZE})",
+            modelpool_server("common:MLP", "mlp", *batching_args(WIDE_BATCH_SIZE)),
         ),
     }
     if peers:
@@ -717,6 +755,7 @@ def scenarios(servers: dict[str, ServerProcess]) -> list[Scenario]:
             Contender(OFF_LABEL, "mlp", mlp),
             Contender(ON_LABEL, "mlp-batch", mlp),
             Contender(PPE_LABEL, "ppe", mlp),
+            Contender(WIDE_LABEL, "mlp-wide", mlp),
             Contender(ASYNCIO_LABEL, "mlp-asyncio", mlp),
             Contender(FRONTS_LABEL, "mlp-fronts", mlp),
             Contender(INLINE_LABEL, "inline", mlp),
@@ -769,9 +808,14 @@ def scenarios(servers: dict[str, ServerProcess]) -> list[Scenario]:
 
 
 def measure(
-    servers: dict[str, ServerProcess], rounds: int, seconds: int, warmup: int
+    servers: dict[str, ServerProcess],
+    rounds: int,
+    seconds: int,
+    warmup: int,
+    plan_for: Callable[[dict[str, ServerProcess]], list[Scenario]] | None = None,
 ) -> list[Scenario]:
-    """Start every server, check its answers, then time the scenarios in alternating rounds."""
+    """Start every server, check its answers, then time the scenarios (``plan_for(servers)``,
+    by default this script's) in alternating rounds."""
     with tempfile.TemporaryDirectory(prefix="modelpool-bench-") as tmp:
         for server in servers.values():
             server.start()
@@ -784,7 +828,7 @@ def measure(
         except CodecError as exc:
             raise BenchError(f"an answer could not be decoded: {exc}") from None
         load = Load(tmp, bodies)
-        plan = scenarios(servers)
+        plan = (plan_for or scenarios)(servers)
         for server in servers.values():
             server.pause(True)
 
