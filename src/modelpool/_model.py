@@ -66,6 +66,13 @@ class TensorSpec:
 
     def check(self, value: Any, model_name: str) -> None:
         """Raise ``InputValidationError`` unless ``value`` fits this spec."""
+        if (
+            type(value) is np.ndarray
+            and value.dtype == self.dtype
+            and value.ndim == len(self.shape)
+            and all(e == -1 or e == got for e, got in zip(self.shape, value.shape, strict=True))
+        ):
+            return  # (the usual case, in one test: each check below words one failure)
         where = f"model {model_name!r}, input {self.name!r}"
         if not isinstance(value, np.ndarray):
             if _is_torch_tensor(value):
@@ -152,6 +159,14 @@ def normalize_inputs(inputs: Any, specs: Sequence[TensorSpec], model_name: str) 
             names = ", ".join(s.name for s in specs)
             fact = f"takes named inputs ({names}); got {type(inputs).__name__}"
             raise InputValidationError(f"model {model_name!r} {fact}", problem=fact)
+    if type(inputs) is dict and len(inputs) == len(specs):
+        for spec in specs:
+            value = inputs.get(spec.name)
+            if value is None:
+                break  # a name the model does not have, or a missing input: worded below
+            spec.check(value, model_name)
+        else:
+            return dict(inputs)
     known = {s.name for s in specs}
     unknown = [k for k in inputs if k not in known]
     if unknown:

@@ -41,6 +41,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
+from modelpool import _plain
 from modelpool._compression import Buffer
 from modelpool._exceptions import CodecError, UnsupportedDatatypeError
 from modelpool._model import DATATYPES
@@ -402,6 +403,8 @@ def decode_infer_request(body: Buffer, header_length: int | str | None = None) -
     ownership rule in the module docstring.
     """
     doc, length = _document(body, header_length, "the request", "inputs")
+    if length is None and (plain := _plain.decode_inputs(doc)) is not None:
+        return InferRequest(id=plain[0], inputs=plain[1])  # the common kind (``_plain``)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise CodecError(f'"id" must be a string, got {short(request_id)}')
@@ -547,12 +550,15 @@ def encode_infer_response(
     per ``binary_by_default``. Raises ``CodecError`` for a requested output the model does not
     have, ``UnsupportedDatatypeError`` for an output array no datatype fits.
     """
-    chosen = select_outputs(model_name, outputs, request, binary_by_default)
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version
     if request_id is not None:
         doc["id"] = request_id
+    plain = request is None or (request.outputs is None and request.binary_default is None)
+    if plain and not binary_by_default and (data := _plain.encode_outputs(doc, outputs)):
+        return data, None  # all of them as JSON numbers (``_plain``)
+    chosen = select_outputs(model_name, outputs, request, binary_by_default)
     return _encode(doc, "outputs", chosen, "output")
 
 
