@@ -113,6 +113,7 @@ def test_bad_requests_are_answered_with_the_codecs_words(
     [
         (["not", "a", "dict"], "list, but predict() must return a dict"),
         ({"y": np.array([1 + 2j])}, "complex128"),
+        ({1: np.array([1.0], np.float32)}, "dict of output name -> array"),
     ],
 )
 def test_outputs_the_protocol_cannot_carry_are_the_models_fault(outputs: Any, words: str) -> None:

@@ -94,10 +94,10 @@ def decode_inputs(doc: Any) -> tuple[str | None, dict[str, np.ndarray]] | None:
 
 def encode_outputs(doc: dict[str, Any], outputs: Mapping[str, Any]) -> bytes | None:
     """The JSON answer ``doc`` with every output of ``outputs`` as JSON numbers, when each is
-    an array of a common numeric dtype with finite values; else None."""
+    named by a string and an array of a common numeric dtype with finite values; else None."""
     items = []
     for name, value in outputs.items():
-        if type(value) is not np.ndarray:
+        if type(name) is not str or type(value) is not np.ndarray:
             return None
         datatype = _OUT.get(value.dtype)
         if datatype is None:

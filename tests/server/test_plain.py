@@ -151,6 +151,7 @@ def test_a_common_answer_is_the_same_bytes_as_on_the_general_path(
         {"y": np.array(["a"], object)},
         {"y": [1.0, 2.0]},
         {"y": np.ma.masked_array([1.0])},
+        {1: np.array([1.0], np.float32)},  # (a name must be a string)
     ],
 )
 def test_other_answers_are_left_to_the_general_path(outputs: dict[str, Any]) -> None:
