@@ -63,6 +63,36 @@ def test_a_json_request_is_decoded_predicted_and_encoded() -> None:
     assert model.got["x"].flags.writeable
 
 
+@pytest.mark.parametrize(
+    ("body", "data"),
+    [
+        (_body(outputs=[{"name": "y", "parameters": {"binary_data": False}}]), [2.0] * 4),
+        (_body(parameters={"binary_data_output": False}), [2.0] * 4),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], '
+            b'"data": [NaN, 1, 1, 1]}]}',
+            ["NaN", 2.0, 2.0, 2.0],
+        ),  # (only the stdlib reads NaN)
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], '
+            b'"data": ["Infinity", 1, 1, 1]}]}',
+            ["Infinity", 2.0, 2.0, 2.0],
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], '
+            b'"data": [[1, 1, 1, 1]]}]}',
+            [2.0] * 4,
+        ),  # (nested)
+    ],
+)
+def test_json_requests_off_the_short_path_are_answered_by_the_general_one(
+    body: bytes, data: list[Any]
+) -> None:
+    status, answer, json_length, _, rows = _handle(_Model(), body)
+    assert (status, json_length, rows) == (200, None, 1), answer
+    assert orjson.loads(answer)["outputs"][0]["data"] == data
+
+
 def test_a_binary_request_gives_the_model_writable_arrays_and_a_binary_answer() -> None:
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     body, length = _protocol.encode_infer_request({"x": x}, binary=True, outputs=None)

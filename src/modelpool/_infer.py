@@ -101,9 +101,10 @@ def request_payload(
 
 def handle(model: Any, payload: tuple[Any, ...]) -> Answer:
     """Decode, check, predict, encode (in the worker). ``predict``'s exceptions propagate."""
-    if payload[3] is None and (answer := _handle_plain(model, payload)) is not None:
+    doc = _json_of(payload)
+    if doc is not None and (answer := _handle_plain(model, payload, doc)) is not None:
         return answer
-    read = _read(model, payload)
+    read = _read(model, payload, doc)
     if not isinstance(read, _Read):
         return read
     return _encode(read, model.predict(read.inputs))
@@ -142,15 +143,24 @@ def stream(
     return reply
 
 
-def _handle_plain(model: Any, payload: tuple[Any, ...]) -> Answer | None:
+def _json_of(payload: tuple[Any, ...]) -> Any:
+    """The parsed body of a REST request that is all JSON (parsed once, whichever path takes
+    it); None for any other, or one orjson cannot read (the general path words why, or reads
+    what only the standard library reads)."""
+    if payload[3] is not None:
+        return None
+    try:
+        return orjson.loads(payload[2])
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _handle_plain(model: Any, payload: tuple[Any, ...], doc: Any) -> Answer | None:
     """``handle`` for a JSON request of the common kind (``_plain``), in the fewest steps: under
     load every step costs several times its idle cost. None, before anything ran, for any other
     request (and for one whose inputs do not fit the model: the general path words why)."""
-    name, version, body, _, tag, adopt_id = payload
-    try:
-        plain = _plain.decode_inputs(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        return None
+    name, version, _, _, tag, adopt_id = payload
+    plain = _plain.decode_inputs(doc)
     if plain is None:
         return None
     body_id, inputs = plain
@@ -259,7 +269,8 @@ class _Read:
         self.signature, self.rows = _batching.signature(inputs)
 
 
-def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
+def _read(model: Any, payload: tuple[Any, ...], doc: Any = None) -> _Read | Answer:
+    """``doc``: the body's JSON, when the caller parsed it already (``_json_of``)."""
     name, version, body, header_length, tag, adopt_id = payload
     kind = header_length if header_length in (GRPC, GENERATE) else None
     specs, limit = declared(type(model))
@@ -268,6 +279,8 @@ def _read(model: Any, payload: tuple[Any, ...]) -> _Read | Answer:
             decoded = _grpc_codec.decode_model_infer(body)
         elif kind == GENERATE:
             decoded = _generate.decode_generate(body, specs, name)
+        elif doc is not None:
+            decoded = _protocol.infer_request_of(doc, body, None)
         else:
             decoded = _protocol.decode_infer_request(body, header_length)
     except BodyTooLarge as exc:

@@ -160,9 +160,13 @@ def _params(item: dict[str, Any], where: str) -> dict[str, Any]:
 def _document(body: Buffer, header_length: int | str | None, what: str, key: str) -> Any:
     length = _header_length(header_length, len(body))
     doc = _loads(body if length is None else memoryview(body)[:length], what)
+    return _object(doc, what, key), length
+
+
+def _object(doc: Any, what: str, key: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise CodecError(f'{what} must be a JSON object like {{"{key}": [...]}}')
-    return doc, length
+    return doc
 
 
 def check_shape(value: Any, where: str) -> list[int]:
@@ -403,6 +407,13 @@ def decode_infer_request(body: Buffer, header_length: int | str | None = None) -
     ownership rule in the module docstring.
     """
     doc, length = _document(body, header_length, "the request", "inputs")
+    return infer_request_of(doc, body, length)
+
+
+def infer_request_of(doc: Any, body: Buffer, length: int | None) -> InferRequest:
+    """``decode_infer_request`` for a body whose JSON part is parsed already: ``doc``, and
+    ``length`` its ``Inference-Header-Content-Length`` (None: the body is all JSON)."""
+    doc = _object(doc, "the request", "inputs")
     if length is None and (plain := _plain.decode_inputs(doc)) is not None:
         return InferRequest(id=plain[0], inputs=plain[1])  # the common kind (``_plain``)
     request_id = doc.get("id")
