@@ -173,11 +173,7 @@ def _handle_plain(model: Any, payload: tuple[Any, ...], doc: Any) -> Answer | No
         return None
     outputs = model.predict(inputs)
     if type(outputs) is dict:
-        head: dict[str, Any] = {"model_name": name}
-        if version is not None:
-            head["model_version"] = version
-        if (body_id or rid) is not None:
-            head["id"] = body_id or rid
+        head = _plain.answer_head(name, version, body_id or rid)
         if (data := _plain.encode_outputs(head, outputs)) is not None:
             first = {value.shape[0] for value in inputs.values()}  # (as ``signature`` counts)
             return (200, _out_of_band(data), None, body_id, first.pop() if len(first) == 1 else 1)

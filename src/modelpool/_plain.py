@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-__all__ = ["decode_inputs", "encode_outputs"]
+__all__ = ["answer_head", "decode_inputs", "encode_outputs"]
 
 #: datatypes decoded here: JSON numbers, read as float64 and converted (FP32: overflow checked)
 _FLOATS: Final[dict[str, np.dtype[Any]]] = {
@@ -90,6 +90,18 @@ def decode_inputs(doc: Any) -> tuple[str | None, dict[str, np.ndarray]] | None:
             array = array.astype(dtype)
         tensors[name] = array.reshape(shape)
     return rid, tensors
+
+
+def answer_head(
+    model_name: str, model_version: str | None, request_id: str | None
+) -> dict[str, Any]:
+    """The fields of an inference answer before its outputs (both paths start from them)."""
+    doc: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        doc["model_version"] = model_version
+    if request_id is not None:
+        doc["id"] = request_id
+    return doc
 
 
 def encode_outputs(doc: dict[str, Any], outputs: Mapping[str, Any]) -> bytes | None:

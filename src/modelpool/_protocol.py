@@ -59,6 +59,7 @@ __all__ = [
     "encode_infer_request",
     "encode_infer_response",
     "from_binary",
+    "infer_request_of",
     "select_outputs",
     "short",
     "to_binary",
@@ -561,11 +562,7 @@ def encode_infer_response(
     per ``binary_by_default``. Raises ``CodecError`` for a requested output the model does not
     have, ``UnsupportedDatatypeError`` for an output array no datatype fits.
     """
-    doc: dict[str, Any] = {"model_name": model_name}
-    if model_version is not None:
-        doc["model_version"] = model_version
-    if request_id is not None:
-        doc["id"] = request_id
+    doc = _plain.answer_head(model_name, model_version, request_id)
     plain = request is None or (request.outputs is None and request.binary_default is None)
     if plain and not binary_by_default and (data := _plain.encode_outputs(doc, outputs)):
         return data, None  # all of them as JSON numbers (``_plain``)
