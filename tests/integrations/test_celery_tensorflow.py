@@ -27,7 +27,12 @@ celery = deferred_module("celery")
 celery_app = deferred_module("_celery_app", "celery", "msgpack")
 mp_celery = deferred_module("modelpool.integrations.celery", "celery", "msgpack")
 
-pytestmark = pytest.mark.xdist_group("tensorflow-celery")
+#: seconds for a worker to be ready: four start at once, each (and its model processes)
+#: importing TensorFlow, on CPUs the rest of the suite shares (one took over 120 s under a
+#: CPU burner on 2 cores)
+STARTUP = 300.0
+
+pytestmark = [pytest.mark.xdist_group("tensorflow-celery"), pytest.mark.timeout(STARTUP + 180)]
 
 TESTS = Path(HERE).parent
 #: a tiny predict() takes about 0.2 s once TensorFlow is loaded; 10 s without an answer is a hang
@@ -75,7 +80,7 @@ def workers(
 
 def _predict(workers: dict[str, Any], kind: str, model: str) -> np.ndarray:
     worker, queue, config = workers[kind]
-    worker.wait_ready(timeout=120)
+    worker.wait_ready(timeout=STARTUP)
     app = celery_app.make_app(worker.broker, config, queue)
     try:
         out = mp_celery.predict(app, model, {"x": X}).get(timeout=120)
@@ -90,7 +95,7 @@ def test_keras_loaded_by_the_app_module_hangs_prefork_without_modelpool(
     """The control: the app module loaded the model in the worker's main process; prefork's
     child inherits it, and its first predict() never returns."""
     worker, queue, _ = workers["plain"]
-    worker.wait_ready(timeout=120)
+    worker.wait_ready(timeout=STARTUP)
     app = celery.Celery("client", broker=worker.broker, backend=worker.broker)
     try:
         result = app.send_task("plain_keras.predict", args=[X.tolist()], queue=queue)
